@@ -1,0 +1,77 @@
+"""FLOPs accounting shared by the pruners (FTP, ShortGPT, AdaptInfer, FastV).
+
+Counts multiply-adds as 2 FLOPs, for the tokens a decoder layer actually computes. A layer that
+processes `n_query` tokens which attend to `n_pairs` (query, key) pairs in total costs
+
+* attention projections: q and o over `n_query` tokens, k and v over the tokens that write keys at
+  this layer (the same `n_query` tokens: a skipped or pruned token writes no key/value),
+* attention scores and the weighted sum: 2 * n_pairs * head_dim per head, twice (QK^T and AV),
+* the gated MLP (Llama/Qwen2/Mistral): three matrices of hidden x intermediate.
+
+Embeddings, the final norm and the LM head are outside the decoder layers and are counted
+separately by `lm_head_flops`, since pruning does not change them for the positions that are kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    hidden: int
+    intermediate: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def from_config(cls, config) -> LayerShape:
+        text = getattr(config, "text_config", None) or config
+        n_heads = text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // n_heads
+        return cls(
+            hidden=text.hidden_size,
+            intermediate=text.intermediate_size,
+            n_heads=n_heads,
+            n_kv_heads=getattr(text, "num_key_value_heads", None) or n_heads,
+            head_dim=head_dim,
+        )
+
+
+@dataclass(frozen=True)
+class LayerFlops:
+    attn_proj: float
+    attn_scores: float
+    mlp: float
+
+    @property
+    def total(self) -> float:
+        return self.attn_proj + self.attn_scores + self.mlp
+
+
+def causal_pairs(n_tokens: int, n_past: int = 0) -> int:
+    """(query, key) pairs when `n_tokens` new tokens attend causally to `n_past` cached ones."""
+    return n_tokens * n_past + n_tokens * (n_tokens + 1) // 2
+
+
+def decoder_layer_flops(shape: LayerShape, n_query: int, n_pairs: int) -> LayerFlops:
+    q_dim = shape.n_heads * shape.head_dim
+    kv_dim = shape.n_kv_heads * shape.head_dim
+    proj = 2 * n_query * shape.hidden * (2 * q_dim + 2 * kv_dim)
+    scores = 2 * 2 * n_pairs * shape.head_dim * shape.n_heads
+    mlp = 2 * n_query * 3 * shape.hidden * shape.intermediate
+    return LayerFlops(attn_proj=float(proj), attn_scores=float(scores), mlp=float(mlp))
+
+
+def dense_prefill_flops(config, n_tokens: int, n_layers: int | None = None) -> float:
+    """Decoder-layer FLOPs of a dense causal prefill of `n_tokens` tokens."""
+    shape = LayerShape.from_config(config)
+    text = getattr(config, "text_config", None) or config
+    layers = text.num_hidden_layers if n_layers is None else n_layers
+    return layers * decoder_layer_flops(shape, n_tokens, causal_pairs(n_tokens)).total
+
+
+def lm_head_flops(config, n_positions: int) -> float:
+    text = getattr(config, "text_config", None) or config
+    return float(2 * n_positions * text.hidden_size * text.vocab_size)

@@ -1,0 +1,21 @@
+"""Errors that reach the user.
+
+`UserError` means bad input (config, data, paths, flags): the CLI prints its message on one line
+and exits with code 2, without a traceback. Anything else is a bug or an environment failure
+(exit code 1).
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input. The message names the file and the field, and says what was expected."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, source: str | None = None, field: str | None = None):
+        parts = [p for p in (source, field) if p]
+        prefix = ": ".join(parts)
+        super().__init__(f"{prefix}: {message}" if prefix else message)
+        self.source = source
+        self.field = field
