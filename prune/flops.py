@@ -75,3 +75,41 @@ def dense_prefill_flops(config, n_tokens: int, n_layers: int | None = None) -> f
 def lm_head_flops(config, n_positions: int) -> float:
     text = getattr(config, "text_config", None) or config
     return float(2 * n_positions * text.hidden_size * text.vocab_size)
+
+
+def prefill_flops_per_layer(config, tokens_per_layer: list[int]) -> list[float]:
+    """Decoder-layer FLOPs of a causal prefill in which layer l computes `tokens_per_layer[l]` tokens.
+
+    For token pruning (AdaptInfer, FastV): the tokens present at a layer attend causally to each
+    other and write keys/values only there.
+    """
+    shape = LayerShape.from_config(config)
+    return [decoder_layer_flops(shape, n, causal_pairs(n)).total for n in tokens_per_layer]
+
+
+def attention_rows_flops(config, n_query: int, n_keys: int) -> float:
+    """Extra FLOPs of computing `n_query` rows of attention probabilities explicitly (q projection of
+    those rows and their QK^T over `n_keys` keys), as vision-token scorers do at pruning layers."""
+    shape = LayerShape.from_config(config)
+    q_proj = 2 * n_query * shape.hidden * shape.n_heads * shape.head_dim
+    scores = 2 * n_query * n_keys * shape.head_dim * shape.n_heads
+    return float(q_proj + scores)
+
+
+def kept_tokens(n_tokens: int, sparsity: float) -> int:
+    """Tokens a block computes at token sparsity `sparsity` (the FTP top-k rule; 1.0 removes the block)."""
+    if sparsity >= 1:
+        return 0
+    return max(1, round((1.0 - sparsity) * n_tokens)) if n_tokens else 0
+
+
+def token_sparsity_prefill_flops(config, n_tokens: int, schedule: list[float]) -> float:
+    """Decoder-layer FLOPs of a prefill in which block l computes `kept_tokens(n_tokens, schedule[l])`
+    tokens (FTP token skipping; ShortGPT is the schedule with 1.0 at removed blocks). The kept
+    tokens attend causally to each other only: k tokens make k(k+1)/2 (query, key) pairs."""
+    shape = LayerShape.from_config(config)
+    total = 0.0
+    for sparsity in schedule:
+        k = kept_tokens(n_tokens, sparsity)
+        total += decoder_layer_flops(shape, k, causal_pairs(k)).total
+    return total

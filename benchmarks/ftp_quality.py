@@ -1,0 +1,181 @@
+"""FTP quality: retention of the built-in text task's SFT policy under token pruning.
+
+    rto run configs/quickstart.yaml --set 'stages=[sft]' --run-dir runs/ftp-bench
+    python benchmarks/ftp_quality.py --model runs/ftp-bench/stages/sft
+
+At each token sparsity (default 20/30/40%) it fits FTP on the policy's SFT data (static-router
+schedule search, router training, search again) and compares, against the dense model in the same
+run: FTP-learned, FTP-static (searched schedule, static router), uniform schedule (static router),
+random routing (FTP-learned's schedule) and ShortGPT (layers removed by block influence, FLOPs
+matched to FTP's prefill). Metrics: ground-truth reward of sampled responses to held-out prompts
+(same sampling seed for every method) as a fraction of dense, next-token agreement and mean
+KL(dense || pruned) teacher-forced on held-out SFT sequences. Writes benchmarks/results/ftp.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ftp_speed import git_commit  # noqa: E402
+
+from pipelines.tasks.text import TaskSettings, prompt_records, reward, sft_records  # noqa: E402
+from prune.flops import dense_prefill_flops, token_sparsity_prefill_flops  # noqa: E402
+from prune.ftp.config import FTPConfig  # noqa: E402
+from prune.ftp.data import encode_record, left_padded_batches  # noqa: E402
+from prune.ftp.fit import fit_ftp  # noqa: E402
+from prune.ftp.forward import skipping_forward  # noqa: E402
+from prune.ftp.generate import generate_pruned  # noqa: E402
+from prune.ftp.losses import distill_kl  # noqa: E402
+from prune.shortgpt import block_influence, flops_matched_layers, layers_to_remove, removal_schedule  # noqa: E402
+from rto.generation import encode_prompt, prompt_text  # noqa: E402
+from rto.models import load_causal_lm, load_tokenizer  # noqa: E402
+
+
+@torch.no_grad()
+def teacher_forced(model, router, schedule, batches, teachers) -> dict:
+    agree, total, kls = 0, 0, []
+    for (ids, mask), teacher in zip(batches, teachers, strict=True):
+        logits = skipping_forward(model, ids, mask, schedule=schedule, router=router).logits
+        valid = mask.bool()
+        agree += int((logits.argmax(-1) == teacher.argmax(-1))[valid].sum())
+        total += int(valid.sum())
+        kls.append(float(distill_kl(teacher, logits, valid)))
+    return {"agreement": agree / total, "kl": statistics.fmean(kls)}
+
+
+@torch.no_grad()
+def rollout_reward(model, router, schedule, tokenizer, prompts, args) -> dict:
+    """Mean ground truth of sampled responses; the same generator seed for every method."""
+    gen = torch.Generator().manual_seed(args.seed)
+    stats, rewards = {}, []
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    for start in range(0, len(prompts), args.batch):
+        chunk = prompts[start : start + args.batch]
+        ((ids, mask),) = left_padded_batches([encode_prompt(tokenizer, p) for p in chunk], len(chunk), pad)
+        seqs = generate_pruned(
+            model, router, schedule, ids, mask, max_new_tokens=args.max_new_tokens, do_sample=True,
+            temperature=args.temperature, top_k=0, top_p=1.0, eos_token_id=eos, pad_token_id=pad,
+            generator=gen, stats=stats,
+        )  # fmt: skip
+        for prompt, row in zip(chunk, seqs[:, ids.shape[1] :].tolist(), strict=True):
+            terminated = eos in row
+            text = tokenizer.decode(row[: row.index(eos)] if terminated else row, skip_special_tokens=True)
+            rewards.append(reward(prompt_text(prompt), text.strip(), terminated))
+    sparsity = 1 - sum(stats["computed"]) / max(sum(stats["tokens"]), 1)
+    return {"gt_reward": statistics.fmean(rewards), "rollout_sparsity": sparsity}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="runs/ftp-bench/stages/sft", help="SFT policy folder")
+    parser.add_argument("--sparsities", default="0.2,0.3,0.4")
+    parser.add_argument("--task-seed", type=int, default=0)
+    parser.add_argument("--n-prompts", type=int, default=256, help="held-out prompts sampled per method")
+    parser.add_argument("--n-heldout", type=int, default=256, help="held-out SFT sequences (teacher-forced)")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--train-steps", type=int, default=150)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="benchmarks/results/ftp.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    started = time.time()
+
+    tokenizer = load_tokenizer(args.model, field="--model")
+    model = load_causal_lm(args.model, field="--model").eval()
+    model.requires_grad_(False)
+    n_layers, pad = len(model.model.layers), tokenizer.pad_token_id
+    settings = TaskSettings(seed=args.task_seed)
+    train_seqs = [encode_record(tokenizer, r, 128) for r in sft_records(settings)]
+    heldout = sft_records(TaskSettings(seed=args.task_seed + 1000, n_sft=args.n_heldout))
+    heldout_batches = left_padded_batches(
+        [encode_record(tokenizer, r, 128) for r in heldout], args.batch, pad
+    )
+    teachers = [model(input_ids=i, attention_mask=m).logits for i, m in heldout_batches]
+    prompts = [r["prompt"] for r in prompt_records(settings, args.n_prompts, "eval")]
+    mean_len = round(statistics.fmean(len(s) for s in train_seqs))
+
+    dense = {**teacher_forced(model, "static", [0.0] * n_layers, heldout_batches, teachers)}
+    dense.update(rollout_reward(model, "static", [0.0] * n_layers, tokenizer, prompts, args))
+    print(f"dense: GT reward {dense['gt_reward']:.3f}")
+    influence = block_influence(model, heldout_batches[:2])
+    rows = []
+    for sparsity in [float(s) for s in args.sparsities.split(",")]:
+        cfg = FTPConfig(sparsity=sparsity, seed=args.seed, train={"steps": args.train_steps})
+        calib = left_padded_batches(train_seqs[: cfg.search.calib_samples], cfg.train.batch_size, pad)
+        n_train = cfg.train.steps * cfg.train.batch_size
+        train = left_padded_batches(
+            train_seqs[cfg.search.calib_samples :][:n_train], cfg.train.batch_size, pad
+        )
+        fitted = fit_ftp(model, train, calib, cfg, log=lambda m: None)
+        n_remove = flops_matched_layers(model.config, mean_len, fitted.schedule)
+        removed = layers_to_remove(influence, n_remove)
+        methods = {
+            "FTP-learned": (fitted.router, fitted.schedule),
+            "FTP-static": ("static", fitted.static_schedule),
+            "uniform": ("static", [sparsity] * n_layers),
+            "random": ("random", fitted.schedule),
+            f"ShortGPT (-{n_remove} layers)": ("static", removal_schedule(n_layers, removed)),
+        }
+        for name, (router, schedule) in methods.items():
+            row = {"sparsity": sparsity, "method": name, "schedule": [round(s, 3) for s in schedule]}
+            row["flops_ratio"] = token_sparsity_prefill_flops(
+                model.config, mean_len, schedule
+            ) / dense_prefill_flops(model.config, mean_len)
+            row.update(teacher_forced(model, router, schedule, heldout_batches, teachers))
+            row.update(rollout_reward(model, router, schedule, tokenizer, prompts, args))
+            row["gt_retention"] = row["gt_reward"] / dense["gt_reward"]
+            rows.append(row)
+            print(
+                f"s={sparsity:.1f} {name:<24} FLOPs {row['flops_ratio']:.2f} rollout-sparsity {row['rollout_sparsity']:.2f} "
+                f"agree {row['agreement']:.3f} KL {row['kl']:.4f} GT {row['gt_reward']:.3f} ({row['gt_retention']:.1%})"
+            )
+
+    print(
+        f"\nSFT policy {args.model}: dense GT reward {dense['gt_reward']:.3f} on {args.n_prompts} prompts\n"
+    )
+    print(
+        "| sparsity | method | prefill FLOPs | rollout token sparsity | GT reward retention | next-token agreement | KL |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['sparsity']:.0%} | {r['method']} | {r['flops_ratio']:.2f} | {r['rollout_sparsity']:.2f} | "
+            f"{r['gt_retention']:.1%} | {r['agreement']:.3f} | {r['kl']:.4f} |"
+        )
+    record = {
+        "benchmark": "ftp_quality",
+        "commit": git_commit(),
+        "machine": {
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "cores": os.cpu_count(),
+            "threads": args.threads,
+        },
+        "settings": vars(args)
+        | {"n_layers": n_layers, "mean_sequence_tokens": mean_len, "block_influence": influence},
+        "dense": dense,
+        "rows": rows,
+        "seconds": round(time.time() - started, 1),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(record, indent=2))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""Everything the stages start from: tokenizer, data files and base models.
+
+For the built-in task this generates the synthetic data and builds random-init models from configs;
+for external data it loads TRL-format files (JSONL/Parquet) or Hub data sets and checks their
+columns. The result is cached under `RUN_DIR/prepared/<hash>/`, keyed by the sections it depends on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from rto.config import Config, DataSource, ModelSpec
+from rto.errors import UserError
+from rto.rundir import RunDir, atomic_write_json, replace_dir
+
+ROLES = ("sft", "pairs", "eval_pairs", "prompts", "eval_prompts")
+REQUIRED_COLUMNS = {
+    "sft": [("prompt", "completion"), ("messages",), ("text",)],
+    "pairs": [("prompt", "chosen", "rejected"), ("chosen", "rejected")],
+    "eval_pairs": [("prompt", "chosen", "rejected"), ("chosen", "rejected")],
+    "prompts": [("prompt",)],
+    "eval_prompts": [("prompt",)],
+}
+
+
+@dataclass
+class Prepared:
+    root: Path
+    data: dict[str, Path]
+    models: dict[str, str]
+    tokenizer: str | None
+    has_task: bool
+
+    def model(self, role: str) -> str:
+        return self.models[role]
+
+    def records(self, role: str) -> list[dict]:
+        if role not in self.data:
+            raise UserError(f"no '{role}' data: configure data.{role} or use the built-in task", field=f"data.{role}")
+        with open(self.data[role]) as f:
+            return [json.loads(line) for line in f]
+
+    def ground_truth(self) -> Callable[[str, str, bool], float] | None:
+        """`gt(prompt_text, response_text, terminated) -> reward` where the task has one."""
+        if not self.has_task:
+            return None
+        from pipelines.tasks.text import reward
+
+        return reward
+
+
+def prepare(cfg: Config, run: RunDir, log: Callable[[str], None] = print) -> Prepared:
+    key = cfg.section_hash("task", "data", "policy", "reward_model", "seed")
+    final = run.prepared_dir / key
+    if not (final / "prepared.json").is_file():
+        log(f"preparing data and base models -> {final}")
+        tmp = run.prepared_dir / f".{key}.tmp"
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        _build(cfg, tmp, final)
+        replace_dir(tmp, final)
+    info = json.loads((final / "prepared.json").read_text())
+    return Prepared(
+        root=final,
+        data={k: final / v for k, v in info["data"].items()},
+        models={k: (str(final / v[len("local:"):]) if v.startswith("local:") else v) for k, v in info["models"].items()},
+        tokenizer=info["tokenizer"],
+        has_task=info["has_task"],
+    )
+
+
+def _build(cfg: Config, tmp: Path, final: Path) -> None:
+    data: dict[str, str] = {}
+    models: dict[str, str] = {}
+    tokenizer_ref = None
+    if cfg.task is not None:
+        from pipelines.tasks import text
+
+        settings = text.TaskSettings(
+            seed=cfg.task.seed,
+            n_sft=cfg.task.n_sft,
+            n_pairs=cfg.task.n_pairs,
+            n_prompts=cfg.task.n_prompts,
+            n_eval=cfg.task.n_eval,
+            label_temperature=cfg.task.label_temperature,
+            max_sentences=cfg.task.max_sentences,
+        )
+        generated = {
+            "sft": text.sft_records(settings),
+            "pairs": text.preference_records(settings, split="train"),
+            "eval_pairs": text.preference_records(settings, cfg.task.n_eval_pairs, split="eval"),
+            "prompts": text.prompt_records(settings, settings.n_prompts, "train"),
+            "eval_prompts": text.prompt_records(settings, settings.n_eval, "eval"),
+        }
+        for role, records in generated.items():
+            text.write_jsonl(tmp / f"{role}.jsonl", records)
+            data[role] = f"{role}.jsonl"
+        tokenizer = text.build_tokenizer()
+        tokenizer.save_pretrained(tmp / "tokenizer")
+        tokenizer_ref = "local:tokenizer"
+    for role in ROLES:
+        source: DataSource | None = getattr(cfg.data, role)
+        if source is not None:
+            records = load_records(source, role)
+            _write_jsonl(tmp / f"{role}.jsonl", records)
+            data[role] = f"{role}.jsonl"
+    for role, spec in (("policy", cfg.policy), ("reward_model", cfg.reward_model)):
+        models[role] = _materialize(spec, role, cfg, tmp)
+    atomic_write_json(
+        tmp / "prepared.json",
+        {"data": data, "models": models, "tokenizer": tokenizer_ref, "has_task": cfg.task is not None},
+    )
+
+
+def _materialize(spec: ModelSpec, role: str, cfg: Config, tmp: Path) -> str:
+    if spec.path is not None:
+        return spec.path
+    if cfg.task is None:
+        raise UserError(
+            "a built-in model needs the built-in task's tokenizer; set task or give a model path",
+            field=f"{role}.builtin",
+        )
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from pipelines.tasks import text
+
+    tokenizer = text.build_tokenizer()
+    try:
+        config = text.llama_config(tokenizer, spec.arch)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"invalid architecture override: {exc}", field=f"{role}.arch") from None
+    torch.manual_seed(cfg.seed + (0 if role == "policy" else 1))
+    if role == "reward_model":
+        config.num_labels = 1
+        model = AutoModelForSequenceClassification.from_config(config)
+    else:
+        model = AutoModelForCausalLM.from_config(config)
+    out = tmp / "models" / role
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return f"local:models/{role}"
+
+
+def load_records(source: DataSource, role: str) -> list[dict]:
+    """Rows of a TRL-format data set from JSONL/Parquet or the Hub, with the columns checked."""
+    path = Path(source.path)
+    field = f"data.{role}.path"
+    try:
+        if path.suffix in (".jsonl", ".json"):
+            records = []
+            with open(path) as f:
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            records.append(json.loads(line))
+                        except json.JSONDecodeError as exc:
+                            raise UserError(f"line {n} is not valid JSON ({exc.msg})", source=str(path)) from None
+        elif path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            records = pq.read_table(path).to_pylist()
+        else:
+            import datasets
+
+            records = datasets.load_dataset(source.path, split=source.split).to_list()
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any loader failure is bad input here
+        raise UserError(f"cannot load data: {type(exc).__name__}: {exc}".splitlines()[0], source=source.path, field=field) from None
+    if source.limit:
+        records = records[: source.limit]
+    if not records:
+        raise UserError("the data set is empty", source=source.path, field=field)
+    columns = set(records[0])
+    if not any(set(option) <= columns for option in REQUIRED_COLUMNS[role]):
+        wanted = " or ".join("/".join(o) for o in REQUIRED_COLUMNS[role])
+        raise UserError(f"missing columns: expected {wanted}, found {sorted(columns)}", source=source.path, field=field)
+    for n, row in enumerate(records, 1):
+        for col in ("chosen", "rejected", "completion", "prompt"):
+            if col in row and _is_empty(row[col]) and not (col == "prompt" and role in ("pairs", "eval_pairs")):
+                raise UserError(f"row {n} has an empty '{col}'", source=source.path, field=field)
+    return records
+
+
+def _is_empty(value) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return not value.strip()
+    if isinstance(value, list):
+        return not value or all(_is_empty(m.get("content") if isinstance(m, dict) else m) for m in value)
+    return False
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r, default=str) + "\n")

@@ -1,0 +1,54 @@
+"""`ftp`: train the FTP router and sparsity schedule for the policy (the LLM stays frozen).
+
+Reads the SFT model (or the base policy when there is no SFT stage) and the SFT data; writes
+`router.safetensors` + `ftp.json` (model fingerprint, schedule, settings, metrics) to the stage
+folder, which `prune.registry.PRUNERS.get("ftp")(model, folder)` turns into a rollout generator.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+from pipelines.stages import StageContext, register_stage
+from prune.ftp.config import FTPConfig
+from prune.ftp.data import encode_record, left_padded_batches
+from prune.ftp.fit import fit_ftp
+from prune.ftp.router import Router, check_supported, model_fingerprint, save_router
+from rto.models import load_causal_lm, load_tokenizer
+
+
+@register_stage("ftp", sections=("ftp",), uses=("sft",))
+def run_ftp(ctx: StageContext) -> dict:
+    cfg: FTPConfig = getattr(ctx.cfg, "ftp", None) or FTPConfig()
+    path = ctx.policy_init()
+    tokenizer = load_tokenizer(path)
+    model = load_causal_lm(path, device=ctx.device).eval()
+    check_supported(model)
+
+    records = ctx.prepared.records("sft")
+    random.Random(cfg.seed).shuffle(records)
+    sequences = [encode_record(tokenizer, r, cfg.train.max_length) for r in records]
+    n_calib = min(cfg.search.calib_samples, max(1, len(sequences) // 4))
+    n_train = cfg.train.steps * cfg.train.batch_size
+    calib = left_padded_batches(sequences[:n_calib], cfg.train.batch_size, tokenizer.pad_token_id, ctx.device)
+    train = left_padded_batches(
+        sequences[n_calib : n_calib + n_train] or sequences,
+        cfg.train.batch_size,
+        tokenizer.pad_token_id,
+        ctx.device,
+    )
+
+    result = fit_ftp(model, train, calib, cfg, log=ctx.log)
+    for record in result.history[:: max(1, len(result.history) // 20)]:
+        ctx.metrics(record)
+    router = result.router if isinstance(result.router, Router) else Router(cfg.router_hidden)
+    save_router(
+        ctx.out_dir, router, result.schedule, model_fingerprint(model),
+        kind="learned" if isinstance(result.router, Router) else "static",
+        sparsity=cfg.sparsity, decode_threshold=cfg.decode_threshold, attention_probes=cfg.attention_probes,
+        static_schedule=result.static_schedule, source_model=path, metrics=result.metrics,
+        config=cfg.model_dump(mode="json"),
+    )  # fmt: skip
+    (ctx.out_dir / "train_history.json").write_text(json.dumps(result.history))
+    return {"sparsity": cfg.sparsity, "schedule": [round(s, 4) for s in result.schedule], **result.metrics}

@@ -1,0 +1,66 @@
+"""`rm`: a sentence-level reward model on the preference pairs (TRL's RewardTrainer).
+
+Beside the model it saves `normalization.json`: the mean and std of its scores over the training
+responses, which the token reward uses to normalise the RM score.
+"""
+
+from __future__ import annotations
+
+import torch
+from datasets import Dataset
+
+from pipelines.pairs import encode_pairs, rm_scores
+from pipelines.stages import StageContext, register_stage
+from pipelines.training import quiet, save_model, trainer_kwargs
+from rto.models import load_tokenizer
+from rto.progress import ProgressCallback
+from rto.rundir import atomic_write_json
+
+NORMALIZATION_FILE = "normalization.json"
+
+
+def rm_init(ctx: StageContext) -> str:
+    if ctx.cfg.rm.init == "sft":
+        return ctx.policy_init()
+    return ctx.prepared.model("reward_model")
+
+
+@register_stage("rm", sections=("rm",), uses=("sft",))
+def run_rm(ctx: StageContext) -> dict:
+    from trl import RewardConfig, RewardTrainer
+
+    from reward.scoring import FrozenRM
+
+    cfg = ctx.cfg
+    init = rm_init(ctx)
+    tokenizer = load_tokenizer(init, field="reward_model.path")
+    pairs = ctx.prepared.records("pairs")
+    args = RewardConfig(**trainer_kwargs(cfg, cfg.rm, ctx.out_dir, ctx.device))
+    trainer = RewardTrainer(
+        model=init,
+        args=args,
+        train_dataset=Dataset.from_list(pairs),
+        processing_class=tokenizer,
+        callbacks=[ProgressCallback("rm", ctx.metrics)],
+    )
+    result = quiet(trainer).train()
+    save_model(trainer, tokenizer, ctx.out_dir)
+
+    rm = FrozenRM(str(ctx.out_dir), device=ctx.device)
+    chosen, rejected = encode_pairs(tokenizer, pairs[:2000])
+    train_scores = torch.cat([rm_scores(rm, tokenizer, chosen), rm_scores(rm, tokenizer, rejected)])
+    mean, std = float(train_scores.mean()), float(train_scores.std().clamp_min(1e-6))
+    atomic_write_json(ctx.out_dir / NORMALIZATION_FILE, {"mean": mean, "std": std, "n": int(train_scores.numel())})
+    summary = {"train_loss": float(result.training_loss), "pairs": len(pairs), "score_mean": mean, "score_std": std}
+    if "eval_pairs" in ctx.prepared.data:
+        chosen, rejected = encode_pairs(tokenizer, ctx.prepared.records("eval_pairs"))
+        summary["rm_pair_accuracy"] = float((rm_scores(rm, tokenizer, chosen) > rm_scores(rm, tokenizer, rejected)).float().mean())
+    return summary
+
+
+def load_normalization(rm_dir) -> tuple[float, float]:
+    import json
+    from pathlib import Path
+
+    info = json.loads((Path(rm_dir) / NORMALIZATION_FILE).read_text())
+    return info["mean"], info["std"]

@@ -1,0 +1,213 @@
+"""The built-in image task: small generated pictures with questions whose answers are known.
+
+A 32x32 picture holds two or three shapes (circle, square, triangle; each type at most once) in
+four colours, each in its own quadrant. Three kinds of question, single-word answers:
+
+* ``what color is the circle ?``          -> ``red`` (the asked shape is always present)
+* ``what shape is at the top left ?``     -> ``square`` or ``nothing`` (empty quadrant)
+* ``how many red shapes ?``               -> ``zero`` .. ``three``
+
+The ground-truth reward is 1 when the first word of the response is the answer and the response
+ends there (EOS or nothing after it), else 0. Chance is about 0.25-0.33 per question kind. The
+answer depends on a few vision tokens (the object), which is what text-guided pruning must find.
+
+The tokenizer is word-level (`tokenizers` WordLevel saved as a PreTrainedTokenizerFast); the
+processor is a transformers `LlavaProcessor` over a `CLIPImageProcessorPil`, so both save and load
+as ordinary HF files. The model and the SFT loop live in `image_model.py`.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from rto.errors import UserError
+
+IMAGE_SIZE = 32
+PATCH_SIZE = 4
+N_VISION_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 64; the CLS token is dropped ("default" strategy)
+
+SHAPES = ["circle", "square", "triangle"]
+COLORS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230), "yellow": (230, 210, 40)}
+POSITIONS = {"top left": (0, 0), "top right": (1, 0), "bottom left": (0, 1), "bottom right": (1, 1)}
+COUNTS = ["zero", "one", "two", "three"]
+BACKGROUND = (24, 24, 24)
+
+SPECIAL = {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s>", "image": "<image>"}
+QUESTION_WORDS = "USER: ASSISTANT: what color is the shape at how many shapes ? nothing top bottom left right".split()
+
+
+@dataclass(frozen=True)
+class Item:
+    """One shape in a picture: its type, colour name and quadrant name."""
+
+    shape: str
+    color: str
+    position: str
+
+
+@dataclass(frozen=True)
+class Example:
+    items: tuple[Item, ...]
+    question: str
+    answer: str
+    seed: int
+
+
+# ---------------------------------------------------------------- pictures
+
+
+def render(items: tuple[Item, ...], seed: int):
+    """Draw `items` on a dark background; sizes and offsets jitter with `seed`."""
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    half = IMAGE_SIZE // 2
+    for item in items:
+        col, row = POSITIONS[item.position]
+        size = rng.randint(9, 12)
+        x0 = col * half + rng.randint(1, half - size - 1)
+        y0 = row * half + rng.randint(1, half - size - 1)
+        box = (x0, y0, x0 + size, y0 + size)
+        fill = COLORS[item.color]
+        if item.shape == "circle":
+            draw.ellipse(box, fill=fill)
+        elif item.shape == "square":
+            draw.rectangle(box, fill=fill)
+        else:
+            draw.polygon([(x0 + size / 2, y0), (x0, y0 + size), (x0 + size, y0 + size)], fill=fill)
+    return image
+
+
+def decode_image(data: bytes | str | Path, source: str = "image"):
+    """Open an image from bytes or a path as RGB; an undecodable one is a `UserError`."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        stream = io.BytesIO(data) if isinstance(data, bytes | bytearray) else open(data, "rb")  # noqa: SIM115
+        with stream:
+            image = Image.open(stream)
+            image.load()
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        name = source if isinstance(data, bytes | bytearray) else str(data)
+        raise UserError(f"cannot decode image ({type(error).__name__})", source=name) from None
+    return image.convert("RGB")
+
+
+# ---------------------------------------------------------------- questions and ground truth
+
+
+def sample_items(rng: random.Random) -> tuple[Item, ...]:
+    n = rng.choice([2, 3])
+    shapes = rng.sample(SHAPES, n)
+    positions = rng.sample(list(POSITIONS), n)
+    return tuple(Item(s, rng.choice(list(COLORS)), p) for s, p in zip(shapes, positions, strict=True))
+
+
+def ask(rng: random.Random, items: tuple[Item, ...]) -> tuple[str, str]:
+    """A question about `items` and its answer."""
+    kind = rng.randrange(3)
+    if kind == 0:
+        item = rng.choice(items)
+        return f"what color is the {item.shape} ?", item.color
+    if kind == 1:
+        position = rng.choice(list(POSITIONS))
+        found = [i.shape for i in items if i.position == position]
+        return f"what shape is at the {position} ?", found[0] if found else "nothing"
+    color = rng.choice(list(COLORS))
+    return f"how many {color} shapes ?", COUNTS[sum(i.color == color for i in items)]
+
+
+def make_examples(n: int, seed: int) -> list[Example]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        items = sample_items(rng)
+        question, answer = ask(rng, items)
+        out.append(Example(items, question, answer, rng.randrange(2**31)))
+    return out
+
+
+def answer_of(response: str) -> str:
+    words = response.replace(SPECIAL["eos"], " ").split()
+    return words[0] if len(words) == 1 else ""
+
+
+def reward(response: str, answer: str) -> float:
+    """Ground truth: 1.0 for exactly the answer word (EOS optional), else 0.0."""
+    return float(answer_of(response) == answer)
+
+
+def prompt_text(question: str, n_image_tokens: int | None = None) -> str:
+    """The chat-formatted prompt; the processor expands the single ``<image>`` itself."""
+    image = SPECIAL["image"] if n_image_tokens is None else " ".join([SPECIAL["image"]] * n_image_tokens)
+    return f"{SPECIAL['bos']} USER: {image} {question} ASSISTANT:"
+
+
+# ---------------------------------------------------------------- tokenizer and processor
+
+
+def vocabulary() -> list[str]:
+    words = list(SPECIAL.values()) + QUESTION_WORDS + SHAPES + list(COLORS) + COUNTS
+    return list(dict.fromkeys(words))
+
+
+def build_tokenizer():
+    """Word-level tokenizer over `vocabulary()`, an ordinary `PreTrainedTokenizerFast`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(vocabulary())}, unk_token=SPECIAL["unk"]))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token=SPECIAL["pad"],
+        unk_token=SPECIAL["unk"],
+        bos_token=SPECIAL["bos"],
+        eos_token=SPECIAL["eos"],
+        extra_special_tokens={"image_token": SPECIAL["image"]},
+        model_max_length=4096,
+        padding_side="left",
+    )
+    return tokenizer
+
+
+def build_processor():
+    """`LlavaProcessor` (CLIP-normalised 32x32 pictures, 64 image tokens per picture)."""
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=build_tokenizer(),
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        image_token=SPECIAL["image"],
+    )
+
+
+def encode(processor, examples: list[Example], with_answer: bool = False) -> dict:
+    """Batch tensors for `examples`: input_ids, attention_mask, pixel_values (+ labels).
+
+    Prompts are left-padded for generation; with `with_answer` the answer and EOS follow the prompt
+    and `labels` masks everything but them (-100), as an SFT loss needs.
+    """
+    images = [render(e.items, e.seed) for e in examples]
+    texts = [prompt_text(e.question) for e in examples]
+    if with_answer:
+        texts = [f"{t} {e.answer} {SPECIAL['eos']}" for t, e in zip(texts, examples, strict=True)]
+    batch = dict(processor(images=images, text=texts, return_tensors="pt", padding=True))
+    if with_answer:
+        labels = batch["input_ids"].clone()
+        labels[:, :-2] = -100  # left padding: the answer word and EOS are the last two tokens
+        batch["labels"] = labels
+    return batch

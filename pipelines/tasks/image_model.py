@@ -1,0 +1,149 @@
+"""The image task's tiny LLaVA (CLIP vision tower + Llama), its SFT loop and its evaluation.
+
+The model is transformers' own `LlavaForConditionalGeneration` built from configs, so it saves and
+loads with `save_pretrained` / `from_pretrained` and every Llava-family code path (ours included)
+treats it like LLaVA-1.5: 64 vision tokens per picture instead of 576, 12 decoder layers instead
+of 32.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from pipelines.tasks import image as task
+
+TINY_VISION = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=task.IMAGE_SIZE,
+    patch_size=task.PATCH_SIZE,
+    projection_dim=64,
+)
+"""CLIP vision tower of the built-in VLM."""
+
+TINY_TEXT = dict(
+    hidden_size=96,
+    intermediate_size=256,
+    num_hidden_layers=12,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-6,
+)
+"""Llama language model of the built-in VLM (12 layers so that pruning schedules have room)."""
+
+
+def llava_config(tokenizer, vision: dict | None = None, text: dict | None = None):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    text_config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **{**TINY_TEXT, **(text or {})},
+    )
+    return LlavaConfig(
+        vision_config=CLIPVisionConfig(**{**TINY_VISION, **(vision or {})}),
+        text_config=text_config,
+        image_token_id=tokenizer.convert_tokens_to_ids(task.SPECIAL["image"]),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        tie_word_embeddings=True,
+    )
+
+
+def build_model(tokenizer, seed: int = 0, **overrides):
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(llava_config(tokenizer, **overrides))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def sft(
+    out_dir: str | Path,
+    steps: int = 1500,
+    batch_size: int = 32,
+    lr: float = 2e-3,
+    n_train: int = 16000,
+    seed: int = 0,
+    log_every: int = 100,
+) -> dict:
+    """Supervised fine-tuning on the task (loss on the answer word and EOS); saves model + processor.
+
+    A plain loop: TRL's SFTTrainer adds nothing here (single-turn, fixed-format data) and a
+    hand-written loop keeps the CPU run at a few minutes. Returns a small summary dict.
+    """
+    processor = task.build_processor()
+    model = build_model(processor.tokenizer, seed=seed)
+    data = task.encode(processor, task.make_examples(n_train, seed=seed + 1), with_answer=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    start, losses = time.perf_counter(), []
+    for step in range(steps):
+        idx = torch.randint(0, n_train, (batch_size,), generator=generator)
+        batch = {k: v[idx] for k, v in data.items()}
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if log_every and (step + 1) % log_every == 0:
+            print(f"step {step + 1}/{steps} loss {sum(losses[-log_every:]) / log_every:.4f}", flush=True)
+    model.eval()
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    summary = {"steps": steps, "final_loss": sum(losses[-50:]) / min(50, len(losses)),
+               "seconds": time.perf_counter() - start}
+    summary["accuracy"] = evaluate(model, processor, task.make_examples(512, seed=seed + 2))
+    return summary
+
+
+@torch.no_grad()
+def evaluate(model, processor, examples: list[task.Example], batch_size: int = 64, generate=None) -> float:
+    """Mean ground-truth reward of greedy answers; `generate(model, batch)` defaults to HF generate."""
+    total = 0.0
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i : i + batch_size]
+        batch = task.encode(processor, chunk)
+        if generate is None:
+            out = model.generate(**batch, max_new_tokens=2, do_sample=False)
+        else:
+            out = generate(model, batch)
+        texts = processor.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=False)
+        total += sum(task.reward(t.replace(task.SPECIAL["pad"], " "), e.answer) for t, e in zip(texts, chunk, strict=True))
+    return total / len(examples)
+
+def tiny_random_vlm(seed: int = 0, n_layers: int = 4, attn_implementation: str = "sdpa"):
+    """(model, processor): an untrained, even smaller VLM with spread-out logits, for tests."""
+    processor = task.build_processor()
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers, num_attention_heads=4,
+                num_key_value_heads=2, initializer_range=0.3)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    model = build_model(processor.tokenizer, seed=seed, text=text, vision=vision)
+    model.set_attn_implementation(attn_implementation)
+    return model.eval(), processor
+
+
+if __name__ == "__main__":  # python -m pipelines.tasks.image_model OUT_DIR [STEPS]
+    import sys
+
+    print(sft(sys.argv[1], steps=int(sys.argv[2]) if len(sys.argv) > 2 else 1500))

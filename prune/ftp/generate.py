@@ -1,0 +1,111 @@
+"""Generation with the FTP-pruned model: routed prefill (top-k per block), then decoding one token
+at a time where the new token computes a block when sigmoid(router logit) > threshold.
+
+`generate_pruned` is what rollout workers call; it returns `model.generate`-style sequences
+(prompt + new tokens, finished rows padded with `pad_token_id`). The sampler's log-probs are not
+returned on purpose: PPO recomputes them with the dense policy and corrects the mismatch with
+truncated importance sampling.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from prune.ftp.forward import skipping_forward
+from prune.ftp.router import Router
+
+_UNSUPPORTED = {"num_beams": 1, "num_return_sequences": 1, "repetition_penalty": 1.0, "min_new_tokens": None}
+
+
+def _generation_settings(model, gen_kwargs: dict):
+    config = copy.deepcopy(model.generation_config)
+    unused = config.update(**gen_kwargs)
+    if unused:
+        raise TypeError(f"generate_pruned got unknown generation arguments: {sorted(unused)}")
+    for name, neutral in _UNSUPPORTED.items():
+        value = getattr(config, name, neutral)
+        if value not in (neutral, None, 0) and not (name == "repetition_penalty" and value == 1.0):
+            raise ValueError(f"generate_pruned does not support {name}={value!r}")
+    return config
+
+
+def _warp(config, scores: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    if config.temperature is not None and config.temperature != 1.0:
+        scores = TemperatureLogitsWarper(config.temperature)(input_ids, scores)
+    if config.top_k:
+        scores = TopKLogitsWarper(config.top_k)(input_ids, scores)
+    if config.top_p is not None and config.top_p < 1.0:
+        scores = TopPLogitsWarper(config.top_p)(input_ids, scores)
+    return scores
+
+
+@torch.no_grad()
+def generate_pruned(
+    model,
+    router: Router | str,
+    schedule: list[float],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    threshold: float = 0.5,
+    n_probes: int = 8,
+    generator: torch.Generator | None = None,
+    stats: dict | None = None,
+    **gen_kwargs,
+) -> torch.LongTensor:
+    """Sample continuations of left-padded prompts with token skipping.
+
+    `router`: a trained `Router`, or "static" / "random"; `schedule`: per-block sparsity. Generation
+    settings (max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id)
+    default to `model.generation_config`, as in `model.generate`. Returns [B, T + new] token ids.
+    With a `stats` dict, adds to stats["computed"] / stats["tokens"] (per block) the tokens each
+    block computed and the tokens it could have computed (prefill and decode, unfinished rows).
+    """
+    config = _generation_settings(model, gen_kwargs)
+    batch, prompt_len = input_ids.shape
+    max_new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - prompt_len
+    eos = config.eos_token_id
+    eos_ids = torch.tensor(
+        [] if eos is None else ([eos] if isinstance(eos, int) else list(eos)), device=input_ids.device
+    )
+    pad = config.pad_token_id if config.pad_token_id is not None else (int(eos_ids[0]) if len(eos_ids) else 0)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    sequences, finished = input_ids, torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    common = dict(
+        schedule=schedule, router=router, threshold=threshold, n_probes=n_probes, generator=generator
+    )
+    out = skipping_forward(model, input_ids, attention_mask, logits_to_keep=1, **common)
+    _count(stats, out.routes, None)
+    for _ in range(max_new):
+        scores = out.logits[:, -1].float()
+        if config.do_sample:
+            probs = _warp(config, scores, sequences).softmax(-1)
+            next_tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        else:
+            next_tokens = scores.argmax(-1)
+        next_tokens = torch.where(finished, torch.full_like(next_tokens, pad), next_tokens)
+        sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
+        finished |= torch.isin(next_tokens, eos_ids)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
+        if bool(finished.all()) or sequences.shape[1] - prompt_len >= max_new:
+            break
+        out = skipping_forward(
+            model, next_tokens[:, None], attention_mask, cache=out.cache, logits_to_keep=1, **common
+        )
+        _count(stats, out.routes, ~finished)
+    return sequences
+
+
+def _count(stats: dict | None, routes, active: torch.Tensor | None) -> None:
+    if stats is None:
+        return
+    for key in ("computed", "tokens"):
+        stats.setdefault(key, [0] * len(routes))
+    for i, route in enumerate(routes):
+        valid = route.valid if active is None else route.valid & active[:, None]
+        stats["computed"][i] += int((route.keep & valid).sum())
+        stats["tokens"][i] += int(valid.sum())

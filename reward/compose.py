@@ -1,0 +1,220 @@
+"""Token reward composition (design §4): RTO, sentence-level PPO and DPO-only.
+
+Tensor convention (shared by the whole PPO layer): per-token tensors are **response-aligned**
+`[B, R]` — position t is the t-th generated token. `response_mask [B, R]` is 1 for real response
+tokens up to and including EOS, 0 for padding and anything after EOS (so each row is 1…1 0…0).
+`logprobs`, `ref_logprobs`, `dpo_logprobs` are log-probs of those tokens under π, π_ref, π_dpo;
+`rm_scores [B]` is the raw reward-model score of each (prompt, response).
+
+    r_h = DPO_h − β2·(log π − log π_ref)_h + [h = H]·β3·clamp(norm(r_RM), ±rm_clamp)
+
+with DPO_h = clip(β1·(log π_dpo − log π_ref)_h, −c, c) when `clip_scaled` (the authors' released
+script, the default) or β1·clip((log π_dpo − log π_ref)_h, −c, c) otherwise (the paper's formula).
+H is the last position where `response_mask` is 1: a truncated response (no EOS) still gets its RM
+score at its last real token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from reward.config import RewardConfig
+from rto.registry import Registry
+
+
+@dataclass(frozen=True)
+class TokenRewards:
+    """Each term of the token reward, all zero where `response_mask` is 0; `reward` is their sum."""
+
+    reward: Tensor  # [B, R] total
+    reward_dpo: Tensor  # [B, R] DPO term, scaled and clipped
+    reward_kl: Tensor  # [B, R] −β2·(log π − log π_ref), the signed contribution
+    reward_rm: Tensor  # [B, R] β3·r_RM at the last response token, 0 elsewhere
+    rm_score: Tensor  # [B] β3·r_RM as added at the last token (0 in mode 'dpo' and for empty rows)
+
+
+@dataclass(frozen=True)
+class RewardInputs:
+    response_mask: Tensor  # [B, R] float 0/1
+    logprobs: Tensor  # [B, R]
+    ref_logprobs: Tensor  # [B, R]
+    dpo_logprobs: Tensor | None  # [B, R]
+    rm_scores: Tensor | None  # [B] raw RM scores
+    rm_mean: float | None
+    rm_std: float | None
+
+
+RewardMode = Callable[[RewardConfig, RewardInputs], TokenRewards]
+REWARD_MODES: Registry[RewardMode] = Registry("reward mode")
+
+
+# ---------------------------------------------------------------- terms (pure functions on tensors)
+
+
+def last_token_index(response_mask: Tensor) -> Tensor:
+    """[B] index of the last position where the mask is 1 (0 for an all-zero row)."""
+    positions = torch.arange(response_mask.size(1), device=response_mask.device)
+    return (positions * (response_mask > 0)).argmax(dim=1)
+
+
+def at_last_token(scores: Tensor, response_mask: Tensor) -> Tensor:
+    """[B] scores → [B, R] with each score at its row's last response token, zero elsewhere."""
+    placed = torch.zeros(response_mask.shape, dtype=scores.dtype, device=scores.device)
+    placed.scatter_(1, last_token_index(response_mask).unsqueeze(1), scores.unsqueeze(1))
+    return placed * (response_mask > 0).any(dim=1, keepdim=True)
+
+
+def kl_term(logprobs: Tensor, ref_logprobs: Tensor, response_mask: Tensor, beta2: float) -> Tensor:
+    """[B, R] −β2·(log π − log π_ref), masked."""
+    return -beta2 * (logprobs - ref_logprobs) * response_mask
+
+
+def dpo_term(
+    dpo_logprobs: Tensor,
+    ref_logprobs: Tensor,
+    response_mask: Tensor,
+    beta1: float,
+    clip: float,
+    clip_scaled: bool,
+) -> Tensor:
+    """[B, R] the DPO token reward, scaled and clipped (see the module docstring), masked."""
+    log_ratio = dpo_logprobs - ref_logprobs
+    if clip_scaled:
+        term = (beta1 * log_ratio).clamp(-clip, clip)
+    else:
+        term = beta1 * log_ratio.clamp(-clip, clip)
+    return term * response_mask
+
+
+def rm_term(
+    rm_scores: Tensor, beta3: float, normalize: bool, mean: float | None, std: float | None, clamp: float
+) -> Tensor:
+    """[B] β3·clamp((s − mean)/std, ±clamp), or β3·clamp(s, ±clamp) without normalisation."""
+    if normalize:
+        rm_scores = (rm_scores - mean) / std
+    return beta3 * rm_scores.clamp(-clamp, clamp)
+
+
+# ---------------------------------------------------------------- modes
+
+
+def _rm_rewards(config: RewardConfig, inputs: RewardInputs) -> tuple[Tensor, Tensor]:
+    has_response = (inputs.response_mask > 0).any(dim=1)
+    score = rm_term(
+        inputs.rm_scores, config.beta3, config.rm_normalize, inputs.rm_mean, inputs.rm_std, config.rm_clamp
+    )
+    score = score.to(inputs.logprobs.dtype) * has_response
+    return at_last_token(score, inputs.response_mask), score
+
+
+def _total(reward_dpo: Tensor, reward_kl: Tensor, reward_rm: Tensor, rm_score: Tensor) -> TokenRewards:
+    return TokenRewards(reward_dpo + reward_kl + reward_rm, reward_dpo, reward_kl, reward_rm, rm_score)
+
+
+@REWARD_MODES.register("rto")
+def rto_rewards(config: RewardConfig, inputs: RewardInputs) -> TokenRewards:
+    """DPO term at every token + KL + RM score at the last token."""
+    reward_dpo = dpo_term(
+        inputs.dpo_logprobs,
+        inputs.ref_logprobs,
+        inputs.response_mask,
+        config.beta1,
+        config.clip,
+        config.clip_scaled,
+    )
+    reward_kl = kl_term(inputs.logprobs, inputs.ref_logprobs, inputs.response_mask, config.beta2)
+    reward_rm, rm_score = _rm_rewards(config, inputs)
+    return _total(reward_dpo, reward_kl, reward_rm, rm_score)
+
+
+@REWARD_MODES.register("ppo")
+def ppo_rewards(config: RewardConfig, inputs: RewardInputs) -> TokenRewards:
+    """Sentence-level baseline: RM score at the last token + KL."""
+    reward_kl = kl_term(inputs.logprobs, inputs.ref_logprobs, inputs.response_mask, config.beta2)
+    reward_rm, rm_score = _rm_rewards(config, inputs)
+    return _total(torch.zeros_like(reward_kl), reward_kl, reward_rm, rm_score)
+
+
+@REWARD_MODES.register("dpo")
+def dpo_rewards(config: RewardConfig, inputs: RewardInputs) -> TokenRewards:
+    """DPO term + KL, no RM."""
+    reward_dpo = dpo_term(
+        inputs.dpo_logprobs,
+        inputs.ref_logprobs,
+        inputs.response_mask,
+        config.beta1,
+        config.clip,
+        config.clip_scaled,
+    )
+    reward_kl = kl_term(inputs.logprobs, inputs.ref_logprobs, inputs.response_mask, config.beta2)
+    rm_score = torch.zeros(reward_kl.size(0), dtype=reward_kl.dtype, device=reward_kl.device)
+    return _total(reward_dpo, reward_kl, torch.zeros_like(reward_kl), rm_score)
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def compose_token_rewards(
+    config: RewardConfig,
+    *,
+    response_mask: Tensor,
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    dpo_logprobs: Tensor | None = None,
+    rm_scores: Tensor | None = None,
+    rm_mean: float | None = None,
+    rm_std: float | None = None,
+) -> TokenRewards:
+    """Per-token rewards of a batch in `config.mode`. All `[B, R]` inputs are response-aligned;
+    `rm_scores [B]` are raw scores, normalised with (`rm_mean`, `rm_std`) when `config.rm_normalize`.
+    Tensors a mode does not use may be None; ones it needs raise ValueError when missing."""
+    inputs = RewardInputs(
+        response_mask=_check_mask(response_mask, logprobs.dtype),
+        logprobs=logprobs,
+        ref_logprobs=ref_logprobs,
+        dpo_logprobs=dpo_logprobs,
+        rm_scores=rm_scores,
+        rm_mean=rm_mean,
+        rm_std=rm_std,
+    )
+    _validate(config, inputs)
+    return REWARD_MODES.get(config.mode)(config, inputs)
+
+
+def _check_mask(response_mask: Tensor, dtype: torch.dtype) -> Tensor:
+    if response_mask.dim() != 2:
+        raise ValueError(f"response_mask must be [B, R], got shape {tuple(response_mask.shape)}")
+    mask = response_mask.to(dtype)
+    if not torch.all((mask == 0) | (mask == 1)):
+        raise ValueError("response_mask must contain only 0 and 1")
+    if torch.any(mask[:, 1:] > mask[:, :-1]):
+        raise ValueError("response_mask must be 1…1 then 0…0 in each row (response-aligned, right-padded)")
+    return mask
+
+
+def _validate(config: RewardConfig, inputs: RewardInputs) -> None:
+    shape = tuple(inputs.response_mask.shape)
+    per_token = {"logprobs": inputs.logprobs, "ref_logprobs": inputs.ref_logprobs}
+    if config.needs_dpo:
+        per_token["dpo_logprobs"] = inputs.dpo_logprobs
+    for name, tensor in per_token.items():
+        if tensor is None:
+            raise ValueError(f"reward mode '{config.mode}' needs {name}")
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {shape} like response_mask")
+    if config.needs_rm:
+        if inputs.rm_scores is None:
+            raise ValueError(f"reward mode '{config.mode}' needs rm_scores")
+        if tuple(inputs.rm_scores.shape) != shape[:1]:
+            raise ValueError(f"rm_scores has shape {tuple(inputs.rm_scores.shape)}, expected ({shape[0]},)")
+        if config.rm_normalize:
+            if inputs.rm_mean is None or inputs.rm_std is None:
+                raise ValueError(
+                    "rm_normalize is set but rm_mean/rm_std were not given (saved by the rm stage)"
+                )
+            if not inputs.rm_std > 0:
+                raise ValueError(f"rm_std must be > 0, got {inputs.rm_std}")

@@ -1,0 +1,95 @@
+"""Settings of the token reward (design §4): which mode, and the coefficients of each term."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+RewardMode = Literal["rto", "ppo", "dpo"]
+
+
+class RewardConfig(BaseModel):
+    """How each response token is rewarded.
+
+    r_h = β1·clip(log π_dpo − log π_ref) − β2·(log π − log π_ref) + [h = last]·β3·r_RM
+
+    * `rto`: all three terms (needs π_dpo and an RM).
+    * `ppo`: sentence-level baseline, RM score at the last token + KL (no DPO term, β1 must stay 0).
+    * `dpo`: DPO term + KL, no RM.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: RewardMode = Field(
+        "rto", description="Reward mode: 'rto' (DPO + KL + RM), 'ppo' (RM + KL), 'dpo' (DPO + KL)."
+    )
+    beta1: float = Field(
+        0.05,
+        description="β1, scale of the DPO token term log π_dpo − log π_ref. Used by 'rto' and 'dpo'; must be 0 for 'ppo'.",
+    )
+    clip: float = Field(
+        0.05,
+        description="c > 0, the DPO token term is clipped to [−c, c]. See `clip_scaled` for what is clipped.",
+    )
+    clip_scaled: bool = Field(
+        True,
+        description=(
+            "True (default, as the authors' released script): clip the *scaled* term, "
+            "clip(β1·(log π_dpo − log π_ref), −c, c). False (the paper's formula): β1·clip(log π_dpo − log π_ref, −c, c)."
+        ),
+    )
+    beta2: float = Field(0.01, description="β2 ≥ 0, the KL coefficient on log π − log π_ref at every token.")
+    beta3: float = Field(
+        1.0, description="β3, scale of the reward-model score added at the last token ('rto', 'ppo')."
+    )
+    rm_normalize: bool = Field(
+        True, description="Normalise the RM score as (s − mean)/std with the mean/std saved by the RM stage."
+    )
+    rm_clamp: float = Field(
+        10.0, description="The (normalised) RM score is clamped to [−rm_clamp, rm_clamp]; > 0."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_beta1_for_ppo(cls, data: object) -> object:
+        # `ppo` has no DPO term: β1 defaults to 0 there, and an explicit non-zero β1 is an error (checked below).
+        if isinstance(data, dict) and data.get("mode") == "ppo" and "beta1" not in data:
+            data = {**data, "beta1": 0.0}
+        return data
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> RewardConfig:
+        if self.mode in ("rto", "dpo") and self.beta1 <= 0:
+            raise ValueError(
+                f"beta1 must be > 0 in mode '{self.mode}' (got {self.beta1}); use mode 'ppo' for no DPO term"
+            )
+        if self.mode == "ppo" and self.beta1 != 0:
+            raise ValueError(
+                f"beta1 must be 0 (or unset) in mode 'ppo' (got {self.beta1}); use mode 'rto' for a DPO term"
+            )
+        if self.mode in ("rto", "ppo") and self.beta3 <= 0:
+            raise ValueError(
+                f"beta3 must be > 0 in mode '{self.mode}' (got {self.beta3}); use mode 'dpo' for no RM term"
+            )
+        if self.mode == "dpo" and self.beta3 != type(self).model_fields["beta3"].default:
+            raise ValueError(
+                f"beta3 has no effect in mode 'dpo' (no RM term), got {self.beta3}; remove it or use mode 'rto'"
+            )
+        if self.beta2 < 0:
+            raise ValueError(f"beta2 must be >= 0 (got {self.beta2})")
+        if self.clip <= 0:
+            raise ValueError(f"clip must be > 0 (got {self.clip})")
+        if self.rm_clamp <= 0:
+            raise ValueError(f"rm_clamp must be > 0 (got {self.rm_clamp})")
+        return self
+
+    @property
+    def needs_rm(self) -> bool:
+        """Whether this mode uses a reward model score."""
+        return self.mode in ("rto", "ppo")
+
+    @property
+    def needs_dpo(self) -> bool:
+        """Whether this mode uses π_dpo log-probs."""
+        return self.mode in ("rto", "dpo")

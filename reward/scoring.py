@@ -1,0 +1,215 @@
+"""Frozen scoring models: per-token log-probs of responses (π, π_ref, π_dpo) and sequence scores (RM).
+
+Sequence layout used everywhere in the PPO layer: `sequences [B, P + R]` = a **left-padded prompt**
+of length P (`prompt_len`) followed by a **right-padded response** of length R; `attention_mask`
+is 0 on both kinds of padding. Position ids are computed from the attention mask, so a padded row
+scores exactly as the same row would unpadded. Outputs are response-aligned `[B, R]`: position t
+scores the t-th response token, and is 0 where the response is padding.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from rto.errors import UserError
+from rto.ppo.algo import entropy_from_logits
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """[B, L] positions counted over real tokens only (padding gets 0): left padding then starts at 0."""
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp_min(0)
+
+
+def _accepts(model: nn.Module, argument: str) -> bool:
+    return argument in inspect.signature(model.forward).parameters
+
+
+def response_logprobs(
+    model: nn.Module,
+    sequences: Tensor,
+    attention_mask: Tensor,
+    prompt_len: int,
+    micro_batch_size: int = 8,
+    return_entropy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Log-probs `[B, R]` of the response tokens `sequences[:, prompt_len:]` under `model`
+    (and their per-token entropy `[B, R]` when `return_entropy`), zero on response padding.
+
+    Differentiable when called with grad enabled (the policy's training pass uses it too)."""
+    if sequences.shape != attention_mask.shape or sequences.dim() != 2:
+        raise ValueError(
+            f"sequences {tuple(sequences.shape)} and attention_mask {tuple(attention_mask.shape)} must be the same [B, L]"
+        )
+    response_len = sequences.size(1) - prompt_len
+    if prompt_len < 1 or response_len < 1:
+        raise ValueError(
+            f"prompt_len={prompt_len} must leave ≥1 prompt and ≥1 response column of {sequences.size(1)}"
+        )
+    # Logits at positions P−1 … P+R−2 predict the response tokens P … P+R−1.
+    keep = {"logits_to_keep": response_len + 1} if _accepts(model, "logits_to_keep") else {}
+    logprob_chunks, entropy_chunks = [], []
+    for start in range(0, sequences.size(0), micro_batch_size):
+        ids = sequences[start : start + micro_batch_size]
+        mask = attention_mask[start : start + micro_batch_size]
+        logits = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position_ids_from_mask(mask),
+            use_cache=False,
+            **keep,
+        ).logits
+        logits = logits[:, -(response_len + 1) : -1].float()  # [b, R, V]
+        targets = ids[:, prompt_len:]
+        token_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        response_mask = mask[:, prompt_len:].to(logits.dtype)
+        logprob_chunks.append((token_logits - torch.logsumexp(logits, dim=-1)) * response_mask)
+        if return_entropy:
+            entropy_chunks.append(entropy_from_logits(logits) * response_mask)
+    logprobs = torch.cat(logprob_chunks)
+    return (logprobs, torch.cat(entropy_chunks)) if return_entropy else logprobs
+
+
+def sequence_scores(
+    model: nn.Module, sequences: Tensor, attention_mask: Tensor, micro_batch_size: int = 8
+) -> Tensor:
+    """[B] score of a sequence-classification model (num_labels=1) at each row's last real token.
+
+    transformers' own pooling takes the rightmost token ≠ pad_token_id, which is wrong for our
+    layout whenever pad == eos (the EOS itself is skipped) and ignores the attention mask; so we run
+    the backbone and apply the `score` head at the last position where attention_mask is 1."""
+    if not hasattr(model, "score"):
+        raise TypeError(
+            f"{type(model).__name__} has no `score` head; expected a *ForSequenceClassification model"
+        )
+    backbone = model.base_model
+    last = attention_mask.size(1) - 1 - attention_mask.long().flip(1).argmax(dim=1)  # [B]
+    chunks = []
+    for start in range(0, sequences.size(0), micro_batch_size):
+        mask = attention_mask[start : start + micro_batch_size]
+        hidden = backbone(
+            input_ids=sequences[start : start + micro_batch_size],
+            attention_mask=mask,
+            position_ids=position_ids_from_mask(mask),
+            use_cache=False,
+        ).last_hidden_state  # [b, L, H]
+        rows = torch.arange(hidden.size(0), device=hidden.device)
+        chunks.append(model.score(hidden[rows, last[start : start + micro_batch_size]]).squeeze(-1).float())
+    return torch.cat(chunks)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _check_exists(path_or_name: str | os.PathLike) -> str:
+    """Local paths must exist; a bare `org/name` is left to the Hub unless `org` is a local folder."""
+    text = str(path_or_name)
+    path = Path(text).expanduser()
+    slashes = text.count("/")
+    looks_local = (
+        os.path.isabs(text)
+        or text.startswith((".", "~"))
+        or slashes > 1
+        or (slashes == 1 and path.parent.is_dir())
+    )
+    if looks_local and not path.exists():
+        raise UserError("model path does not exist", source=text)
+    return text
+
+
+def _load(auto_class, path_or_name: str | os.PathLike, **kwargs) -> nn.Module:
+    text = _check_exists(path_or_name)
+    try:
+        model = auto_class.from_pretrained(text, **kwargs)
+    except OSError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"cannot load model: {first_line}", source=text) from error
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+class FrozenLM:
+    """A causal LM in eval mode without gradients, returning per-token log-probs of responses."""
+
+    def __init__(
+        self,
+        path_or_name: str | os.PathLike,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        micro_batch_size: int = 8,
+    ):
+        self.path = str(path_or_name)
+        self.model = _load(AutoModelForCausalLM, path_or_name, dtype=dtype).to(device)
+        self.device = torch.device(device)
+        self.micro_batch_size = micro_batch_size
+
+    @torch.no_grad()
+    def logprobs(
+        self, sequences: Tensor, attention_mask: Tensor, prompt_len: int, return_entropy: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """[B, R] response log-probs (see `response_logprobs`), on the input's device."""
+        out = response_logprobs(
+            self.model,
+            sequences.to(self.device),
+            attention_mask.to(self.device),
+            prompt_len,
+            self.micro_batch_size,
+            return_entropy,
+        )
+        if return_entropy:
+            return out[0].to(sequences.device), out[1].to(sequences.device)
+        return out.to(sequences.device)
+
+
+class FrozenRM:
+    """A sequence-classification reward model (num_labels=1) returning one score per sequence."""
+
+    def __init__(
+        self,
+        path_or_name: str | os.PathLike,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        micro_batch_size: int = 8,
+    ):
+        self.path = str(path_or_name)
+        self.model = _load(AutoModelForSequenceClassification, path_or_name, dtype=dtype, num_labels=1).to(
+            device
+        )
+        self.device = torch.device(device)
+        self.micro_batch_size = micro_batch_size
+
+    @torch.no_grad()
+    def scores(self, sequences: Tensor, attention_mask: Tensor) -> Tensor:
+        """[B] float32 scores at each row's last real token, on the input's device."""
+        out = sequence_scores(
+            self.model, sequences.to(self.device), attention_mask.to(self.device), self.micro_batch_size
+        )
+        return out.to(sequences.device)
+
+
+def check_same_tokenizer(path_a: str | os.PathLike, path_b: str | os.PathLike) -> None:
+    """UserError unless the two models' tokenizers have the same vocabulary (π_dpo vs π_ref)."""
+    vocabularies = []
+    for path in (path_a, path_b):
+        text = _check_exists(path)
+        try:
+            vocabularies.append(AutoTokenizer.from_pretrained(text).get_vocab())
+        except OSError as error:
+            raise UserError(
+                f"cannot load tokenizer: {str(error).strip().splitlines()[0]}", source=text
+            ) from error
+    if vocabularies[0] != vocabularies[1]:
+        only_a = len(set(vocabularies[0].items()) - set(vocabularies[1].items()))
+        raise UserError(
+            f"tokenizer differs from {path_b} ({len(vocabularies[0])} vs {len(vocabularies[1])} tokens, "
+            f"{only_a} entries not shared); π_dpo and π_ref must share the tokenizer",
+            source=str(path_a),
+        )

@@ -1,0 +1,328 @@
+"""The job file: one YAML document validated against a typed schema.
+
+Every section is a pydantic model that forbids unknown keys, so a typo is an error rather than a
+silently ignored setting. `load_config` reads the file, applies `--set a.b=value` overrides, and
+turns any validation failure into a one-line `UserError` naming the file, the field path and what
+was expected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from rto.errors import UserError
+
+STAGE_ORDER = ("sft", "dpo", "rm", "ftp", "ppo", "eval")
+"""Stages always run in this order, whatever order the job lists them in."""
+
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith(("/", "./", "../", "~")) or path.endswith((".jsonl", ".json", ".parquet"))
+
+
+def check_path_or_hub(value: str, what: str) -> str:
+    """A local path must exist; anything else must look like a Hub name (`org/name`)."""
+    local = Path(value).expanduser()
+    if local.exists():
+        return str(local)
+    if _looks_local(value):
+        raise ValueError(f"{what} '{value}' does not exist")
+    if not _HUB_NAME.match(value):
+        raise ValueError(f"'{value}' is neither an existing path nor a Hub name like 'org/name'")
+    return value
+
+
+# ---------------------------------------------------------------- models and data
+
+
+class ModelSpec(Section):
+    """Where a model comes from: a Hub name or local folder, or a built-in tiny architecture."""
+
+    path: str | None = Field(None, description="Hub name (org/name) or local folder with a saved HF model")
+    builtin: Literal["tiny-llama"] | None = Field(None, description="Build a small random model from a config")
+    arch: dict[str, Any] = Field(default_factory=dict, description="Overrides of the built-in shape (LlamaConfig fields)")
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str | None) -> str | None:
+        return None if v is None else check_path_or_hub(v, "model folder")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        if (self.path is None) == (self.builtin is None):
+            raise ValueError("set exactly one of 'path' (Hub name or folder) and 'builtin' (tiny-llama)")
+        if self.arch and self.builtin is None:
+            raise ValueError("'arch' overrides only apply to a 'builtin' model")
+        return self
+
+
+class DataSource(Section):
+    """A data set in TRL's formats: a JSONL/Parquet file, or a Hub data set name."""
+
+    path: str = Field(description="file.jsonl / file.parquet, or a Hub data set name")
+    split: str = "train"
+    limit: int | None = Field(None, gt=0, description="Use only the first N rows")
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        return check_path_or_hub(v, "data file")
+
+
+class TextTaskConfig(Section):
+    """The built-in synthetic text task (design §8)."""
+
+    name: Literal["text"] = "text"
+    seed: int = 0
+    n_sft: int = Field(4000, gt=0, description="SFT examples")
+    n_pairs: int = Field(3000, gt=0, description="Training preference pairs")
+    n_eval_pairs: int = Field(400, gt=0, description="Held-out preference pairs")
+    n_prompts: int = Field(1024, gt=0, description="PPO training prompts")
+    n_eval: int = Field(128, gt=0, description="Held-out evaluation prompts")
+    label_temperature: float = Field(0.5, gt=0, description="Bradley-Terry annotator temperature (noise)")
+    max_sentences: int = Field(4, ge=1, le=8)
+
+
+class DataConfig(Section):
+    """External data; each entry replaces what the built-in task would generate."""
+
+    sft: DataSource | None = None
+    pairs: DataSource | None = None
+    eval_pairs: DataSource | None = None
+    prompts: DataSource | None = None
+    eval_prompts: DataSource | None = None
+
+
+# ---------------------------------------------------------------- stage settings
+
+
+class TrainConfig(Section):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps")
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(32, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    max_length: int = Field(128, gt=8)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class SFTConfig(TrainConfig):
+    epochs: float = Field(2.0, gt=0)
+
+
+class DPOConfig(TrainConfig):
+    beta: float = Field(0.1, gt=0, description="DPO beta (not reused by the token reward)")
+    lr: float = Field(2e-4, gt=0)
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+
+
+class RMConfig(TrainConfig):
+    init: Literal["base", "sft"] = Field(
+        "base", description="Start from the `reward_model` spec (base) or from the SFT policy (sft)"
+    )
+    lr: float = Field(5e-4, gt=0)
+
+
+class EvalConfig(Section):
+    max_new_tokens: int = Field(48, gt=0)
+    temperature: float = Field(0.7, ge=0, description="0 means greedy decoding")
+    top_p: float = Field(1.0, gt=0, le=1)
+    batch_size: int = Field(64, gt=0)
+    samples_per_prompt: int = Field(1, gt=0)
+    models: list[Literal["base", "sft", "dpo", "ppo"]] = Field(
+        default_factory=lambda: ["base", "sft", "dpo", "ppo"],
+        description="Policies to evaluate; those whose stage has no output are left out",
+    )
+
+
+class GroupResources(Section):
+    ranks: int = Field(1, ge=1, description="Ray actors in the group (DeepSpeed ranks for trainable groups)")
+    cpus: float = Field(0.25, gt=0, description="CPUs per actor (fractions allowed)")
+    gpus: float = Field(0.0, ge=0, description="GPUs per actor (fractions allowed)")
+
+
+class ResourcesConfig(Section):
+    ray_address: str | None = Field(None, description="Existing cluster ('auto' or ray://host:port); None starts Ray in-process")
+    num_cpus: float | None = Field(None, gt=0, description="CPUs for an in-process Ray")
+    num_gpus: float | None = Field(None, ge=0)
+    policy: GroupResources = Field(default_factory=GroupResources)
+    critic: GroupResources = Field(default_factory=GroupResources)
+    ref: GroupResources = Field(default_factory=GroupResources)
+    dpo: GroupResources = Field(default_factory=GroupResources)
+    rm: GroupResources = Field(default_factory=GroupResources)
+    rollout: GroupResources = Field(default_factory=GroupResources)
+    colocate: list[list[Literal["policy", "critic", "ref", "dpo", "rm", "rollout"]]] = Field(
+        default_factory=list, description="Groups that share one placement group's bundles"
+    )
+
+
+# ---------------------------------------------------------------- the job
+
+
+def _section(module: str, name: str):
+    """Sections owned by subsystems live beside their code."""
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
+RewardConfig = _section("reward.config", "RewardConfig")
+PPOConfig = _section("rto.ppo.config", "PPOConfig")
+
+
+class Config(Section):
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    stages: list[str] = Field(description=f"Stages to run, from {list(STAGE_ORDER)}")
+    task: TextTaskConfig | None = Field(default_factory=TextTaskConfig, description="Built-in task; null for external data")
+    data: DataConfig = Field(default_factory=DataConfig)
+    policy: ModelSpec = Field(default_factory=lambda: ModelSpec(builtin="tiny-llama"))
+    reward_model: ModelSpec = Field(
+        default_factory=lambda: ModelSpec(builtin="tiny-llama", arch={"hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2}),
+        description="Base model of the sentence-level reward model",
+    )
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+    rm: RMConfig = Field(default_factory=RMConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)  # type: ignore[valid-type]
+    ppo: PPOConfig = Field(default_factory=PPOConfig)  # type: ignore[valid-type]
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+
+    @field_validator("stages")
+    @classmethod
+    def _stages(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("list at least one stage")
+        unknown = [s for s in v if s not in STAGE_ORDER]
+        if unknown:
+            raise ValueError(f"unknown stage '{unknown[0]}'; expected some of {list(STAGE_ORDER)}")
+        if len(set(v)) != len(v):
+            raise ValueError("a stage is listed twice")
+        return [s for s in STAGE_ORDER if s in v]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        if self.task is None:
+            needs = {"sft": "sft", "dpo": "pairs", "rm": "pairs", "ppo": "prompts", "eval": "eval_prompts"}
+            for stage, source in needs.items():
+                if stage in self.stages and getattr(self.data, source) is None:
+                    raise ValueError(f"stage '{stage}' needs data.{source} when there is no built-in task")
+        if self.dtype == "float16" and self.device == "cpu":
+            raise ValueError("dtype float16 is not supported on the CPU; use float32 or bfloat16")
+        return self
+
+    def section_hash(self, *paths: str) -> str:
+        """Hash of the named (dotted) sections, to tell whether a stage's output is still valid."""
+        dumped = self.model_dump(mode="json")
+        picked = {}
+        for path in paths:
+            node: Any = dumped
+            for part in path.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            picked[path] = node
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- loading
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise UserError("expected KEY=VALUE, e.g. --set ppo.steps=10", source="--set", field=item)
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(re.fullmatch(r"[A-Za-z_][\w]*", p) for p in parts):
+        raise UserError("expected a dotted key like ppo.steps", source="--set", field=key)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise UserError(f"cannot parse value '{raw}': {exc.problem}", source="--set", field=key) from None
+    return parts, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> set[str]:
+    """Apply `a.b=value` overrides in place; returns the overridden dotted keys."""
+    touched = set()
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise UserError(f"'{part}' is a value, not a section", source="--set", field=".".join(parts))
+            node = child
+        node[parts[-1]] = value
+        touched.add(".".join(parts))
+    return touched
+
+
+def _describe(error: dict) -> str:
+    kind, msg = error["type"], error["msg"]
+    got = error.get("input")
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required field is missing"
+    msg = msg.removeprefix("Value error, ")
+    if got is not None and not isinstance(got, dict | list) and kind != "value_error":
+        return f"{msg} (got {got!r})"
+    return msg
+
+
+def format_validation_error(exc: ValidationError, source: str, overridden: set[str]) -> str:
+    errors = exc.errors()
+    first = errors[0]
+    field = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    origin = source
+    for key in overridden:
+        if field == key or field.startswith(key + ".") or key.startswith(field + "."):
+            origin = f"{source} (--set {key})"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{origin}: field '{field}': {_describe(first)}{more}"
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError("config file not found", source=str(path))
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "YAML"
+        raise UserError(f"invalid YAML: {getattr(exc, 'problem', exc)}", source=str(path), field=where) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError("expected a mapping of sections at the top level", source=str(path))
+    overridden = apply_overrides(data, overrides or [])
+    return config_from_dict(data, str(path), overridden)
+
+
+def config_from_dict(data: dict, source: str = "<config>", overridden: set[str] | None = None) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(format_validation_error(exc, source, overridden or set())) from None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

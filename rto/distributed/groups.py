@@ -1,0 +1,211 @@
+"""Ray actor groups: N actors of one worker class, "run on all" and "run on a slice of the batch".
+
+Ray decides where workers run (placement groups, fractional CPU/GPU shares); the workers decide what
+they compute. Modelled on OpenRLHF's actor-group layer.
+
+Colocation: create one placement group with :func:`create_placement_group` and pass it to several
+:class:`ActorGroup` s; actor ``i`` of each group is placed in bundle ``i`` (mod the bundle count) and
+takes only its own fractional share of that bundle (``Resources(num_cpus=0.25, num_gpus=0.5)``).
+Without a shared placement group each group creates (and owns) its own, one bundle per actor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import ray
+import torch
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+# Environment every worker process gets. One torch/OpenMP thread per actor: several actors share a
+# few cores on a laptop, and oversubscribed thread pools are slower than one thread each.
+DEFAULT_WORKER_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def init_ray(address: str | None = None, num_cpus: float | None = None, **kwargs: Any) -> None:
+    """Start Ray in-process (``address=None``: laptop, dashboard off) or connect to a
+    running cluster (``address="auto"`` or ``"ray://host:10001"`` / ``"host:6379"``).
+
+    ``num_cpus`` only applies to an in-process start (a cluster's resources are its own); it may be a
+    whole number of logical CPUs larger than the machine's cores when workers use fractional shares.
+    Extra keyword arguments go to ``ray.init``. Does nothing if Ray is already initialised.
+    """
+    if ray.is_initialized():
+        return
+    if address is None:
+        kwargs.setdefault("include_dashboard", False)
+        if num_cpus is not None:
+            kwargs["num_cpus"] = int(num_cpus) if float(num_cpus).is_integer() else num_cpus
+        ray.init(**kwargs)
+    else:
+        ray.init(address=address, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Resources:
+    """What one actor of a group asks for. Fractions are allowed (several actors share a bundle)."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+def create_placement_group(
+    num_bundles: int, bundle: dict[str, float], strategy: str = "PACK", timeout_s: float = 120.0
+) -> PlacementGroup:
+    """Reserve ``num_bundles`` bundles such as ``{"CPU": 1, "GPU": 1}`` and wait until they are ready.
+
+    Pass the result to several :class:`ActorGroup` s to colocate them (see the module docstring).
+    ``strategy`` is Ray's: ``PACK`` (default), ``SPREAD``, ``STRICT_PACK``, ``STRICT_SPREAD``.
+    """
+    bundles = [dict(bundle) for _ in range(num_bundles)]
+    group = placement_group(bundles, strategy=strategy)
+    ray.get(group.ready(), timeout=timeout_s)
+    return group
+
+
+class ActorGroup:
+    """``num_actors`` Ray actors of ``worker_cls`` (a :class:`rto.distributed.workers.Worker`).
+
+    Each actor is built as ``worker_cls(**worker_kwargs, rank=i, world_size=num_actors)``; then the
+    group runs the rendezvous: rank 0 picks its node address and a free port, and every rank's
+    ``setup(master_addr, master_port)`` is called (trainable workers build their DeepSpeed engine
+    there; frozen and rollout workers only record it).
+
+    Args:
+        worker_cls: the plain Python worker class; the group makes it a Ray actor.
+        num_actors: number of ranks.
+        worker_kwargs: constructor arguments shared by all ranks.
+        resources: what each actor asks for (fractional CPUs/GPUs allowed).
+        placement_group: a shared placement group (colocation); ``None`` creates one bundle per actor
+            sized ``resources``, owned and removed by this group.
+        bundle_offset: actor ``i`` goes to bundle ``(bundle_offset + i) % num_bundles``.
+        env_vars: extra environment variables for the worker processes.
+        name: prefix of the Ray actor names (for the dashboard and logs).
+    """
+
+    def __init__(
+        self,
+        worker_cls: type,
+        num_actors: int,
+        *,
+        worker_kwargs: dict[str, Any] | None = None,
+        resources: Resources = Resources(),
+        placement_group: PlacementGroup | None = None,
+        bundle_offset: int = 0,
+        env_vars: dict[str, str] | None = None,
+        name: str | None = None,
+    ) -> None:
+        if num_actors < 1:
+            raise ValueError(f"num_actors must be >= 1, got {num_actors}")
+        self.worker_cls = worker_cls
+        self.num_actors = num_actors
+        self.name = name or worker_cls.__name__
+        self._owns_placement_group = placement_group is None
+        if placement_group is None:
+            bundle = {"CPU": resources.num_cpus}
+            if resources.num_gpus:
+                bundle["GPU"] = resources.num_gpus
+            placement_group = create_placement_group(num_actors, bundle)
+        self.placement_group = placement_group
+        num_bundles = len(placement_group.bundle_specs)
+        remote_cls = ray.remote(worker_cls)
+        env = {**DEFAULT_WORKER_ENV, **(env_vars or {})}
+        self.actors = []
+        for rank in range(num_actors):
+            strategy = PlacementGroupSchedulingStrategy(
+                placement_group=placement_group,
+                placement_group_bundle_index=(bundle_offset + rank) % num_bundles,
+            )
+            actor = remote_cls.options(
+                num_cpus=resources.num_cpus,
+                num_gpus=resources.num_gpus,
+                scheduling_strategy=strategy,
+                runtime_env={"env_vars": env},
+                name=f"{self.name}-{rank}-{id(self):x}",
+            ).remote(**(worker_kwargs or {}), rank=rank, world_size=num_actors)
+            self.actors.append(actor)
+        # Rendezvous: rank 0 picks a free port on its node; loopback when the group is on one node.
+        master_addr, master_port = ray.get(self.actors[0].master_address.remote())
+        if len(set(self.run_all("node_ip"))) == 1:
+            master_addr = "127.0.0.1"
+        self.run_all("setup", master_addr, master_port)
+
+    # -- run on all ranks -------------------------------------------------------------------------
+    def async_run_all(self, method: str, *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
+        """Call ``method(*args, **kwargs)`` on every rank; return one ObjectRef per rank."""
+        return [getattr(actor, method).remote(*args, **kwargs) for actor in self.actors]
+
+    def run_all(self, method: str, *args: Any, **kwargs: Any) -> list:
+        """Call ``method(*args, **kwargs)`` on every rank and wait; results in rank order."""
+        return ray.get(self.async_run_all(method, *args, **kwargs))
+
+    def run_rank(self, rank: int, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Call ``method`` on one rank only and wait (never use it for collective methods)."""
+        return ray.get(getattr(self.actors[rank], method).remote(*args, **kwargs))
+
+    # -- run on a slice of the batch --------------------------------------------------------------
+    def async_run_sharded(self, method: str, batch: dict[str, Any], **kwargs: Any) -> list[ray.ObjectRef]:
+        """Split every tensor of ``batch`` along dim 0 into ``num_actors`` contiguous slices (sizes
+        differ by at most one; non-tensor values go to every rank unchanged) and call
+        ``method(slice, **kwargs)`` on each rank. Ranks whose slice would be empty are not called, so
+        collective methods (``train_step``) need at least ``num_actors`` rows.
+        Gather with :func:`concat_results` (``concat_results(ray.get(refs))``).
+        """
+        shards = split_batch(batch, self.num_actors)
+        return [
+            getattr(actor, method).remote(shard, **kwargs)
+            for actor, shard in zip(self.actors, shards, strict=False)
+        ]
+
+    def run_sharded(self, method: str, batch: dict[str, Any], **kwargs: Any) -> Any:
+        """:meth:`async_run_sharded` and wait; per-rank results are concatenated in batch order
+        (tensors along dim 0, dicts of tensors key by key, anything else returned as a list)."""
+        return concat_results(ray.get(self.async_run_sharded(method, batch, **kwargs)))
+
+    def shutdown(self) -> None:
+        """Kill the actors and remove the placement group if this group created it."""
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+        if self._owns_placement_group:
+            remove_placement_group(self.placement_group)
+            self._owns_placement_group = False
+
+
+def split_batch(batch: dict[str, Any], num_shards: int) -> list[dict[str, Any]]:
+    """Split the tensors of ``batch`` along dim 0 into at most ``num_shards`` non-empty slices."""
+    sizes = {value.shape[0] for value in batch.values() if isinstance(value, torch.Tensor)}
+    if len(sizes) != 1:
+        raise ValueError(f"batch tensors must share one non-empty dim 0, got sizes {sorted(sizes)}")
+    batch_size = sizes.pop()
+    num_shards = max(1, min(num_shards, batch_size))
+    pieces = {
+        key: torch.tensor_split(value, num_shards) if isinstance(value, torch.Tensor) else None
+        for key, value in batch.items()
+    }
+    return [
+        {key: (pieces[key][i] if pieces[key] is not None else value) for key, value in batch.items()}
+        for i in range(num_shards)
+    ]
+
+
+def concat_results(results: Sequence[Any]) -> Any:
+    """Concatenate per-rank results: tensors along dim 0, dicts of tensors key by key (non-tensor
+    entries are taken from rank 0); any other type is returned unchanged as a list."""
+    if results and all(isinstance(r, torch.Tensor) for r in results):
+        return torch.cat(list(results), dim=0)
+    if results and all(isinstance(r, dict) for r in results):
+        first = results[0]
+        if any(isinstance(v, torch.Tensor) for v in first.values()):
+            return {
+                key: torch.cat([r[key] for r in results], dim=0) if isinstance(value, torch.Tensor) else value
+                for key, value in first.items()
+            }
+    return list(results)

@@ -1,0 +1,144 @@
+"""Rollout worker: a copy of the policy that generates responses, with a pluggable generate function.
+
+Layout of what :meth:`RolloutWorker.generate` returns (the rest of the pipeline relies on it):
+``sequences [B, P + R]`` = the left-padded prompt of length P, then the right-padded response of
+length R (always ``max_new_tokens``, so shards and steps share one shape); ``attention_mask
+[B, P + R]``; ``response_mask [B, R]`` (1 for response tokens up to and including the first EOS);
+``sampler_logprobs [B, R]`` (0 where ``response_mask`` is 0). Same layout and names as
+``rto.generation.Samples`` and ``reward.scoring``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from rto.distributed.workers import Worker, default_device, load_hf_model, resolve_function, weights_checksum
+
+
+def hf_generate(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The default generate function: HF ``generate`` with sampling (greedy if ``temperature == 0``).
+
+    Returns ``response_ids [B, R']`` (R' <= max_new_tokens) and the sampler's log-probs of those
+    tokens ``[B, R']``: the distribution actually sampled from (after temperature and top-p/top-k,
+    as ``rto.generation.sample``); with ``top_p=1, top_k=0`` that is softmax(logits / T).
+    Any function with this signature can replace it (pruned generators: FTP, AdaptInfer).
+    """
+    do_sample = temperature > 0
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature if do_sample else None,
+        top_p=top_p if do_sample else None,
+        top_k=top_k if do_sample else None,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
+    response_ids = out.sequences[:, input_ids.shape[1] :]
+    scores = torch.stack(out.scores, dim=1).float()  # [B, R', V], after temperature / top-p / top-k
+    logprobs = torch.log_softmax(scores, dim=-1).gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
+    return response_ids, logprobs
+
+
+def response_mask(response_ids: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:
+    """1 for every response token up to and including the first EOS, 0 after it. ``[B, R]``."""
+    is_eos = torch.isin(response_ids, torch.tensor(eos_token_ids, device=response_ids.device))
+    eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()  # EOS tokens strictly before h
+    return (eos_before == 0).long()
+
+
+class RolloutWorker(Worker):
+    """Generates rollouts with its own copy of the policy; receives new weights after each update.
+
+    Args:
+        model_path: the policy's Hugging Face folder (causal LM).
+        generate_fn: callable or ``"module:function"`` with :func:`hf_generate`'s signature.
+        max_new_tokens, temperature, top_p, top_k: default sampling settings (overridable per call).
+        dtype: model dtype (``"bfloat16"`` on GPU).
+        seed: sampling seed; rank ``r`` uses ``seed + r``.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        generate_fn: Callable | str = hf_generate,
+        max_new_tokens: int = 32,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        dtype: torch.dtype | str = torch.float32,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        num_threads: int | None = 1,
+    ) -> None:
+        super().__init__(rank, world_size, num_threads)
+        self.device = default_device()
+        self.model = load_hf_model(model_path, "causal_lm", dtype).to(self.device).eval()
+        self.model.requires_grad_(False)
+        self.generate_fn = generate_fn
+        self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
+        self.generator_seed = seed + rank
+        torch.manual_seed(self.generator_seed)
+        config = self.model.generation_config
+        eos = config.eos_token_id if config.eos_token_id is not None else self.model.config.eos_token_id
+        self.eos_token_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        pad = config.pad_token_id if config.pad_token_id is not None else self.model.config.pad_token_id
+        self.pad_token_id = pad if pad is not None else (self.eos_token_ids[0] if self.eos_token_ids else 0)
+
+    def generate(self, batch: dict[str, torch.Tensor], **sampling: Any) -> dict[str, torch.Tensor]:
+        """Generate responses for ``batch = {"input_ids": [B, P], "attention_mask": [B, P]}``
+        (prompts left-padded). ``sampling`` overrides the constructor's settings for this call.
+        Returns CPU tensors in the layout of the module docstring."""
+        settings = {**self.sampling, **sampling}
+        max_new_tokens = settings["max_new_tokens"]
+        input_ids = batch["input_ids"].to(self.device)
+        prompt_mask = batch["attention_mask"].to(self.device)
+        with torch.no_grad():
+            response_ids, logprobs = resolve_function(self.generate_fn)(
+                self.model,
+                input_ids,
+                prompt_mask,
+                eos_token_id=self.eos_token_ids or None,
+                pad_token_id=self.pad_token_id,
+                **settings,
+            )
+        pad = max_new_tokens - response_ids.shape[1]
+        response_ids = torch.nn.functional.pad(response_ids, (0, pad), value=self.pad_token_id)
+        logprobs = torch.nn.functional.pad(logprobs.float(), (0, pad), value=0.0)
+        mask = response_mask(response_ids, self.eos_token_ids)
+        mask[:, response_ids.shape[1] - pad :] = 0
+        response_ids = torch.where(mask.bool(), response_ids, self.pad_token_id)
+        return {
+            "sequences": torch.cat([input_ids, response_ids], dim=1).cpu(),
+            "attention_mask": torch.cat([prompt_mask.long(), mask], dim=1).cpu(),
+            "response_mask": mask.cpu(),
+            "sampler_logprobs": torch.where(mask.bool(), logprobs, 0.0).cpu(),
+        }
+
+    def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load new policy weights (full state dict, any dtype/device; cast to this model's).
+        Through Ray, pass the ObjectRef that :func:`rto.distributed.push_weights` made: Ray resolves
+        it to the same shared object in every worker on a node."""
+        self.model.load_state_dict(state_dict, strict=True)
+
+    def weights_checksum(self) -> str:
+        """See :func:`rto.distributed.workers.weights_checksum`."""
+        return weights_checksum(self.model)

@@ -1,0 +1,145 @@
+"""Batched sampling in the layout every scorer uses.
+
+    sequences [B, P + R] = left-padded prompt (length P) followed by the right-padded response
+    response_mask [B, R] = 1 for generated tokens up to and including the first EOS
+    sampler_logprobs [B, R] = log-prob of each generated token under the sampling distribution
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Samples:
+    sequences: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_len: int
+    response_mask: torch.Tensor
+    sampler_logprobs: torch.Tensor
+
+    @property
+    def responses(self) -> torch.Tensor:
+        return self.sequences[:, self.prompt_len :]
+
+    def terminated(self, eos_id: int) -> torch.Tensor:
+        return ((self.responses == eos_id) & self.response_mask.bool()).any(dim=1)
+
+
+def prompt_text(prompt) -> str:
+    """The user's words of a TRL prompt (a string, or a conversation)."""
+    if isinstance(prompt, str):
+        return prompt
+    return " ".join(m["content"] for m in prompt if m.get("role") == "user")
+
+
+def encode_prompt(tokenizer, prompt) -> list[int]:
+    if isinstance(prompt, str):
+        return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    encoded = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+def left_pad(prompt_ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):
+        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p) :] = 1
+    return ids, mask
+
+
+def response_mask_from(responses: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
+    """1 up to and including the first EOS; 0 after it (and on padding of unfinished rows)."""
+    is_eos = responses == eos_id
+    after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
+    mask = ~after_eos
+    if pad_id != eos_id:
+        mask &= responses != pad_id
+    return mask.long()
+
+
+@torch.no_grad()
+def sample(
+    model,
+    prompt_ids: list[list[int]],
+    *,
+    eos_id: int,
+    pad_id: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+) -> Samples:
+    device = next(model.parameters()).device
+    input_ids, attention_mask = left_pad(prompt_ids, pad_id)
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    greedy = temperature == 0
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        do_sample=not greedy,
+        temperature=None if greedy else temperature,
+        top_p=None if greedy else top_p,
+        top_k=None,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
+    prompt_len = input_ids.shape[1]
+    responses = out.sequences[:, prompt_len:]
+    scores = torch.stack(out.scores, dim=1).float()  # [B, R, V], after temperature / top-p
+    logprobs = torch.log_softmax(scores, dim=-1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)
+    response_mask = response_mask_from(responses, eos_id, pad_id)
+    logprobs = torch.where(response_mask.bool(), logprobs, torch.zeros_like(logprobs))
+    full_mask = torch.cat([attention_mask, response_mask], dim=1)
+    return Samples(out.sequences, full_mask, prompt_len, response_mask, logprobs)
+
+
+def decode_responses(tokenizer, samples: Samples) -> list[str]:
+    texts = []
+    for row, mask in zip(samples.responses, samples.response_mask, strict=True):
+        ids = [t for t, m in zip(row.tolist(), mask.tolist(), strict=True) if m and t != tokenizer.eos_token_id]
+        texts.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
+    return texts
+
+
+def encode_completion(tokenizer, prompt, completion) -> tuple[list[int], list[int]]:
+    """Token ids of a prompt (ready for generation) and of its completion (ending with EOS).
+
+    Conversational data goes through the chat template, and the completion is what the full
+    conversation adds after the prompt; plain strings get the tokenizer's EOS appended.
+    """
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    if isinstance(completion, str):
+        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            completion_ids = completion_ids + [tokenizer.eos_token_id]
+        return prompt_ids, completion_ids
+    messages = (prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]) + completion
+    full = tokenizer.apply_chat_template(messages, tokenize=True)
+    full = list(full["input_ids"] if hasattr(full, "keys") else full)
+    if full[: len(prompt_ids)] != prompt_ids:
+        raise ValueError("the chat template does not render the prompt as a prefix of the conversation")
+    completion_ids = full[len(prompt_ids) :]
+    eos = tokenizer.eos_token_id
+    if eos in completion_ids:  # drop template text after the end-of-turn token
+        completion_ids = completion_ids[: completion_ids.index(eos) + 1]
+    return prompt_ids, completion_ids
+
+
+def pack(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int):
+    """Left-padded prompts + right-padded completions: (sequences, attention_mask, prompt_len, response_mask)."""
+    prompts, prompt_mask = left_pad(prompt_ids, pad_id)
+    width = max(len(c) for c in completion_ids)
+    responses = torch.full((len(completion_ids), width), pad_id, dtype=torch.long)
+    response_mask = torch.zeros((len(completion_ids), width), dtype=torch.long)
+    for i, c in enumerate(completion_ids):
+        responses[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+        response_mask[i, : len(c)] = 1
+    sequences = torch.cat([prompts, responses], dim=1)
+    return sequences, torch.cat([prompt_mask, response_mask], dim=1), prompts.shape[1], response_mask

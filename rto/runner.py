@@ -1,0 +1,55 @@
+"""Runs a job's stages in order, skipping those whose output exists with a matching config hash."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+from rto.config import Config, dump_config
+from rto.progress import console
+from rto.rundir import RunDir, atomic_write_text
+from rto.runtime import resolve_device, seed_everything
+
+
+def stage_hash(cfg: Config, name: str, run: RunDir, prepared_key: str) -> str:
+    from pipelines.stages import STAGES
+
+    spec = STAGES[name]
+    parts = [name, prepared_key, cfg.section_hash(*spec.sections, "seed", "device", "dtype")]
+    for upstream in spec.uses:
+        record = run.stage_record(upstream)
+        parts.append(f"{upstream}={record['hash'] if record else '-'}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def run_job(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
+    """Run `cfg.stages` in `run_dir`; returns the run's summary."""
+    from pipelines.prepare import prepare
+    from pipelines.stages import STAGES, StageContext
+
+    run = RunDir(run_dir).create()
+    atomic_write_text(run.config_path, dump_config(cfg))
+    device = resolve_device(cfg.device)
+    prepared = prepare(cfg, run, log=console.log)
+    for name in cfg.stages:
+        if name not in STAGES:
+            from rto.errors import UserError
+
+            raise UserError(f"stage '{name}' is not available in this install", source=str(run.config_path), field="stages")
+        key = stage_hash(cfg, name, run, prepared.root.name)
+        if run.is_done(name, key):
+            console.log(f"[green]stage {name}: up to date, skipped[/green] ({run.stage_dir(name)})")
+            continue
+        seed_everything(cfg.seed)
+        tmp = run.temp_stage_dir(name)
+        console.rule(f"stage {name}")
+        started = time.time()
+        ctx = StageContext(
+            name=name, cfg=cfg, run=run, out_dir=tmp, prepared=prepared, resume=resume, device=device, log=console.log
+        )
+        summary = STAGES[name].run(ctx) or {}
+        summary["seconds"] = round(time.time() - started, 1)
+        run.finish_stage(name, tmp, key, summary)
+        console.log(f"[green]stage {name}: done in {summary['seconds']} s[/green]")
+    return run.read_summary()

@@ -1,0 +1,167 @@
+"""Token reward composition against hand-computed numbers (β1 = 0.05, c = 0.05, β2 = 0.01)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from reward.compose import REWARD_MODES, compose_token_rewards, last_token_index
+from reward.config import RewardConfig
+
+# Three responses, R = 4: row 0 ends with EOS at t=2, row 1 is truncated (no EOS, 4 real tokens),
+# row 2 ends at t=1. Values at masked positions are garbage that must not leak through.
+MASK = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]])
+REF = torch.full((3, 4), -1.0)
+DPO_DIFF = torch.tensor([[0.5, -2.0, 1.5, 9.0], [0.0, 0.4, -0.4, 2.0], [-0.2, 0.6, 7.0, 7.0]])
+KL_DIFF = torch.tensor([[0.2, -0.1, 0.0, 5.0], [1.0, 0.0, -1.0, 0.5], [0.0, 0.3, 3.0, 3.0]])
+RM_RAW = torch.tensor([3.0, -1.0, 100.0])
+RM_MEAN, RM_STD = 1.0, 2.0  # normalised: [1, -1, 49.5] → clamped to ±10: [1, -1, 10]
+
+# clip(0.05·diff, ±0.05) by hand
+EXPECTED_DPO = torch.tensor([[0.025, -0.05, 0.05, 0], [0.0, 0.02, -0.02, 0.05], [-0.01, 0.03, 0, 0]])
+# −0.01·(log π − log π_ref) by hand
+EXPECTED_KL = torch.tensor([[-0.002, 0.001, 0.0, 0], [-0.01, 0.0, 0.01, -0.005], [0.0, -0.003, 0, 0]])
+EXPECTED_RM = torch.tensor([[0, 0, 1.0, 0], [0, 0, 0, -1.0], [0, 10.0, 0, 0]])
+
+
+def compose(config: RewardConfig, **overrides):
+    inputs = dict(
+        response_mask=MASK,
+        logprobs=REF + KL_DIFF,
+        ref_logprobs=REF,
+        dpo_logprobs=REF + DPO_DIFF,
+        rm_scores=RM_RAW,
+        rm_mean=RM_MEAN,
+        rm_std=RM_STD,
+    )
+    inputs.update(overrides)
+    return compose_token_rewards(config, **inputs)
+
+
+def close(actual, expected):
+    torch.testing.assert_close(actual, expected, atol=1e-6, rtol=0)
+
+
+def test_rto_mode():
+    out = compose(RewardConfig())
+    close(out.reward_dpo, EXPECTED_DPO)
+    close(out.reward_kl, EXPECTED_KL)
+    close(out.reward_rm, EXPECTED_RM)
+    close(out.rm_score, torch.tensor([1.0, -1.0, 10.0]))
+    close(
+        out.reward,
+        torch.tensor([[0.023, -0.049, 1.05, 0], [-0.01, 0.02, -0.01, -0.955], [-0.01, 10.027, 0, 0]]),
+    )
+
+
+def test_ppo_mode_has_no_dpo_term():
+    out = compose(RewardConfig(mode="ppo"), dpo_logprobs=None)
+    close(out.reward_dpo, torch.zeros(3, 4))
+    close(out.reward, EXPECTED_KL + EXPECTED_RM)
+
+
+def test_dpo_mode_has_no_rm_term():
+    out = compose(RewardConfig(mode="dpo"), rm_scores=None, rm_mean=None, rm_std=None)
+    close(out.reward_rm, torch.zeros(3, 4))
+    close(out.rm_score, torch.zeros(3))
+    close(
+        out.reward,
+        torch.tensor([[0.023, -0.049, 0.05, 0], [-0.01, 0.02, -0.01, 0.045], [-0.01, 0.027, 0, 0]]),
+    )
+
+
+def test_paper_clip_applies_to_the_unscaled_log_ratio():
+    # β1·clip(diff, ±1): 0.05·[0.5, −1, 1] etc.
+    out = compose(RewardConfig(clip=1.0, clip_scaled=False))
+    close(out.reward_dpo[0], torch.tensor([0.025, -0.05, 0.05, 0]))
+    close(out.reward_dpo[1], torch.tensor([0.0, 0.02, -0.02, 0.05]))
+    close(out.reward_dpo[2], torch.tensor([-0.01, 0.03, 0, 0]))
+    # and with the default c = 0.05, the paper's clip is far tighter than the script's: 0.05·0.05
+    out = compose(RewardConfig(clip_scaled=False))
+    close(out.reward_dpo[0], torch.tensor([0.0025, -0.0025, 0.0025, 0]))
+
+
+def test_rm_without_normalisation_and_beta3_and_clamp():
+    out = compose(RewardConfig(rm_normalize=False, beta3=2.0, rm_clamp=5.0), rm_mean=None, rm_std=None)
+    close(out.rm_score, torch.tensor([6.0, -2.0, 10.0]))  # 2·clamp([3, −1, 100], ±5)
+    close(out.reward_rm, torch.tensor([[0, 0, 6.0, 0], [0, 0, 0, -2.0], [0, 10.0, 0, 0]]))
+
+
+def test_last_token_placement_and_empty_rows():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0]])
+    assert last_token_index(mask).tolist() == [2, 3, 0, 0]
+    zeros = torch.zeros(4, 4)
+    out = compose_token_rewards(
+        RewardConfig(mode="ppo", rm_normalize=False),
+        response_mask=mask,
+        logprobs=zeros,
+        ref_logprobs=zeros,
+        rm_scores=torch.tensor([1.0, 2.0, 3.0, 4.0]),
+    )
+    close(out.reward, torch.tensor([[0, 0, 1.0, 0], [0, 0, 0, 2.0], [3.0, 0, 0, 0], [0, 0, 0, 0]]))
+    close(out.rm_score, torch.tensor([1.0, 2.0, 3.0, 0.0]))  # nothing was added to the empty row
+
+
+def test_components_are_zero_outside_the_mask_and_sum_to_reward():
+    out = compose(RewardConfig())
+    for tensor in (out.reward, out.reward_dpo, out.reward_kl, out.reward_rm):
+        assert torch.all(tensor[MASK == 0] == 0)
+    close(out.reward, out.reward_dpo + out.reward_kl + out.reward_rm)
+
+
+def test_input_validation():
+    with pytest.raises(ValueError, match="needs dpo_logprobs"):
+        compose(RewardConfig(), dpo_logprobs=None)
+    with pytest.raises(ValueError, match="needs rm_scores"):
+        compose(RewardConfig(mode="ppo"), rm_scores=None)
+    with pytest.raises(ValueError, match="rm_mean"):
+        compose(RewardConfig(), rm_mean=None)
+    with pytest.raises(ValueError, match="rm_std"):
+        compose(RewardConfig(), rm_std=0.0)
+    with pytest.raises(ValueError, match="ref_logprobs has shape"):
+        compose(RewardConfig(), ref_logprobs=REF[:, :3])
+    with pytest.raises(ValueError, match="rm_scores has shape"):
+        compose(RewardConfig(), rm_scores=RM_RAW[:2])
+    with pytest.raises(ValueError, match="1…1 then 0…0"):
+        compose(RewardConfig(), response_mask=torch.tensor([[1, 0, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]]))
+
+
+def test_registry_holds_the_three_modes():
+    assert REWARD_MODES.names() == ["dpo", "ppo", "rto"]
+    with pytest.raises(KeyError, match="unknown reward mode"):
+        REWARD_MODES.get("grpo")
+
+
+@pytest.mark.parametrize(
+    ("settings", "field"),
+    [
+        ({"mode": "rto", "beta1": 0.0}, "beta1"),
+        ({"mode": "dpo", "beta1": -0.1}, "beta1"),
+        ({"mode": "ppo", "beta1": 0.05}, "beta1"),
+        ({"mode": "rto", "beta3": 0.0}, "beta3"),
+        ({"mode": "ppo", "beta3": -1.0}, "beta3"),
+        ({"mode": "dpo", "beta3": 2.0}, "beta3"),
+        ({"beta2": -0.01}, "beta2"),
+        ({"clip": 0.0}, "clip"),
+        ({"rm_clamp": 0.0}, "rm_clamp"),
+        ({"mode": "grpo"}, "mode"),
+        ({"beta4": 1.0}, "beta4"),
+    ],
+)
+def test_config_rejects_bad_combinations(settings, field):
+    with pytest.raises(ValidationError, match=field):
+        RewardConfig(**settings)
+
+
+def test_config_defaults_and_needs():
+    config = RewardConfig()
+    assert (config.beta1, config.clip, config.beta2, config.beta3) == (0.05, 0.05, 0.01, 1.0)
+    assert config.needs_rm and config.needs_dpo
+    ppo = RewardConfig(mode="ppo")
+    assert ppo.beta1 == 0.0 and ppo.needs_rm and not ppo.needs_dpo
+    assert RewardConfig(mode="ppo", beta1=0).beta1 == 0.0
+    dpo = RewardConfig(mode="dpo")
+    assert dpo.needs_dpo and not dpo.needs_rm
+    for config in (RewardConfig(), ppo, dpo):  # a resolved (dumped) config validates again
+        assert RewardConfig(**config.model_dump()) == config

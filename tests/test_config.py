@@ -1,0 +1,96 @@
+"""Config validation: every kind of bad input is a one-line error naming the file and the field."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rto.config import STAGE_ORDER, load_config
+from rto.errors import UserError
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_quickstart_is_valid():
+    cfg = load_config(QUICKSTART)
+    assert cfg.stages == [s for s in STAGE_ORDER if s in cfg.stages]
+    assert cfg.reward.mode == "rto"
+
+
+def test_stages_run_in_canonical_order(tmp_path):
+    cfg = load_config(write(tmp_path, "stages: [eval, sft]\n"))
+    assert cfg.stages == ["sft", "eval"]
+
+
+def test_overrides_apply_and_parse_yaml(tmp_path):
+    cfg = load_config(QUICKSTART, ["stages=[sft,eval]", "sft.lr=0.01", "reward.mode=ppo", "ppo.steps=3"])
+    assert cfg.stages == ["sft", "eval"] and cfg.sft.lr == 0.01 and cfg.ppo.steps == 3
+    assert cfg.reward.beta1 == 0.0  # ppo mode has no DPO term
+
+
+BAD = [
+    # (yaml text, overrides, words the message must contain)
+    ("stages: [sft]\nsft: {lr: abc}\n", [], ["sft.lr", "number"]),
+    ("stages: [sft]\nsft: {lrr: 0.1}\n", [], ["sft.lrr", "unknown key"]),
+    ("stages: [sft, train]\n", [], ["stages", "unknown stage 'train'"]),
+    ("sft: {lr: 0.1}\n", [], ["stages", "missing"]),
+    ("stages: []\n", [], ["stages", "at least one"]),
+    ("stages: [sft]\nsft: {lr: -1}\n", [], ["sft.lr", "greater than 0"]),
+    ("stages: [sft]\npolicy: {path: ./no/such/model}\n", [], ["policy.path", "does not exist"]),
+    ("stages: [sft]\npolicy: {path: x, builtin: tiny-llama}\n", [], ["policy", "exactly one"]),
+    ("stages: [sft]\ndata: {sft: {path: missing.jsonl}}\n", [], ["data.sft.path", "does not exist"]),
+    ("stages: [ppo]\nreward: {mode: rto, beta1: 0}\n", [], ["reward", "beta1"]),
+    ("stages: [ppo]\nreward: {mode: ppo, beta1: 0.05}\n", [], ["reward", "beta1"]),
+    ("stages: [ppo]\nreward: {mode: sparse}\n", [], ["reward.mode", "rto"]),
+    ("stages: [ppo]\nppo: {rollout_batch_size: 8, train_batch_size: 16}\n", [], ["ppo", "train_batch_size"]),
+    ("stages: [sft]\ntask: null\n", [], ["data.sft", "no built-in task"]),
+    ("stages: [sft]\ndevice: tpu\n", [], ["device", "cpu"]),
+    ("stages: [sft]\ndevice: cpu\ndtype: float16\n", [], ["float16"]),
+    ("stages: [sft]\n", ["sft.lr=abc"], ["--set sft.lr", "sft.lr"]),
+    ("stages: [sft]\n", ["sft.nope=1"], ["sft.nope", "unknown key"]),
+    ("stages: [sft]\n", ["noequals"], ["--set", "KEY=VALUE"]),
+    ("stages: [sft\n", [], ["invalid YAML", "line"]),
+    ("- just\n- a list\n", [], ["mapping"]),
+    ("stages: [sft]\neval: {temperature: -1}\n", [], ["eval.temperature"]),
+]
+
+
+@pytest.mark.parametrize("text,overrides,words", BAD, ids=[str(i) for i in range(len(BAD))])
+def test_bad_config_names_file_and_field(tmp_path, text, overrides, words):
+    path = write(tmp_path, text)
+    with pytest.raises(UserError) as info:
+        load_config(path, overrides)
+    message = str(info.value)
+    assert "\n" not in message
+    assert str(path) in message or "--set" in message
+    for word in words:
+        assert word in message, (word, message)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_cli_exit_code_2_without_traceback(tmp_path):
+    path = write(tmp_path, "stages: [sft]\nsft: {lr: abc}\n")
+    result = subprocess.run([sys.executable, "-m", "rto.cli", "validate", str(path)], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "sft.lr" in lines[0] and str(path) in lines[0]
+
+
+def test_cli_validate_ok():
+    result = subprocess.run([sys.executable, "-m", "rto.cli", "validate", str(QUICKSTART)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "ok" in result.stdout

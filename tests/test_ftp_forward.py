@@ -1,0 +1,144 @@
+"""FTP token-skipping forward and pruned generation on tiny random Llama / Qwen2 / Mistral models."""
+
+import pytest
+import torch
+
+from prune.ftp.forward import achieved_sparsity, skipping_forward
+from prune.ftp.generate import generate_pruned
+from prune.ftp.models import random_causal_lm
+from prune.ftp.router import Router
+
+ARCHS = ["llama", "qwen2", "mistral"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: threads only add contention on a shared CPU
+    yield
+    torch.set_num_threads(threads)
+
+
+def left_padded_batch(vocab: int = 128, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, vocab, (3, 14), generator=gen)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :4] = 0
+    attention_mask[2, :7] = 0
+    return input_ids, attention_mask
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_zero_sparsity_reproduces_dense_logits(arch, impl):
+    model = random_causal_lm(arch, attn_implementation=impl)
+    input_ids, attention_mask = left_padded_batch()
+    with torch.no_grad():
+        dense = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        ours = skipping_forward(model, input_ids, attention_mask, schedule=[0.0] * 4).logits
+    valid = attention_mask.bool()
+    torch.testing.assert_close(ours[valid], dense[valid], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_zero_sparsity_greedy_matches_generate(arch):
+    model = random_causal_lm(arch)
+    input_ids, attention_mask = left_padded_batch(seed=1)
+    settings = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+    expected = model.generate(input_ids, attention_mask=attention_mask, **settings)
+    ours = generate_pruned(model, Router(), [0.0] * 4, input_ids, attention_mask, **settings)
+    assert torch.equal(ours, expected)
+
+
+def test_skipped_tokens_pass_through_unchanged_and_write_no_keys():
+    model = random_causal_lm("llama")
+    input_ids = torch.randint(3, 128, (2, 12))
+    attention_mask = torch.ones_like(input_ids)  # no padding: blocks 0 and 2 see tokens in sequence order
+    seen = {}
+    model.model.layers[0].register_forward_hook(lambda m, a, out: seen.__setitem__("after0", out.clone()))
+    model.model.layers[2].register_forward_pre_hook(lambda m, a: seen.__setitem__("before2", a[0].clone()))
+    with torch.no_grad():
+        out = skipping_forward(
+            model, input_ids, attention_mask, schedule=[0.0, 0.5, 0.0, 0.0], router="static"
+        )
+    skipped = attention_mask.bool() & ~out.routes[1].keep
+    assert skipped.sum() > 0
+    assert torch.equal(seen["before2"][skipped], seen["after0"][skipped])
+    kept = out.routes[1].keep
+    assert not torch.equal(seen["before2"][kept], seen["after0"][kept])
+    assert out.cache.kv_tokens() == [
+        int(attention_mask.sum()),
+        int(kept.sum()),
+        int(attention_mask.sum()),
+    ] + [int(attention_mask.sum())]
+
+
+@pytest.mark.parametrize("router", ["static", "random", "learned"])
+def test_achieved_sparsity_matches_schedule(router):
+    model = random_causal_lm("qwen2")
+    input_ids, attention_mask = left_padded_batch()
+    schedule = [0.0, 0.25, 0.5, 0.75]
+    scorer = Router() if router == "learned" else router
+    with torch.no_grad():
+        out = skipping_forward(model, input_ids, attention_mask, schedule=schedule, router=scorer)
+    n_valid = attention_mask.sum(1)
+    for route, target in zip(out.routes, schedule, strict=True):
+        per_row = 1 - route.keep.sum(1) / n_valid
+        assert (per_row - target).abs().max() <= 0.5 / n_valid.min() + 1e-6
+        assert bool((route.keep <= attention_mask.bool()).all())  # padding is never computed
+    assert achieved_sparsity(out.routes)[0] == 0.0
+
+
+def test_static_router_keeps_first_and_latest_tokens():
+    model = random_causal_lm("llama")
+    input_ids = torch.arange(3, 13)[None]
+    with torch.no_grad():
+        out = skipping_forward(model, input_ids, schedule=[0.5] * 4, router="static")
+    assert out.routes[0].keep[0].tolist() == [True] + [False] * 5 + [True] * 4
+
+
+def test_decode_threshold_rule_skips_blocks_and_their_keys():
+    model = random_causal_lm("mistral")
+    router = Router()
+    with torch.no_grad():
+        router.mlp[2].bias.copy_(torch.tensor([10.0, -10.0]))  # p(keep) ~ 0 for every token
+    input_ids = torch.randint(3, 128, (2, 9))
+    with torch.no_grad():
+        prefill = skipping_forward(model, input_ids, schedule=[0.0, 0.3, 0.3, 0.0], router=router)
+        before = prefill.cache.kv_tokens()
+        step = skipping_forward(
+            model,
+            input_ids[:, :1],
+            torch.ones(2, 10, dtype=torch.long),
+            schedule=[0.0, 0.3, 0.3, 0.0],
+            router=router,
+            cache=prefill.cache,
+        )
+    after = step.cache.kv_tokens()
+    assert [a - b for a, b in zip(after, before, strict=True)] == [2, 0, 0, 2]
+    assert [bool(r.keep.any()) for r in step.routes] == [True, False, False, True]
+
+
+def test_pruned_sampling_runs_with_eos_and_padding():
+    model = random_causal_lm("llama")
+    input_ids, attention_mask = left_padded_batch()
+    gen = torch.Generator().manual_seed(0)
+    out = generate_pruned(
+        model,
+        "static",
+        [0.0, 0.4, 0.4, 0.4],
+        input_ids,
+        attention_mask,
+        max_new_tokens=6,
+        do_sample=True,
+        temperature=0.8,
+        top_k=20,
+        top_p=0.9,
+        eos_token_id=5,
+        pad_token_id=0,
+        generator=gen,
+    )
+    assert out.shape[0] == 3 and 14 < out.shape[1] <= 20
+    assert torch.equal(out[:, :14], input_ids)
+    with pytest.raises(TypeError, match="not_an_option"):
+        generate_pruned(model, "static", [0.0] * 4, input_ids, attention_mask, not_an_option=1)

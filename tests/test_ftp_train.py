@@ -1,0 +1,106 @@
+"""FTP sparsity scheduler (genetic search under a budget) and router training."""
+
+import pytest
+import torch
+
+from prune.flops import dense_prefill_flops, token_sparsity_prefill_flops
+from prune.ftp.config import FTPConfig
+from prune.ftp.models import random_causal_lm
+from prune.ftp.router import Router
+from prune.ftp.scheduler import dense_logits, genetic_search, project_to_budget, search_schedule
+from prune.ftp.train import router_loss, train_router
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def calibration(n_batches: int = 2, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n_batches):
+        ids = torch.randint(3, 128, (4, 20), generator=gen)
+        mask = torch.ones_like(ids)
+        mask[1, :5] = 0
+        batches.append((ids, mask))
+    return batches
+
+
+def test_projection_hits_budget_and_bounds():
+    projected = project_to_budget(torch.tensor([0.9, -0.3, 0.2, 0.5, 0.1]), 0.3, 0.6)
+    assert float(projected.mean()) == pytest.approx(0.3, abs=1e-9)
+    assert float(projected.min()) >= 0 and float(projected.max()) <= 0.6
+
+
+def test_genetic_search_respects_budget_and_beats_uniform():
+    weights = torch.tensor([8.0, 1.0, 1.0, 4.0, 0.5, 0.5])  # a block's cost of sparsity
+
+    def fitness(schedule):
+        return float((weights * torch.tensor(schedule) ** 2).sum())
+
+    evaluated = []
+    best, history = genetic_search(
+        lambda s: evaluated.append(s) or fitness(s),
+        6,
+        0.3,
+        max_block=0.7,
+        population=12,
+        generations=15,
+        seed=0,
+    )
+    for schedule in evaluated + [best]:
+        assert sum(schedule) / 6 == pytest.approx(0.3, abs=1e-6)
+        assert min(schedule) >= 0 and max(schedule) <= 0.7 + 1e-12
+    assert fitness(best) < 0.8 * fitness([0.3] * 6)
+    assert best[0] < 0.3 and best[4] > 0.3  # sparsity moves to the cheap blocks
+    assert history[-1]["best"] <= history[0]["best"]
+
+
+def test_schedule_search_on_a_model_respects_budget():
+    model = random_causal_lm("llama")
+    search = FTPConfig(search={"population": 4, "generations": 3}).search
+    best, history = search_schedule(model, "static", calibration(1), 0.4, search, max_block=0.8)
+    assert len(best) == 4 and sum(best) / 4 == pytest.approx(0.4, abs=1e-6)
+    assert history[-1]["best"] <= history[0]["best"]
+
+
+def test_short_router_training_lowers_its_loss():
+    model = random_causal_lm("llama")
+    batches = calibration(2)
+    schedule = [0.0, 0.4, 0.4, 0.4]
+    teacher = dense_logits(model, batches)
+    torch.manual_seed(0)
+    router = Router()
+
+    def evaluate():
+        torch.manual_seed(123)  # same Gumbel noise before and after
+        with torch.no_grad():
+            return sum(
+                float(
+                    router_loss(
+                        model, router, schedule, ids, mask, t, guide_w=1.0, sparsity_w=1.0, distill_w=1.0
+                    )[0]
+                )
+                for (ids, mask), t in zip(batches, teacher, strict=True)
+            )
+
+    before = evaluate()
+    settings = FTPConfig(train={"steps": 30, "lr": 1e-2, "guide_decay": 1.0}).train
+    history = train_router(model, router, schedule, batches, settings)
+    after = evaluate()
+    assert len(history) == 30
+    assert after < 0.8 * before
+    assert all(not p.requires_grad or p.grad is None for p in model.parameters())  # the LLM stays frozen
+
+
+def test_token_sparsity_flops():
+    config = random_causal_lm("llama").config
+    dense = dense_prefill_flops(config, 100)
+    assert token_sparsity_prefill_flops(config, 100, [0.0] * 4) == pytest.approx(dense)
+    half = token_sparsity_prefill_flops(config, 100, [0.0, 0.0, 1.0, 1.0])
+    assert half == pytest.approx(dense / 2)
+    assert 0.5 * dense < token_sparsity_prefill_flops(config, 100, [0.3] * 4) < 0.7 * dense
