@@ -54,7 +54,7 @@ def teacher_forced(model, router, schedule, batches, teachers) -> dict:
 
 
 @torch.no_grad()
-def rollout_reward(model, router, schedule, tokenizer, prompts, args) -> dict:
+def rollout_reward(model, router, schedule, tokenizer, prompts, args, threshold=0.5) -> dict:
     """Mean ground truth of sampled responses; the same generator seed for every method."""
     gen = torch.Generator().manual_seed(args.seed)
     stats, rewards = {}, []
@@ -65,7 +65,7 @@ def rollout_reward(model, router, schedule, tokenizer, prompts, args) -> dict:
         seqs = generate_pruned(
             model, router, schedule, ids, mask, max_new_tokens=args.max_new_tokens, do_sample=True,
             temperature=args.temperature, top_k=0, top_p=1.0, eos_token_id=eos, pad_token_id=pad,
-            generator=gen, stats=stats,
+            generator=gen, stats=stats, threshold=threshold,
         )  # fmt: skip
         for prompt, row in zip(chunk, seqs[:, ids.shape[1] :].tolist(), strict=True):
             terminated = eos in row
@@ -121,23 +121,25 @@ def main() -> None:
         train = left_padded_batches(
             train_seqs[cfg.search.calib_samples :][:n_train], cfg.train.batch_size, pad
         )
-        fitted = fit_ftp(model, train, calib, cfg, log=lambda m: None)
+        calib_prompts = [encode_prompt(tokenizer, r["prompt"]) for r in sft_records(settings)[: cfg.search.calib_samples]]
+        prompt_batches = left_padded_batches(calib_prompts, cfg.train.batch_size, pad)
+        fitted = fit_ftp(model, train, calib, cfg, prompt_batches, log=lambda m: None)
         n_remove = flops_matched_layers(model.config, mean_len, fitted.schedule)
         removed = layers_to_remove(influence, n_remove)
         methods = {
-            "FTP-learned": (fitted.router, fitted.schedule),
-            "FTP-static": ("static", fitted.static_schedule),
-            "uniform": ("static", [sparsity] * n_layers),
-            "random": ("random", fitted.schedule),
-            f"ShortGPT (-{n_remove} layers)": ("static", removal_schedule(n_layers, removed)),
+            "FTP-learned": (fitted.router, fitted.schedule, fitted.decode_thresholds),
+            "FTP-static": ("static", fitted.static_schedule, 0.5),
+            "uniform": ("static", [sparsity] * n_layers, 0.5),
+            "random": ("random", fitted.schedule, 0.5),
+            f"ShortGPT (-{n_remove} layers)": ("static", removal_schedule(n_layers, removed), 0.5),
         }
-        for name, (router, schedule) in methods.items():
+        for name, (router, schedule, threshold) in methods.items():
             row = {"sparsity": sparsity, "method": name, "schedule": [round(s, 3) for s in schedule]}
             row["flops_ratio"] = token_sparsity_prefill_flops(
                 model.config, mean_len, schedule
             ) / dense_prefill_flops(model.config, mean_len)
             row.update(teacher_forced(model, router, schedule, heldout_batches, teachers))
-            row.update(rollout_reward(model, router, schedule, tokenizer, prompts, args))
+            row.update(rollout_reward(model, router, schedule, tokenizer, prompts, args, threshold))
             row["gt_retention"] = row["gt_reward"] / dense["gt_reward"]
             rows.append(row)
             print(

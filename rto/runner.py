@@ -46,7 +46,8 @@ def run_job(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
         console.rule(f"stage {name}")
         started = time.time()
         ctx = StageContext(
-            name=name, cfg=cfg, run=run, out_dir=tmp, prepared=prepared, resume=resume, device=device, log=console.log
+            name=name, cfg=cfg, run=run, out_dir=tmp, prepared=prepared, resume=resume, device=device, log=console.log,
+            extras={"stage_hash": key},
         )
         summary = STAGES[name].run(ctx) or {}
         summary["seconds"] = round(time.time() - started, 1)

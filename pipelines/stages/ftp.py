@@ -15,6 +15,7 @@ from prune.ftp.config import FTPConfig
 from prune.ftp.data import encode_record, left_padded_batches
 from prune.ftp.fit import fit_ftp
 from prune.ftp.router import Router, check_supported, model_fingerprint, save_router
+from rto.generation import encode_prompt
 from rto.models import load_causal_lm, load_tokenizer
 
 
@@ -39,14 +40,20 @@ def run_ftp(ctx: StageContext) -> dict:
         ctx.device,
     )
 
-    result = fit_ftp(model, train, calib, cfg, log=ctx.log)
+    prompts = [
+        encode_prompt(tokenizer, r["prompt"]) for r in records[: cfg.search.calib_samples] if "prompt" in r
+    ]
+    prompt_batches = left_padded_batches(prompts, cfg.train.batch_size, tokenizer.pad_token_id, ctx.device)
+    if cfg.decode_threshold == "calibrated" and not prompt_batches:
+        cfg = cfg.model_copy(update={"decode_threshold": 0.5})  # no prompt column: the paper's rule
+    result = fit_ftp(model, train, calib, cfg, prompt_batches, log=ctx.log)
     for record in result.history[:: max(1, len(result.history) // 20)]:
         ctx.metrics(record)
     router = result.router if isinstance(result.router, Router) else Router(cfg.router_hidden)
     save_router(
         ctx.out_dir, router, result.schedule, model_fingerprint(model),
         kind="learned" if isinstance(result.router, Router) else "static",
-        sparsity=cfg.sparsity, decode_threshold=cfg.decode_threshold, attention_probes=cfg.attention_probes,
+        sparsity=cfg.sparsity, decode_thresholds=result.decode_thresholds, attention_probes=cfg.attention_probes,
         static_schedule=result.static_schedule, source_model=path, metrics=result.metrics,
         config=cfg.model_dump(mode="json"),
     )  # fmt: skip

@@ -6,6 +6,8 @@ global `sparsity` is the mean of the per-block sparsities the scheduler picks.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
@@ -59,8 +61,13 @@ class FTPConfig(_Section):
         "learned", description="'learned' (train the MLP router) or 'static' (bootstrap router only)"
     )
     router_hidden: int = Field(64, ge=1, description="Width of the router MLP (4 -> hidden -> 2)")
-    decode_threshold: float = Field(
-        0.5, description="Decode rule: the new token computes a block when p(keep) > this"
+    decode_threshold: float | Literal["calibrated"] = Field(
+        "calibrated",
+        description="Decode rule: the new token computes a block when p(keep) > threshold; a number in (0, 1) "
+        "(the paper uses 0.5) or 'calibrated' (per block, so decoded tokens skip at the block's target sparsity)",
+    )
+    calib_decode_tokens: int = Field(
+        32, ge=1, description="Tokens decoded per calibration prompt for 'calibrated'"
     )
     attention_probes: int = Field(
         8, ge=1, description="Latest tokens whose attention updates the attention table"
@@ -78,8 +85,8 @@ class FTPConfig(_Section):
 
     @field_validator("max_block_sparsity", "decode_threshold")
     @classmethod
-    def _open_unit(cls, v: float, info) -> float:
-        if not 0 < v < 1:
+    def _open_unit(cls, v, info):
+        if isinstance(v, (int, float)) and not 0 < v < 1:
             raise ValueError(f"{info.field_name} must be in (0, 1), got {v}")
         return v
 

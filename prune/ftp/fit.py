@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from prune.ftp.config import FTPConfig
+from prune.ftp.generate import calibrate_decode_thresholds
 from prune.ftp.router import Router, check_supported
 from prune.ftp.scheduler import dense_logits, schedule_kl, search_schedule, uniform_schedule
 from prune.ftp.train import train_router
@@ -19,14 +20,16 @@ class FTPResult:
     router: Router | str
     schedule: list[float]
     static_schedule: list[float]
+    decode_thresholds: list[float] | float = 0.5
     metrics: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
 
 
 def fit_ftp(
-    model, train_batches, calib_batches, cfg: FTPConfig, log: Callable[[str], None] = print
+    model, train_batches, calib_batches, cfg: FTPConfig, prompt_batches=(), log: Callable[[str], None] = print
 ) -> FTPResult:
-    """`*_batches`: [(input_ids, attention_mask)]; the model is frozen and never updated."""
+    """`*_batches`: [(input_ids, attention_mask)] of training / calibration sequences and of
+    prompts (for calibrated decode thresholds); the model is frozen and never updated."""
     check_supported(model)
     torch.manual_seed(cfg.seed)
     model.requires_grad_(False)
@@ -68,5 +71,17 @@ def fit_ftp(
     metrics["kl_learned"] = kl(router, schedule)
     if history:
         metrics["train_loss_first"], metrics["train_loss_last"] = history[0]["loss"], history[-1]["loss"]
+    thresholds = cfg.decode_threshold
+    if thresholds == "calibrated":
+        if not prompt_batches:
+            raise ValueError("decode_threshold 'calibrated' needs prompt_batches")
+        thresholds = calibrate_decode_thresholds(
+            model,
+            router,
+            schedule,
+            prompt_batches,
+            max_new_tokens=cfg.calib_decode_tokens,
+            n_probes=cfg.attention_probes,
+        )
     log(f"ftp: learned schedule {[round(s, 3) for s in schedule]} (KL {metrics['kl_learned']:.4f})")
-    return FTPResult(router, schedule, static_schedule, metrics, history)
+    return FTPResult(router, schedule, static_schedule, thresholds, metrics, history)

@@ -188,7 +188,7 @@ def skipping_forward(
     schedule: list[float],
     router: Router | str = "static",
     cache: SkipCache | None = None,
-    threshold: float = 0.5,
+    threshold: float | list[float] = 0.5,
     train: bool = False,
     tau: float = 1.0,
     n_probes: int = 8,
@@ -199,7 +199,8 @@ def skipping_forward(
 
     `attention_mask` [B, past + T] is the usual HF padding mask (left padding for generation).
     A block with sparsity 0 computes every token, 1 computes none (the block is removed). Several
-    new tokens are routed top-k (prefill); a single new token after a cache by `threshold` (decode).
+    new tokens are routed top-k (prefill); a single new token after a cache by `threshold` (decode;
+    one value, or one per block).
     """
     check_supported(model)
     layers = model.model.layers
@@ -238,7 +239,8 @@ def skipping_forward(
                 prob = torch.sigmoid(logits / tau)
             else:
                 prob = torch.sigmoid(logits)
-            rule = select_threshold(logits, valid, threshold) if decode else None
+            cut = threshold[idx] if isinstance(threshold, (list, tuple)) else threshold
+            rule = select_threshold(logits, valid, cut) if decode else None
             keep = rule if rule is not None else select_topk(logits, valid, is_first, float(sparsity))
         routes.append(LayerRoute(float(sparsity), keep, valid, prob, state))
         compute = valid if (train and prob is not None) else keep

@@ -50,7 +50,7 @@ def generate_pruned(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     *,
-    threshold: float = 0.5,
+    threshold: float | list[float] = 0.5,
     n_probes: int = 8,
     generator: torch.Generator | None = None,
     stats: dict | None = None,
@@ -61,6 +61,7 @@ def generate_pruned(
     `router`: a trained `Router`, or "static" / "random"; `schedule`: per-block sparsity. Generation
     settings (max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id)
     default to `model.generation_config`, as in `model.generate`. Returns [B, T + new] token ids.
+    `threshold`: the decode rule, one value or one per block (see `calibrate_decode_thresholds`).
     With a `stats` dict, adds to stats["computed"] / stats["tokens"] (per block) the tokens each
     block computed and the tokens it could have computed (prefill and decode, unfinished rows).
     """
@@ -98,6 +99,41 @@ def generate_pruned(
         )
         _count(stats, out.routes, ~finished)
     return sequences
+
+
+@torch.no_grad()
+def calibrate_decode_thresholds(
+    model,
+    router: Router,
+    schedule: list[float],
+    prompt_batches,
+    *,
+    max_new_tokens: int = 32,
+    n_probes: int = 8,
+) -> list[float]:
+    """Per-block decode thresholds such that decoded tokens skip block l at about its target
+    sparsity: the s_l-quantile of the router's keep-probabilities of tokens decoded (greedily, dense
+    decode) from calibration prompts [(input_ids, attention_mask)]."""
+    probs: list[list[torch.Tensor]] = [[] for _ in schedule]
+    for input_ids, attention_mask in prompt_batches:
+        common = dict(schedule=schedule, router=router, threshold=0.0, n_probes=n_probes)
+        out = skipping_forward(model, input_ids, attention_mask, logits_to_keep=1, **common)
+        for _ in range(max_new_tokens):
+            next_tokens = out.logits[:, -1].argmax(-1)
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(next_tokens), 1)], dim=1)
+            out = skipping_forward(
+                model, next_tokens[:, None], attention_mask, cache=out.cache, logits_to_keep=1, **common
+            )
+            for idx, route in enumerate(out.routes):
+                if route.keep_prob is not None:
+                    probs[idx].append(route.keep_prob.flatten().float())
+    thresholds = []
+    for idx, sparsity in enumerate(schedule):
+        if not probs[idx]:
+            thresholds.append(0.5)
+            continue
+        thresholds.append(float(torch.quantile(torch.cat(probs[idx]), sparsity)))
+    return thresholds
 
 
 def _count(stats: dict | None, routes, active: torch.Tensor | None) -> None:

@@ -1,0 +1,124 @@
+"""Builds the PPO actor groups (policy, critic, ref, dpo, rm, rollout) from the config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rto.config import Config, GroupResources
+from rto.distributed import (
+    ActorGroup,
+    EngineConfig,
+    FrozenModelWorker,
+    Resources,
+    RolloutWorker,
+    TrainableWorker,
+    create_placement_group,
+)
+
+GROUP_NAMES = ("policy", "critic", "ref", "dpo", "rm", "rollout")
+
+
+@dataclass
+class ModelPaths:
+    policy: str
+    critic: str
+    ref: str
+    dpo: str | None
+    rm: str | None
+    critic_kind: str = "token_classification"
+
+
+@dataclass
+class Groups:
+    policy: ActorGroup
+    critic: ActorGroup
+    ref: ActorGroup
+    rollout: ActorGroup
+    dpo: ActorGroup | None = None
+    rm: ActorGroup | None = None
+
+    def all(self) -> list[ActorGroup]:
+        return [g for g in (self.policy, self.critic, self.ref, self.dpo, self.rm, self.rollout) if g is not None]
+
+    def shutdown(self) -> None:
+        for group in self.all():
+            group.shutdown()
+
+
+def _resources(spec: GroupResources) -> Resources:
+    return Resources(num_cpus=spec.cpus, num_gpus=spec.gpus)
+
+
+def build_groups(cfg: Config, paths: ModelPaths, optimizer_steps: int, dtype: str, generate_fn=None) -> Groups:
+    """Create every group; groups listed together in `resources.colocate` share one placement group."""
+    res = cfg.resources
+    wanted = {"policy", "critic", "ref", "rollout"} | ({"dpo"} if paths.dpo else set()) | ({"rm"} if paths.rm else set())
+    shared: dict[str, tuple] = {}
+    for members in res.colocate:
+        members = [m for m in members if m in wanted]
+        if not members:
+            continue
+        ranks = max(getattr(res, m).ranks for m in members)
+        bundle = {"CPU": sum(getattr(res, m).cpus for m in members)}
+        gpus = sum(getattr(res, m).gpus for m in members)
+        if gpus:
+            bundle["GPU"] = gpus
+        pg = create_placement_group(ranks, bundle)
+        for m in members:
+            shared[m] = (pg, getattr(res, m))
+
+    def group(name: str, cls, **kwargs) -> ActorGroup:
+        spec: GroupResources = getattr(res, name)
+        pg = shared.get(name, (None,))[0]
+        return ActorGroup(cls, spec.ranks, worker_kwargs=kwargs, resources=_resources(spec), placement_group=pg, name=name)
+
+    ppo = cfg.ppo
+    samples = ppo.rollout_batch_size * ppo.samples_per_prompt
+    micro_per_rank = max(1, ppo.micro_batch_size)
+
+    def engine(lr: float, ranks: int) -> EngineConfig:
+        accumulation = max(1, ppo.train_batch_size // (micro_per_rank * ranks))
+        return EngineConfig(
+            zero_stage=ppo.zero_stage,
+            bf16=dtype == "bfloat16",
+            lr=lr,
+            warmup_steps=ppo.warmup_steps,
+            total_steps=optimizer_steps,
+            gradient_accumulation_steps=accumulation,
+            micro_batch_size=micro_per_rank,
+            grad_clip=ppo.max_grad_norm,
+            seed=cfg.seed,
+            scheduler="constant_with_warmup",
+        )
+
+    del samples
+    frozen_dtype = dtype
+    groups = Groups(
+        policy=group("policy", TrainableWorker, model_path=paths.policy, config=engine(ppo.actor_lr, res.policy.ranks)),
+        critic=group(
+            "critic",
+            TrainableWorker,
+            model_path=paths.critic,
+            model_kind=paths.critic_kind,
+            config=engine(ppo.critic_lr, res.critic.ranks),
+        ),
+        ref=group("ref", FrozenModelWorker, model_path=paths.ref, scoring_fn="reward.scoring:response_logprobs", dtype=frozen_dtype),
+        rollout=group(
+            "rollout",
+            RolloutWorker,
+            model_path=paths.policy,
+            max_new_tokens=ppo.max_new_tokens,
+            temperature=ppo.temperature,
+            top_p=ppo.top_p,
+            seed=cfg.seed,
+            **({"generate_fn": generate_fn} if generate_fn else {}),
+        ),
+    )
+    if paths.dpo:
+        groups.dpo = group("dpo", FrozenModelWorker, model_path=paths.dpo, scoring_fn="reward.scoring:response_logprobs", dtype=frozen_dtype)
+    if paths.rm:
+        groups.rm = group(
+            "rm", FrozenModelWorker, model_path=paths.rm, model_kind="sequence_classification",
+            scoring_fn="reward.scoring:sequence_scores", dtype=frozen_dtype,
+        )  # fmt: skip
+    return groups

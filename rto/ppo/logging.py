@@ -1,0 +1,76 @@
+"""Where each PPO step's figures go: metrics.jsonl, TensorBoard (default) and W&B (optional)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+from rto.config import Config
+from rto.errors import UserError
+from rto.rundir import RunDir
+
+
+class StepLogger:
+    def __init__(self, run: RunDir, tensorboard: bool, wandb: bool, cfg: Config):
+        self.run = run
+        self.records: list[dict] = []
+        self.tb = None
+        self.wandb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(run.root / "tensorboard" / "ppo"))
+        if wandb:
+            try:
+                import wandb as wandb_module
+            except ImportError:
+                raise UserError("W&B logging needs `pip install wandb`", field="ppo.wandb") from None
+            self.wandb = wandb_module.init(project=os.environ.get("WANDB_PROJECT", "rto"), dir=str(run.root), config=cfg.model_dump(mode="json"))
+
+    def archive_previous(self) -> None:
+        """A fresh ppo run in a directory that has older traces moves them aside instead of mixing."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        if self.run.traces_dir.is_dir() and any(self.run.traces_dir.iterdir()):
+            target = self.run.root / "archive" / f"traces-{stamp}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(self.run.traces_dir), str(target))
+        old = self.run.read_metrics("ppo")
+        if old:
+            from rto.rundir import atomic_write_text
+            import json
+
+            atomic_write_text(self.run.root / "archive" / f"ppo-metrics-{stamp}.jsonl", "".join(json.dumps(r) + "\n" for r in old))
+            self.run.truncate_metrics("ppo", 0)
+
+    def log(self, step: int, record: dict) -> None:
+        record = {"step": step, **record}
+        self.records.append(record)
+        self.run.append_metrics({"stage": "ppo", **record})
+        if self.tb is not None:
+            for key, value in record.items():
+                if isinstance(value, int | float) and key != "step":
+                    self.tb.add_scalar(f"ppo/{key}", value, step)
+        if self.wandb is not None:
+            self.wandb.log({f"ppo/{k}": v for k, v in record.items()}, step=step)
+
+    def summary(self, state: dict) -> dict:
+        rows = self.run.read_metrics("ppo")
+        done = [r for r in rows if not r.get("skipped")]
+        out = {"steps": state["step"], "skipped_batches": state["skipped_batches"]}
+        for key in ("gt_reward", "rm_score", "kl", "reward_total"):
+            values = [r[key] for r in done if key in r]
+            if values:
+                out[f"first_{key}"] = values[0]
+                tail = values[-3:]
+                out[f"final_{key}"] = sum(tail) / len(tail)
+        times = [r["time_step"] for r in done if "time_step" in r]
+        if times:
+            out["mean_step_seconds"] = sum(times) / len(times)
+        return out
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,79 @@
+"""Functions the policy and critic workers run on their batch slice (forward passes + losses).
+
+They are referenced by name ("rto.ppo.losses:policy_loss") so Ray workers import them; each takes
+the model first and the batch entries it needs by name.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from reward.scoring import position_ids_from_mask, response_logprobs
+from rto.ppo.algo import clipped_policy_loss, clipped_value_loss, entropy_bonus, masked_mean
+
+
+def critic_values(model, sequences: Tensor, attention_mask: Tensor, prompt_len: int, micro_batch_size: int = 64) -> Tensor:
+    """V(s_h) `[B, R]` for each response token h: the critic's output at the position that precedes
+    the token (the state the token was chosen in), zero on response padding."""
+    chunks = []
+    response_len = sequences.size(1) - prompt_len
+    for start in range(0, sequences.size(0), micro_batch_size):
+        ids = sequences[start : start + micro_batch_size]
+        mask = attention_mask[start : start + micro_batch_size]
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
+        values = out.logits[:, prompt_len - 1 : prompt_len - 1 + response_len, 0].float()
+        chunks.append(values * mask[:, prompt_len:].to(values.dtype))
+    return torch.cat(chunks)
+
+
+def policy_scores(model, sequences: Tensor, attention_mask: Tensor, prompt_len: int) -> dict[str, Tensor]:
+    """Dense log-probs and entropies of the response tokens under the current policy."""
+    logprobs, entropy = response_logprobs(model, sequences, attention_mask, prompt_len, 64, return_entropy=True)
+    return {"logprobs": logprobs, "entropy": entropy}
+
+
+def policy_loss(
+    model,
+    sequences: Tensor,
+    attention_mask: Tensor,
+    prompt_len: int,
+    response_mask: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    is_weights: Tensor | None = None,
+    clip_eps: float = 0.2,
+    entropy_coef: float = 0.0,
+):
+    logprobs, entropy = response_logprobs(
+        model, sequences, attention_mask, prompt_len, sequences.size(0), return_entropy=True
+    )
+    loss, stats = clipped_policy_loss(
+        logprobs, old_logprobs, advantages, response_mask, clip_eps=clip_eps, is_weights=is_weights
+    )
+    if entropy_coef > 0:
+        loss = loss - entropy_bonus(entropy, response_mask, entropy_coef)
+    stats["entropy"] = float(masked_mean(entropy.detach(), response_mask))
+    stats["policy_loss"] = float(loss.detach())
+    return loss, stats
+
+
+def value_loss(
+    model,
+    sequences: Tensor,
+    attention_mask: Tensor,
+    prompt_len: int,
+    response_mask: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    value_clip: float = 0.2,
+):
+    values = critic_values(model, sequences, attention_mask, prompt_len, sequences.size(0))
+    loss, stats = clipped_value_loss(values, old_values, returns, response_mask, clip_eps=value_clip)
+    stats["value_loss"] = float(loss.detach())
+    return loss, stats
+
+
+def reseed(worker, seed: int) -> None:
+    """Run inside a rollout worker: make this step's sampling reproducible (and resumable)."""
+    torch.manual_seed(seed + worker.rank)

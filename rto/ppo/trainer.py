@@ -1,0 +1,295 @@
+"""The PPO loop (design §5), read top to bottom:
+
+    prompts → rollout workers generate → policy/ref/dpo/rm/critic score concurrently
+    → token rewards (reward.compose) → GAE → whitening → epochs × minibatches → push weights
+
+Ray decides where each group runs; the math lives in `rto.ppo.algo` and `reward.compose`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import torch
+
+from reward.compose import compose_token_rewards
+from reward.traces import list_trace_steps, remove_stale_temp_files, trace_columns, trace_path, write_traces
+from rto.config import Config
+from rto.distributed import concat_results, init_ray, push_weights
+from rto.errors import UserError
+from rto.generation import left_pad
+from rto.ppo import checkpoint
+from rto.ppo.algo import gae_advantages, masked_mean, masked_whiten, truncated_is_weights
+from rto.ppo.groups import Groups, ModelPaths, build_groups
+from rto.ppo.logging import StepLogger
+from rto.progress import make_progress
+from rto.rundir import RunDir
+
+
+@dataclass
+class PPOInputs:
+    cfg: Config
+    run: RunDir
+    out_dir: Path
+    paths: ModelPaths
+    prompts: list  # TRL prompts (strings or conversations)
+    ground_truth: object  # gt(prompt_text, response_text, terminated) -> float, or None
+    rm_normalization: tuple[float, float] | None
+    stage_hash: str
+    resume: bool
+    dtype: str = "float32"
+    generate_fn: object = None  # a pruned sampler (FTP) or None for the dense policy
+    log: object = print
+
+
+def prompt_indices(consumed: int, count: int, n_prompts: int, seed: int) -> list[int]:
+    """Prompts `consumed … consumed+count` of an endless stream of seeded per-epoch shuffles."""
+    indices = []
+    for position in range(consumed, consumed + count):
+        epoch, offset = divmod(position, n_prompts)
+        order = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        indices.append(int(order[offset]))
+    return indices
+
+
+def score_concurrently(groups: Groups, samples: dict, prompt_len: int, micro: int) -> dict:
+    """Every scorer sees the same sequences; their passes run at the same time on their own actors."""
+    batch = {"sequences": samples["sequences"], "attention_mask": samples["attention_mask"]}
+    refs = {
+        "policy": groups.policy.async_run_sharded("score", batch, fn="rto.ppo.losses:policy_scores", prompt_len=prompt_len),
+        "values": groups.critic.async_run_sharded("score", batch, fn="rto.ppo.losses:critic_values", prompt_len=prompt_len),
+        "ref_logprobs": groups.ref.async_run_sharded("score", batch, prompt_len=prompt_len, micro_batch_size=micro),
+    }
+    if groups.dpo is not None:
+        refs["dpo_logprobs"] = groups.dpo.async_run_sharded("score", batch, prompt_len=prompt_len, micro_batch_size=micro)
+    if groups.rm is not None:
+        refs["rm_scores"] = groups.rm.async_run_sharded("score", batch, micro_batch_size=micro)
+    out = {name: concat_results(ray.get(r)) for name, r in refs.items()}
+    policy = out.pop("policy")
+    out["logprobs"], out["entropy"] = policy["logprobs"], policy["entropy"]
+    return out
+
+
+def all_finite(mask: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
+    keep = mask.bool()
+    return all(t is None or bool(torch.isfinite(t[keep] if t.dim() == 2 else t).all()) for t in tensors)
+
+
+def train_on_batch(groups: Groups, cfg: Config, experience: dict, step: int) -> dict[str, float]:
+    """PPO epochs × minibatches; each minibatch is split into the calls DeepSpeed accumulates."""
+    ppo, res = cfg.ppo, cfg.resources
+    n = experience["sequences"].size(0)
+    stats: dict[str, list[float]] = defaultdict(list)
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    policy_calls = -(-ppo.train_batch_size // (ppo.micro_batch_size * res.policy.ranks))
+    critic_calls = -(-ppo.train_batch_size // (ppo.micro_batch_size * res.critic.ranks))
+    for _ in range(ppo.epochs):
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n - ppo.train_batch_size + 1, ppo.train_batch_size):
+            rows = order[start : start + ppo.train_batch_size]
+            minibatch = {k: (v[rows] if isinstance(v, torch.Tensor) else v) for k, v in experience.items()}
+            refs = []
+            for calls, group, loss in ((policy_calls, groups.policy, "policy_loss"), (critic_calls, groups.critic, "value_loss")):
+                for chunk in torch.tensor_split(torch.arange(len(rows)), calls):
+                    piece = {k: (v[chunk] if isinstance(v, torch.Tensor) else v) for k, v in minibatch.items()}
+                    refs.append(group.async_run_sharded("train_step", piece, loss_fn=f"rto.ppo.losses:{loss}"))
+            for rank_results in ray.get([r for group_refs in refs for r in group_refs]):
+                for key, value in rank_results.items():
+                    stats[key].append(value)
+    return {k: sum(v) / len(v) for k, v in stats.items() if k not in ("loss",)}
+
+
+def run_ppo(inputs: PPOInputs) -> dict:
+    cfg, run, log = inputs.cfg, inputs.run, inputs.log
+    ppo = cfg.ppo
+    from rto.models import load_tokenizer
+
+    tokenizer = load_tokenizer(inputs.paths.policy)
+    from rto.generation import encode_prompt, prompt_text
+
+    prompt_ids = [encode_prompt(tokenizer, p) for p in inputs.prompts]
+    prompt_texts = [prompt_text(p) for p in inputs.prompts]
+    ckpt_root = run.checkpoints_dir / f"ppo-{inputs.stage_hash}"
+    latest = checkpoint.latest_checkpoint(ckpt_root)
+    if latest is not None and not inputs.resume:
+        raise UserError(
+            f"an interrupted ppo stage left a checkpoint ({latest}); rerun with --resume to continue it, "
+            f"or delete {ckpt_root} to start over",
+            source=str(run.root),
+            field="--resume",
+        )
+    samples_per_step = ppo.rollout_batch_size * ppo.samples_per_prompt
+    optimizer_steps = ppo.steps * ppo.epochs * max(1, samples_per_step // ppo.train_batch_size)
+    init_ray(cfg.resources.ray_address, cfg.resources.num_cpus)
+    groups = build_groups(cfg, inputs.paths, optimizer_steps, inputs.dtype, inputs.generate_fn)
+    logger = StepLogger(run, ppo.tensorboard, ppo.wandb, cfg)
+    try:
+        state = {"step": 0, "prompts_consumed": 0, "skipped_batches": 0}
+        if latest is not None:
+            state = checkpoint.load(latest, groups)
+            push_weights(groups.policy, groups.rollout)
+            log(f"resumed from {latest} (step {state['step']})")
+        else:
+            logger.archive_previous()
+        checkpoint.remove_partial(ckpt_root)
+        run.truncate_metrics("ppo", state["step"])
+        run.traces_dir.mkdir(exist_ok=True)
+        remove_stale_temp_files(run.traces_dir)
+        for stale in [s for s in list_trace_steps(run.traces_dir) if s > state["step"]]:
+            trace_path(run.traces_dir, stale).unlink()
+        with make_progress() as progress:
+            task = progress.add_task("ppo", total=ppo.steps, completed=state["step"], info="")
+            for step in range(state["step"] + 1, ppo.steps + 1):
+                record = one_step(inputs, groups, tokenizer, prompt_ids, prompt_texts, state, step)
+                logger.log(step, record)
+                state["step"] = step
+                if step % ppo.checkpoint_every == 0 and step < ppo.steps:
+                    checkpoint.save(ckpt_root, step, groups, {**state, "stage_hash": inputs.stage_hash}, ppo.keep_checkpoints)
+                info = f"gt {record['gt_reward']:.3f}" if "gt_reward" in record else f"rm {record.get('rm_score', 0):.3f}"
+                progress.update(task, completed=step, info=info)
+        groups.policy.run_all("save_hf", str(inputs.out_dir / "policy"))
+        groups.critic.run_all("save_hf", str(inputs.out_dir / "critic"))
+        tokenizer.save_pretrained(inputs.out_dir / "policy")
+        tokenizer.save_pretrained(inputs.out_dir / "critic")
+    finally:
+        logger.close()
+        groups.shutdown()
+    import shutil
+
+    shutil.rmtree(ckpt_root, ignore_errors=True)  # the finished stage's output replaces them
+    return logger.summary(state)
+
+
+def one_step(inputs: PPOInputs, groups: Groups, tokenizer, prompt_ids, prompt_texts, state: dict, step: int) -> dict:
+    cfg = inputs.cfg
+    ppo = cfg.ppo
+    times = {}
+    t0 = time.perf_counter()
+    chosen = prompt_indices(state["prompts_consumed"], ppo.rollout_batch_size, len(prompt_ids), cfg.seed)
+    chosen = [i for i in chosen for _ in range(ppo.samples_per_prompt)]
+    state["prompts_consumed"] += ppo.rollout_batch_size
+    input_ids, attention_mask = left_pad([prompt_ids[i] for i in chosen], tokenizer.pad_token_id)
+    prompt_len = input_ids.size(1)
+
+    groups.rollout.run_all("call", "rto.ppo.losses:reseed", cfg.seed * 100_003 + step)
+    samples = groups.rollout.run_sharded("generate", {"input_ids": input_ids, "attention_mask": attention_mask})
+    times["time_generate"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    scores = score_concurrently(groups, samples, prompt_len, ppo.micro_batch_size)
+    mask = samples["response_mask"].float()
+    times["time_score"] = time.perf_counter() - t1
+
+    rewards = compose_token_rewards(
+        cfg.reward,
+        response_mask=mask,
+        logprobs=scores["logprobs"],
+        ref_logprobs=scores["ref_logprobs"],
+        dpo_logprobs=scores.get("dpo_logprobs"),
+        rm_scores=scores.get("rm_scores"),
+        rm_mean=inputs.rm_normalization[0] if inputs.rm_normalization else None,
+        rm_std=inputs.rm_normalization[1] if inputs.rm_normalization else None,
+    )
+    responses, terminated, tokens = decode(tokenizer, samples, mask)
+    record: dict = {"samples": len(chosen)}
+    if inputs.ground_truth is not None:
+        gts = [inputs.ground_truth(prompt_texts[i], r, t) for i, r, t in zip(chosen, responses, terminated, strict=True)]
+        record["gt_reward"] = sum(gts) / len(gts)
+    else:
+        gts = None
+    if not all_finite(mask, rewards.reward, scores["values"], scores["logprobs"]):
+        state["skipped_batches"] += 1
+        inputs.log(f"[yellow]warning: step {step}: non-finite reward/value/log-prob in the batch; skipped[/yellow]")
+        return {**record, "skipped": 1, "skipped_batches": state["skipped_batches"], **times}
+
+    advantages, returns = gae_advantages(rewards.reward, scores["values"], mask, ppo.gamma, ppo.lam)
+    train_advantages = masked_whiten(advantages, mask) if ppo.whiten_advantages else advantages
+    is_weights = None
+    if inputs.generate_fn is not None:
+        is_weights = truncated_is_weights(scores["logprobs"], samples["sampler_logprobs"], mask, ppo.is_cap)
+
+    keep = slice(None) if ppo.trace_samples is None else slice(0, ppo.trace_samples)
+    write_traces(
+        trace_path(inputs.run.traces_dir, step),
+        trace_columns(
+            step=step,
+            prompts=[prompt_texts[i] for i in chosen][keep],
+            responses=responses[keep],
+            tokens=tokens[keep],
+            token_ids=samples["sequences"][:, prompt_len:][keep],
+            response_mask=mask[keep],
+            rm_score=rewards.rm_score[keep] if cfg.reward.needs_rm else None,
+            gt_reward=gts[keep] if gts is not None else None,
+            logprob=scores["logprobs"][keep],
+            ref_logprob=scores["ref_logprobs"][keep],
+            dpo_logprob=scores["dpo_logprobs"][keep] if "dpo_logprobs" in scores else None,
+            reward_dpo=rewards.reward_dpo[keep] if cfg.reward.needs_dpo else None,
+            reward_kl=rewards.reward_kl[keep],
+            reward=rewards.reward[keep],
+            value=scores["values"][keep],
+            advantage=advantages[keep],
+            **{"return": returns[keep]},
+        ),
+    )
+
+    t2 = time.perf_counter()
+    experience = {
+        "sequences": samples["sequences"],
+        "attention_mask": samples["attention_mask"],
+        "response_mask": mask,
+        "old_logprobs": scores["logprobs"],
+        "old_values": scores["values"],
+        "advantages": train_advantages,
+        "returns": returns,
+        "is_weights": is_weights,
+        "prompt_len": prompt_len,
+        "clip_eps": ppo.clip_eps,
+        "entropy_coef": ppo.entropy_coef,
+        "value_clip": ppo.value_clip,
+    }
+    train_stats = train_on_batch(groups, cfg, experience, step)
+    times["time_train"] = time.perf_counter() - t2
+    t3 = time.perf_counter()
+    push_weights(groups.policy, groups.rollout)
+    times["time_sync"] = time.perf_counter() - t3
+    times["time_step"] = time.perf_counter() - t0
+
+    n_tokens = float(mask.sum())
+    record.update(
+        {
+            "rm_score": float(scores["rm_scores"].mean()) if "rm_scores" in scores else None,
+            "reward_total": float((rewards.reward * mask).sum(1).mean()),
+            "reward_dpo": float((rewards.reward_dpo * mask).sum(1).mean()),
+            "reward_kl": float((rewards.reward_kl * mask).sum(1).mean()),
+            "kl": float(((scores["logprobs"] - scores["ref_logprobs"]) * mask).sum(1).mean()),
+            "entropy": float(masked_mean(scores["entropy"], mask)),
+            "value_mean": float(masked_mean(scores["values"], mask)),
+            "advantage_std": float(advantages[mask.bool()].std()),
+            "response_length": n_tokens / len(chosen),
+            "terminated": sum(terminated) / len(terminated),
+            "tokens_per_s": n_tokens / times["time_step"],
+            "skipped_batches": state["skipped_batches"],
+            **train_stats,
+            **times,
+        }
+    )
+    if is_weights is not None:
+        record["is_weight_mean"] = float(masked_mean(is_weights, mask))
+    return {k: v for k, v in record.items() if v is not None}
+
+
+def decode(tokenizer, samples: dict, mask: torch.Tensor):
+    prompt_len = samples["sequences"].size(1) - mask.size(1)
+    responses, terminated, tokens = [], [], []
+    for row, row_mask in zip(samples["sequences"][:, prompt_len:].tolist(), mask.tolist(), strict=True):
+        ids = [t for t, m in zip(row, row_mask, strict=True) if m]
+        done = bool(ids) and ids[-1] == tokenizer.eos_token_id
+        body = ids[:-1] if done else ids
+        responses.append(tokenizer.decode(body, skip_special_tokens=True).strip())
+        terminated.append(done)
+        tokens.append(tokenizer.convert_ids_to_tokens(ids))
+    return responses, terminated, tokens
