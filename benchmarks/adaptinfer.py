@@ -41,17 +41,43 @@ METHODS = ["adaptinfer", "adaptinfer_no_prior", "fastv", "random"]
 SIZES = {
     # scaled-down LM at LLaVA-1.5's depth and vision-token count; tiny vision tower (not pruned)
     "cpu-576": dict(
-        vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
-                    image_size=336, patch_size=14, projection_dim=64),
-        text=dict(hidden_size=256, intermediate_size=704, num_hidden_layers=32, num_attention_heads=4,
-                  num_key_value_heads=4, max_position_embeddings=2048),
+        vision=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=336,
+            patch_size=14,
+            projection_dim=64,
+        ),
+        text=dict(
+            hidden_size=256,
+            intermediate_size=704,
+            num_hidden_layers=32,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=2048,
+        ),
     ),
     # LLaVA-1.5-7B: CLIP ViT-L/14-336 + Llama-2-7B (Vicuna) shapes
     "llava-7b": dict(
-        vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                    image_size=336, patch_size=14, projection_dim=768),
-        text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                  num_key_value_heads=32, max_position_embeddings=4096),
+        vision=dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=336,
+            patch_size=14,
+            projection_dim=768,
+        ),
+        text=dict(
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            max_position_embeddings=4096,
+        ),
     ),
 }
 
@@ -85,15 +111,24 @@ def time_prefills(model, inputs, configs: dict[str, tuple[str, dict]], reps: int
     """Interleaved timings of `prefill` (cache built, as generation does) per configuration; medians."""
     samples: dict[str, list[float]] = {name: [] for name in configs}
     with torch.no_grad():
-        for name, (method, schedule) in configs.items():  # warm-up
-            prefill(model, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"], schedule, method)
+        for method, schedule in configs.values():  # warm-up
+            prefill(
+                model, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"], schedule, method
+            )
         for rep in range(reps):
             names = list(configs) if rep % 2 == 0 else list(reversed(configs))
             for name in names:
                 method, schedule = configs[name]
                 sync(device)
                 start = time.perf_counter()
-                prefill(model, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"], schedule, method)
+                prefill(
+                    model,
+                    inputs["input_ids"],
+                    inputs["pixel_values"],
+                    inputs["attention_mask"],
+                    schedule,
+                    method,
+                )
                 sync(device)
                 samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in samples.items()}
@@ -127,7 +162,10 @@ def accuracy_part(args) -> dict:
             out = generate_pruned(model, batch, schedule, method, max_new_tokens=2, generator=generator)
             texts = processor.tokenizer.batch_decode(out.sequences[:, batch["input_ids"].shape[1] :])
             chunk = examples[start : start + 64]
-            correct += sum(task.reward(t.replace(task.SPECIAL["pad"], " "), e.answer) for t, e in zip(texts, chunk, strict=True))
+            correct += sum(
+                task.reward(t.replace(task.SPECIAL["pad"], " "), e.answer)
+                for t, e in zip(texts, chunk, strict=True)
+            )
             flops += prefill_flops(model.config, out.trace)
         return correct / len(examples), flops
 
@@ -138,17 +176,36 @@ def accuracy_part(args) -> dict:
     for ratio in args.ratios:
         for method, schedule in schedules_for(n_layers, n_vision, ratio).items():
             acc, flops = run(method, schedule)
-            rows.append(dict(method=method, keep_ratio=ratio, schedule=schedule,
-                             mean_vision_tokens=mean_vision_tokens(schedule, n_layers, n_vision),
-                             accuracy=acc, retention=acc / dense_acc, flops_ratio=flops / dense_flops))
+            rows.append(
+                dict(
+                    method=method,
+                    keep_ratio=ratio,
+                    schedule=schedule,
+                    mean_vision_tokens=mean_vision_tokens(schedule, n_layers, n_vision),
+                    accuracy=acc,
+                    retention=acc / dense_acc,
+                    flops_ratio=flops / dense_flops,
+                )
+            )
             timing_configs[f"{method}@{ratio}"] = (method, schedule)
-            print(f"  {method:20s} keep {ratio:6.3f}: acc {acc:.3f} retention {acc / dense_acc:.3f}", flush=True)
+            print(
+                f"  {method:20s} keep {ratio:6.3f}: acc {acc:.3f} retention {acc / dense_acc:.3f}", flush=True
+            )
     latency = time_prefills(model, batches[0], timing_configs, args.reps, "cpu")
     for row in rows:
         row["latency_ratio"] = latency[f"{row['method']}@{row['keep_ratio']}"] / latency["dense"]
-    return dict(model=str(model_dir), n_layers=n_layers, n_vision=n_vision, n_eval=len(examples),
-                dense_accuracy=dense_acc, dense_accuracy_hf_generate=hf_acc, chance_accuracy=chance(examples),
-                dense_prefill_seconds=latency["dense"], batch_size_latency=64, rows=rows)
+    return dict(
+        model=str(model_dir),
+        n_layers=n_layers,
+        n_vision=n_vision,
+        n_eval=len(examples),
+        dense_accuracy=dense_acc,
+        dense_accuracy_hf_generate=hf_acc,
+        chance_accuracy=chance(examples),
+        dense_prefill_seconds=latency["dense"],
+        batch_size_latency=64,
+        rows=rows,
+    )
 
 
 def chance(examples) -> float:
@@ -181,8 +238,11 @@ def latency_part(args) -> dict:
     ids = tokenizer(task.prompt_text(question, n_vision), return_tensors="pt")["input_ids"]
     ids = ids.repeat(args.batch_size, 1).to(args.device)
     image = size["vision"]["image_size"]
-    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids),
-                  pixel_values=torch.randn(args.batch_size, 3, image, image, dtype=dtype, device=args.device))
+    inputs = dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        pixel_values=torch.randn(args.batch_size, 3, image, image, dtype=dtype, device=args.device),
+    )
     configs = {"dense": ("adaptinfer", {})}
     for ratio in args.ratios:
         for method, schedule in schedules_for(n_layers, n_vision, ratio).items():
@@ -193,25 +253,48 @@ def latency_part(args) -> dict:
     rows = []
     with torch.no_grad():
         for name, (method, schedule) in configs.items():
-            _, _, trace = prefill(model, ids, inputs["pixel_values"], inputs["attention_mask"], schedule, method)
-            rows.append(dict(name=name, method=method, schedule=schedule,
-                             mean_vision_tokens=mean_vision_tokens(schedule, n_layers, n_vision),
-                             seconds=latency[name], latency_ratio=latency[name] / latency["dense"],
-                             flops=prefill_flops(config, trace)))
+            _, _, trace = prefill(
+                model, ids, inputs["pixel_values"], inputs["attention_mask"], schedule, method
+            )
+            rows.append(
+                dict(
+                    name=name,
+                    method=method,
+                    schedule=schedule,
+                    mean_vision_tokens=mean_vision_tokens(schedule, n_layers, n_vision),
+                    seconds=latency[name],
+                    latency_ratio=latency[name] / latency["dense"],
+                    flops=prefill_flops(config, trace),
+                )
+            )
     dense_flops = rows[0]["flops"]
     for row in rows:
         row["flops_ratio"] = row["flops"] / dense_flops
-    return dict(size=args.size, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-                n_layers=n_layers, n_vision=n_vision, prompt_tokens=ids.shape[1], reps=args.reps,
-                lm_head_flops_last_token=lm_head_flops(config, args.batch_size), rows=rows)
+    return dict(
+        size=args.size,
+        device=args.device,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        n_layers=n_layers,
+        n_vision=n_vision,
+        prompt_tokens=ids.shape[1],
+        reps=args.reps,
+        lm_head_flops_last_token=lm_head_flops(config, args.batch_size),
+        rows=rows,
+    )
 
 
 # ---------------------------------------------------------------- report
 
 
 def machine() -> dict:
-    info = dict(platform=platform.platform(), python=platform.python_version(), torch=torch.__version__,
-                cpu_count=os.cpu_count(), processor=platform.processor())
+    info = dict(
+        platform=platform.platform(),
+        python=platform.python_version(),
+        torch=torch.__version__,
+        cpu_count=os.cpu_count(),
+        processor=platform.processor(),
+    )
     import transformers
 
     info["transformers"] = transformers.__version__
@@ -230,27 +313,40 @@ def git_commit() -> dict:
 def print_tables(result: dict) -> None:
     acc = result.get("accuracy")
     if acc:
-        print(f"\nTiny VLM ({acc['n_layers']} layers, {acc['n_vision']} vision tokens), {acc['n_eval']} questions: "
-              f"dense accuracy {acc['dense_accuracy']:.3f} (chance {acc['chance_accuracy']:.3f})")
-        print(f"{'keep':>6} {'method':22} {'mean vis':>8} {'acc':>6} {'retention':>9} {'FLOPs':>6} {'latency':>7}")
+        print(
+            f"\nTiny VLM ({acc['n_layers']} layers, {acc['n_vision']} vision tokens), {acc['n_eval']} questions: "
+            f"dense accuracy {acc['dense_accuracy']:.3f} (chance {acc['chance_accuracy']:.3f})"
+        )
+        print(
+            f"{'keep':>6} {'method':22} {'mean vis':>8} {'acc':>6} {'retention':>9} {'FLOPs':>6} {'latency':>7}"
+        )
         for r in acc["rows"]:
-            print(f"{r['keep_ratio']:6.3f} {r['method']:22} {r['mean_vision_tokens']:8.2f} {r['accuracy']:6.3f} "
-                  f"{r['retention']:9.3f} {r['flops_ratio']:6.3f} {r['latency_ratio']:7.3f}")
+            print(
+                f"{r['keep_ratio']:6.3f} {r['method']:22} {r['mean_vision_tokens']:8.2f} {r['accuracy']:6.3f} "
+                f"{r['retention']:9.3f} {r['flops_ratio']:6.3f} {r['latency_ratio']:7.3f}"
+            )
     lat = result.get("latency")
     if lat:
-        print(f"\nLatency model '{lat['size']}' ({lat['device']}, {lat['dtype']}, batch {lat['batch_size']}, "
-              f"{lat['prompt_tokens']} prompt tokens, {lat['n_vision']} vision): prefill, ratios to dense")
+        print(
+            f"\nLatency model '{lat['size']}' ({lat['device']}, {lat['dtype']}, batch {lat['batch_size']}, "
+            f"{lat['prompt_tokens']} prompt tokens, {lat['n_vision']} vision): prefill, ratios to dense"
+        )
         print(f"{'configuration':34} {'mean vis':>8} {'seconds':>8} {'latency':>7} {'FLOPs':>6}")
         for r in lat["rows"]:
-            print(f"{r['name']:34} {r['mean_vision_tokens']:8.1f} {r['seconds']:8.4f} {r['latency_ratio']:7.3f} "
-                  f"{r['flops_ratio']:6.3f}")
+            print(
+                f"{r['name']:34} {r['mean_vision_tokens']:8.1f} {r['seconds']:8.4f} {r['latency_ratio']:7.3f} "
+                f"{r['flops_ratio']:6.3f}"
+            )
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=str(Path.home() / ".cache" / "rto" / "image-vlm"),
-                        help="trained tiny VLM dir (trained here when missing)")
-    parser.add_argument("--train-steps", type=int, default=1200)
+    parser.add_argument(
+        "--model",
+        default=str(Path.home() / ".cache" / "rto" / "image-vlm"),
+        help="trained tiny VLM dir (trained here when missing)",
+    )
+    parser.add_argument("--train-steps", type=int, default=1000)
     parser.add_argument("--n-eval", type=int, default=512)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.25, 0.125])
     parser.add_argument("--reps", type=int, default=7)
@@ -262,8 +358,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "adaptinfer.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
-    result = dict(benchmark="adaptinfer", machine=machine(), git=git_commit(), settings=vars(args),
-                  started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    result = dict(
+        benchmark="adaptinfer",
+        machine=machine(),
+        git=git_commit(),
+        settings=vars(args),
+        started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
     if not args.skip_accuracy and args.device == "cpu":
         result["accuracy"] = accuracy_part(args)
     result["latency"] = latency_part(args)

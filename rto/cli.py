@@ -55,6 +55,24 @@ def run(
     print_summary(summary, cfg.stages)
 
 
+@app.command()
+def score(
+    config: Path = typer.Argument(..., help="Job file (YAML) whose reward settings to use"),
+    overrides: list[str] = SetOption,
+    run_dir: Path = typer.Option(None, "--run-dir", help="Run directory with finished sft/dpo/rm stages"),
+    responses: Path = typer.Option(None, "--responses", help="JSONL/Parquet with prompt + response columns (default: sample the policy)"),
+    output: Path = typer.Option(None, "-o", "--output", help="Trace file to write (default: RUN_DIR/scores/scored-<mode>.parquet)"),
+    samples: int = typer.Option(64, "--samples", min=1, help="Responses to sample when --responses is not given"),
+) -> None:
+    """Score responses with the configured token reward and write one trace file (before any PPO)."""
+    from reward.score import score_responses
+    from rto.config import load_config
+
+    cfg = load_config(config, overrides or [])
+    path = score_responses(cfg, run_dir or default_run_dir(config), responses, output, samples)
+    typer.echo(f"wrote {path}")
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

@@ -37,7 +37,9 @@ def test_empty_and_keep_all_schedules_equal_the_dense_model_exactly(tiny, batch)
         hf_logits = model(**batch, position_ids=position_ids(batch)).logits[:, -1]
         hf_sequences = model.generate(**batch, max_new_tokens=5, do_sample=False)
         for schedule in ({}, {0: N_VISION, 2: N_VISION}):
-            logits, _, trace = prefill(model, batch["input_ids"], batch["pixel_values"], batch["attention_mask"], schedule)
+            logits, _, trace = prefill(
+                model, batch["input_ids"], batch["pixel_values"], batch["attention_mask"], schedule
+            )
             assert torch.equal(logits, hf_logits)
             out = generate_pruned(model, batch, schedule, max_new_tokens=5)
             assert torch.equal(out.sequences, hf_sequences)
@@ -72,7 +74,9 @@ def reference_adaptinfer_scores(attn: torch.Tensor, text: list[int], vision: lis
 def test_kept_tokens_are_the_top_k_of_the_documented_score(tiny, batch, k):
     model, _ = tiny
     layer = 1
-    _, _, trace = prefill(model, batch["input_ids"], batch["pixel_values"], batch["attention_mask"], {layer: k})
+    _, _, trace = prefill(
+        model, batch["input_ids"], batch["pixel_values"], batch["attention_mask"], {layer: k}
+    )
     eager, _ = image_model.tiny_random_vlm(seed=0, n_layers=4, attn_implementation="eager")
     with torch.no_grad():
         attentions = eager(**batch, position_ids=position_ids(batch), output_attentions=True).attentions
@@ -99,15 +103,20 @@ def test_batched_results_equal_per_sample_results(tiny, method):
     model, processor = tiny
     examples = task.make_examples(3, seed=11)
     schedule = {0: 32, 2: 8}
-    together = generate_pruned(model, task.encode(processor, examples), schedule, method, max_new_tokens=4)
-    width = together.sequences.shape[1] - 4
+    inputs = task.encode(processor, examples)
+    together = generate_pruned(model, inputs, schedule, method, max_new_tokens=4)
+    prompt = inputs["input_ids"].shape[1]
     for b, example in enumerate(examples):
-        alone = generate_pruned(model, task.encode(processor, [example]), schedule, method, max_new_tokens=4)
-        assert torch.equal(alone.sequences[0, -4:], together.sequences[b, -4:])
-        assert torch.equal(alone.sequences[0, : alone.sequences.shape[1] - 4], together.sequences[b, width - alone.sequences.shape[1] + 4 : width])
+        one = task.encode(processor, [example])
+        alone = generate_pruned(model, one, schedule, method, max_new_tokens=4)
+        new = alone.sequences.shape[1] - one["input_ids"].shape[1]
+        assert torch.equal(alone.sequences[0, -new:], together.sequences[b, prompt : prompt + new])
+        assert (together.response_mask[b, new:] == 0).all()
         for layer in schedule:
             assert torch.equal(alone.trace.kept_vision[layer][0], together.trace.kept_vision[layer][b])
-        torch.testing.assert_close(alone.sampler_logprobs[0], together.sampler_logprobs[b], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            alone.sampler_logprobs[0], together.sampler_logprobs[b, :new], atol=1e-5, rtol=1e-5
+        )
 
 
 def test_tokens_leave_the_sequence_and_the_cache(tiny, batch):
@@ -116,14 +125,26 @@ def test_tokens_leave_the_sequence_and_the_cache(tiny, batch):
     n = batch["input_ids"].shape[1]
     assert out.trace.vision_per_layer == [N_VISION, 16, 16, 4]
     assert out.trace.tokens_per_layer == [n, n - 48, n - 48, n - 60]
-    _, state, _ = prefill(model, batch["input_ids"], batch["pixel_values"], batch["attention_mask"], {0: 16, 2: 4})
+    _, state, _ = prefill(
+        model, batch["input_ids"], batch["pixel_values"], batch["attention_mask"], {0: 16, 2: 4}
+    )
     assert [layer.keys.shape[-2] for layer in state.cache.layers] == [n, n - 48, n - 48, n - 60]
 
 
 def test_sampling_is_seeded_and_logprobs_are_of_the_chosen_tokens(tiny, batch):
     model, _ = tiny
-    runs = [generate_pruned(model, batch, {1: 8}, max_new_tokens=3, do_sample=True, top_k=5,
-                            generator=torch.Generator().manual_seed(3)) for _ in range(2)]
+    runs = [
+        generate_pruned(
+            model,
+            batch,
+            {1: 8},
+            max_new_tokens=3,
+            do_sample=True,
+            top_k=5,
+            generator=torch.Generator().manual_seed(3),
+        )
+        for _ in range(2)
+    ]
     assert torch.equal(runs[0].sequences, runs[1].sequences)
     assert (runs[0].sampler_logprobs <= 0).all()
 
@@ -132,4 +153,6 @@ def test_flops_of_an_unpruned_trace_equal_the_dense_prefill(tiny, batch):
     model, _ = tiny
     _, _, trace = prefill(model, batch["input_ids"], batch["pixel_values"], batch["attention_mask"], {})
     n = batch["input_ids"].shape[1]
-    assert sum(prefill_flops_per_layer(model.config, trace.tokens_per_layer)) == dense_prefill_flops(model.config, n)
+    assert sum(prefill_flops_per_layer(model.config, trace.tokens_per_layer)) == dense_prefill_flops(
+        model.config, n
+    )

@@ -36,7 +36,9 @@ COUNTS = ["zero", "one", "two", "three"]
 BACKGROUND = (24, 24, 24)
 
 SPECIAL = {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s>", "image": "<image>"}
-QUESTION_WORDS = "USER: ASSISTANT: what color is the shape at how many shapes ? nothing top bottom left right".split()
+QUESTION_WORDS = (
+    "USER: ASSISTANT: what color is the shape at how many shapes ? nothing top bottom left right".split()
+)
 
 
 @dataclass(frozen=True)
@@ -161,7 +163,9 @@ def build_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    core = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(vocabulary())}, unk_token=SPECIAL["unk"]))
+    core = Tokenizer(
+        models.WordLevel(vocab={w: i for i, w in enumerate(vocabulary())}, unk_token=SPECIAL["unk"])
+    )
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     core.decoder = decoders.WordPiece(prefix="##", cleanup=False)
     tokenizer = PreTrainedTokenizerFast(

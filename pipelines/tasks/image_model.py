@@ -28,8 +28,8 @@ TINY_VISION = dict(
 """CLIP vision tower of the built-in VLM."""
 
 TINY_TEXT = dict(
-    hidden_size=96,
-    intermediate_size=256,
+    hidden_size=64,
+    intermediate_size=192,
     num_hidden_layers=12,
     num_attention_heads=4,
     num_key_value_heads=4,
@@ -72,12 +72,13 @@ def build_model(tokenizer, seed: int = 0, **overrides):
 
 def sft(
     out_dir: str | Path,
-    steps: int = 1500,
+    steps: int = 1000,
     batch_size: int = 32,
-    lr: float = 2e-3,
+    lr: float = 3e-3,
     n_train: int = 16000,
     seed: int = 0,
     log_every: int = 100,
+    n_eval: int = 512,
 ) -> dict:
     """Supervised fine-tuning on the task (loss on the answer word and EOS); saves model + processor.
 
@@ -90,7 +91,8 @@ def sft(
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+        optimizer,
+        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
     )
     generator = torch.Generator().manual_seed(seed)
     model.train()
@@ -111,9 +113,12 @@ def sft(
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
-    summary = {"steps": steps, "final_loss": sum(losses[-50:]) / min(50, len(losses)),
-               "seconds": time.perf_counter() - start}
-    summary["accuracy"] = evaluate(model, processor, task.make_examples(512, seed=seed + 2))
+    summary = {
+        "steps": steps,
+        "final_loss": sum(losses[-50:]) / min(50, len(losses)),
+        "seconds": time.perf_counter() - start,
+    }
+    summary["accuracy"] = evaluate(model, processor, task.make_examples(n_eval, seed=seed + 2))
     return summary
 
 
@@ -128,15 +133,27 @@ def evaluate(model, processor, examples: list[task.Example], batch_size: int = 6
             out = model.generate(**batch, max_new_tokens=2, do_sample=False)
         else:
             out = generate(model, batch)
-        texts = processor.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=False)
-        total += sum(task.reward(t.replace(task.SPECIAL["pad"], " "), e.answer) for t, e in zip(texts, chunk, strict=True))
+        texts = processor.tokenizer.batch_decode(
+            out[:, batch["input_ids"].shape[1] :], skip_special_tokens=False
+        )
+        total += sum(
+            task.reward(t.replace(task.SPECIAL["pad"], " "), e.answer)
+            for t, e in zip(texts, chunk, strict=True)
+        )
     return total / len(examples)
+
 
 def tiny_random_vlm(seed: int = 0, n_layers: int = 4, attn_implementation: str = "sdpa"):
     """(model, processor): an untrained, even smaller VLM with spread-out logits, for tests."""
     processor = task.build_processor()
-    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers, num_attention_heads=4,
-                num_key_value_heads=2, initializer_range=0.3)
+    text = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.3,
+    )
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
     model = build_model(processor.tokenizer, seed=seed, text=text, vision=vision)
     model.set_attn_implementation(attn_implementation)
@@ -146,4 +163,4 @@ def tiny_random_vlm(seed: int = 0, n_layers: int = 4, attn_implementation: str =
 if __name__ == "__main__":  # python -m pipelines.tasks.image_model OUT_DIR [STEPS]
     import sys
 
-    print(sft(sys.argv[1], steps=int(sys.argv[2]) if len(sys.argv) > 2 else 1500))
+    print(sft(sys.argv[1], steps=int(sys.argv[2]) if len(sys.argv) > 2 else 1000))

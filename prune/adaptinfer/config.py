@@ -80,4 +80,7 @@ class AdaptInferConfig(BaseModel):
         try:
             return dict(check_schedule(schedule, n_layers, n_vision))
         except UserError as error:
-            raise UserError(str(error).removeprefix("schedule: "), field=f"preset {self.preset}" if self.preset else "schedule") from None
+            raise UserError(
+                str(error).removeprefix("schedule: "),
+                field=f"preset {self.preset}" if self.preset else "schedule",
+            ) from None

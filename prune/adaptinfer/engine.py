@@ -34,6 +34,7 @@ class PruneTrace:
     vision_per_layer: list[int] = field(default_factory=list)
     kept_vision: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, k) ordinals
     scoring: dict[int, tuple[int, int]] = field(default_factory=dict)  # layer -> (query rows, keys)
+    text_to_vision: list[float] = field(default_factory=list)  # with probe=True: per layer, see `prefill`
 
 
 @dataclass
@@ -52,7 +53,9 @@ def parts(model):
     """(llava inner model, language model) of a Llava-family model; `UserError` if it is not one."""
     inner = getattr(model, "model", None)
     if inner is None or getattr(inner, "vision_tower", None) is None:
-        raise UserError(f"{type(model).__name__} has no vision tower; vision-token pruning needs a Llava-family model")
+        raise UserError(
+            f"{type(model).__name__} has no vision tower; vision-token pruning needs a Llava-family model"
+        )
     language_model = getattr(inner, "language_model", None)
     if language_model is None or not hasattr(language_model, "layers"):
         raise UserError(f"{type(model).__name__} has no decoder-layer language model", field="language_model")
@@ -64,9 +67,13 @@ def check_schedule(schedule: dict[int, int], n_layers: int, n_vision: int) -> li
     steps, present = sorted((int(k), int(v)) for k, v in schedule.items()), n_vision
     for layer, keep in steps:
         if not 0 <= layer < n_layers:
-            raise UserError(f"layer {layer} does not exist (the model has layers 0..{n_layers - 1})", field="schedule")
+            raise UserError(
+                f"layer {layer} does not exist (the model has layers 0..{n_layers - 1})", field="schedule"
+            )
         if not 0 <= keep <= present:
-            raise UserError(f"layer {layer} keeps {keep} vision tokens but only {present} exist there", field="schedule")
+            raise UserError(
+                f"layer {layer} keeps {keep} vision tokens but only {present} exist there", field="schedule"
+            )
         present = keep
     return steps
 
@@ -78,7 +85,9 @@ def image_embeddings(model, input_ids: torch.Tensor, pixel_values: torch.Tensor)
     vision = input_ids == image_token_id
     counts = vision.sum(-1)
     if pixel_values is None or pixel_values.shape[0] != input_ids.shape[0]:
-        raise UserError("expected one image per sample (pixel_values rows == batch size)", field="pixel_values")
+        raise UserError(
+            "expected one image per sample (pixel_values rows == batch size)", field="pixel_values"
+        )
     features = inner.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
     features = torch.stack(list(features)) if isinstance(features, list | tuple) else features
     if not bool((counts == features.shape[1]).all()):
@@ -100,12 +109,18 @@ def attention_mask_for(config, key_valid: torch.Tensor, n_query: int, dtype: tor
     if bool(key_valid.all()) and (n_query == 1 or n_query == k):
         return None  # SDPA's is_causal (prefill) or no mask (one-token decode), as HF does
     query_pos = torch.arange(k - n_query, k, device=key_valid.device)
-    allowed = key_valid[:, None, :] & (torch.arange(k, device=key_valid.device)[None, :] <= query_pos[:, None])
-    allowed = allowed | (torch.arange(k, device=key_valid.device)[None, :] == query_pos[:, None])  # no empty rows
+    allowed = key_valid[:, None, :] & (
+        torch.arange(k, device=key_valid.device)[None, :] <= query_pos[:, None]
+    )
+    allowed = allowed | (
+        torch.arange(k, device=key_valid.device)[None, :] == query_pos[:, None]
+    )  # no empty rows
     allowed = allowed[:, None]  # (B, 1, Q, K)
     if getattr(config, "_attn_implementation", "sdpa") in ("sdpa", "flash_attention_2", "flex_attention"):
         return allowed
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
 
 
 def select_rows(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,8 +169,15 @@ def prefill(
     method: str = "adaptinfer",
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    probe: bool = False,
 ) -> tuple[torch.Tensor, PrunedCache | None, PruneTrace]:
-    """Pruned prefill. Returns the last position's logits (B, vocab), the cache and a `PruneTrace`."""
+    """Pruned prefill. Returns the last position's logits (B, vocab), the cache and a `PruneTrace`.
+
+    With `probe`, every layer also records in `trace.text_to_vision` the share of the text
+    queries' attention that goes to vision tokens (mean over samples, heads and text rows), the
+    profile that `prune.adaptinfer.analysis` reads cut layers from. The cache is always built (the
+    scorers read the pruning layer's keys from it); `use_cache=False` only drops it at the end.
+    """
     inner, lm = parts(model)
     scorer = SCORERS.get(method)
     if attention_mask is None:
@@ -165,7 +187,9 @@ def prefill(
     n_vision = int(vision[0].sum())
     steps = dict(check_schedule(schedule or {}, len(lm.layers), n_vision))
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    last_vision = torch.where(vision, torch.arange(vision.shape[1], device=vision.device), -1).amax(-1, keepdim=True)
+    last_vision = torch.where(vision, torch.arange(vision.shape[1], device=vision.device), -1).amax(
+        -1, keepdim=True
+    )
     text = valid & ~vision & (torch.arange(vision.shape[1], device=vision.device)[None, :] > last_vision)
     ordinal = torch.where(vision, vision.long().cumsum(-1) - 1, -1)
 
@@ -179,9 +203,20 @@ def prefill(
         trace.vision_per_layer.append(int(vision[0].sum()))
         mask = attention_mask_for(lm.config, valid, hidden.shape[1], hidden.dtype)
         hidden_in = hidden
-        hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
-                       position_ids=positions, cache=cache, use_cache=True)
+        hidden = layer(
+            hidden,
+            attention_mask=mask,
+            position_embeddings=position_embeddings,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+        )
         key_valid.append(valid)
+        if probe:
+            rows, rows_valid = select_rows(text)
+            attn = attention_rows(layer, hidden_in, position_embeddings, cache.layers[index].keys, valid, rows, rows_valid)
+            share = (attn * vision[:, None, None, :]).sum(-1).mean(1)  # (B, Q)
+            trace.text_to_vision.append(float((share * rows_valid).sum() / rows_valid.sum()))
         if index not in steps:
             continue
         vision_index, _ = select_rows(vision)
@@ -199,9 +234,12 @@ def prefill(
         order = select_rows(keep)[0][:, :n_keep]
         trace.kept_vision[index] = ordinal.gather(1, kept)
         hidden = hidden.gather(1, order[..., None].expand(b, n_keep, hidden.shape[-1]))
-        positions, valid, vision, text, ordinal = (t.gather(1, order) for t in (positions, valid, vision, text, ordinal))
-        position_embeddings = tuple(t.gather(1, order[..., None].expand(b, n_keep, t.shape[-1]))
-                                    for t in position_embeddings)
+        positions, valid, vision, text, ordinal = (
+            t.gather(1, order) for t in (positions, valid, vision, text, ordinal)
+        )
+        position_embeddings = tuple(
+            t.gather(1, order[..., None].expand(b, n_keep, t.shape[-1])) for t in position_embeddings
+        )
     logits = model.lm_head(lm.norm(hidden[:, -1:]))[:, 0]
     state = PrunedCache(cache, key_valid, positions.amax(-1) + 1) if use_cache else None
     return logits, state, trace
@@ -217,7 +255,13 @@ def decode(model, token_ids: torch.Tensor, state: PrunedCache) -> torch.Tensor:
     for index, layer in enumerate(lm.layers):
         state.key_valid[index] = torch.cat([state.key_valid[index], ones], dim=1)
         mask = attention_mask_for(lm.config, state.key_valid[index], 1, hidden.dtype)
-        hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
-                       position_ids=positions, cache=state.cache, use_cache=True)
+        hidden = layer(
+            hidden,
+            attention_mask=mask,
+            position_embeddings=position_embeddings,
+            position_ids=positions,
+            cache=state.cache,
+            use_cache=True,
+        )
     state.next_position = state.next_position + 1
     return model.lm_head(lm.norm(hidden))[:, 0]

@@ -63,7 +63,9 @@ def text_prior_weights(a_tt: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 @register_scorer("adaptinfer", queries="text")
-def adaptinfer_scores(attn, query_index, query_valid, vision_index, text_prior: bool = True, **_) -> torch.Tensor:
+def adaptinfer_scores(
+    attn, query_index, query_valid, vision_index, text_prior: bool = True, **_
+) -> torch.Tensor:
     """s_v = Σ_heads Σ_text w_i · A[i, v], with w the text prior (or 1 when `text_prior` is False)."""
     attn = attn.float()
     if text_prior:

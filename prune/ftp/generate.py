@@ -110,13 +110,28 @@ def calibrate_decode_thresholds(
     *,
     max_new_tokens: int = 32,
     n_probes: int = 8,
+    rounds: int = 2,
 ) -> list[float]:
     """Per-block decode thresholds such that decoded tokens skip block l at about its target
-    sparsity: the s_l-quantile of the router's keep-probabilities of tokens decoded (greedily, dense
-    decode) from calibration prompts [(input_ids, attention_mask)]."""
+    sparsity s_l: the s_l-quantile of the router's keep-probabilities of tokens decoded greedily
+    from calibration prompts [(input_ids, attention_mask)]. The first round decodes densely, each
+    further round with the previous round's thresholds (the states then look like pruned decoding)."""
+    thresholds = [0.0] * len(schedule)
+    for _ in range(rounds):
+        probs = _decode_keep_probs(
+            model, router, schedule, prompt_batches, thresholds, max_new_tokens, n_probes
+        )
+        thresholds = [
+            float(torch.quantile(torch.cat(p), s)) if p and 0 < s < 1 else 0.5
+            for p, s in zip(probs, schedule, strict=True)
+        ]
+    return thresholds
+
+
+def _decode_keep_probs(model, router, schedule, prompt_batches, thresholds, max_new_tokens, n_probes):
     probs: list[list[torch.Tensor]] = [[] for _ in schedule]
+    common = dict(schedule=schedule, router=router, threshold=thresholds, n_probes=n_probes)
     for input_ids, attention_mask in prompt_batches:
-        common = dict(schedule=schedule, router=router, threshold=0.0, n_probes=n_probes)
         out = skipping_forward(model, input_ids, attention_mask, logits_to_keep=1, **common)
         for _ in range(max_new_tokens):
             next_tokens = out.logits[:, -1].argmax(-1)
@@ -127,13 +142,7 @@ def calibrate_decode_thresholds(
             for idx, route in enumerate(out.routes):
                 if route.keep_prob is not None:
                     probs[idx].append(route.keep_prob.flatten().float())
-    thresholds = []
-    for idx, sparsity in enumerate(schedule):
-        if not probs[idx]:
-            thresholds.append(0.5)
-            continue
-        thresholds.append(float(torch.quantile(torch.cat(probs[idx]), sparsity)))
-    return thresholds
+    return probs
 
 
 def _count(stats: dict | None, routes, active: torch.Tensor | None) -> None:

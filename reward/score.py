@@ -1,0 +1,120 @@
+"""`rto score`: score a set of responses with the configured token reward and write one trace file,
+so the reward can be inspected (with `rto traces`, pandas or pyarrow) before any PPO runs.
+
+Responses come from a JSONL/Parquet file with `prompt` and `response` (or TRL `completion`) columns,
+or are sampled from the policy on the held-out prompts. No critic exists yet, so `value`,
+`advantage` and `return` are null.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from reward.compose import compose_token_rewards
+from reward.traces import trace_columns, write_traces
+from rto.config import Config
+from rto.errors import UserError
+from rto.generation import decode_responses, encode_completion, encode_prompt, pack, prompt_text, sample
+from rto.rundir import RunDir
+
+
+def load_responses(path: Path) -> list[tuple[object, str]]:
+    from pipelines.prepare import _is_empty
+
+    if not path.is_file():
+        raise UserError("responses file not found", source=str(path))
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(path).to_pylist()
+    else:
+        import json
+
+        rows = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise UserError(f"line {n} is not valid JSON ({exc.msg})", source=str(path)) from None
+    out = []
+    for n, row in enumerate(rows, 1):
+        response = row.get("response", row.get("completion"))
+        if "prompt" not in row or response is None:
+            raise UserError(f"row {n} needs 'prompt' and 'response' (or 'completion') columns", source=str(path))
+        if isinstance(response, list):
+            response = response[-1]["content"]
+        if _is_empty(response):
+            raise UserError(f"row {n} has an empty response", source=str(path))
+        out.append((row["prompt"], response))
+    if not out:
+        raise UserError("no responses in the file", source=str(path))
+    return out
+
+
+def score_responses(cfg: Config, run_dir: Path, responses: Path | None, out: Path | None, n_samples: int = 64) -> Path:
+    from pipelines.prepare import prepare
+    from pipelines.stages.rm import load_normalization
+    from reward.scoring import FrozenLM, FrozenRM, check_same_tokenizer
+    from rto.models import load_causal_lm, load_tokenizer
+    from rto.runtime import resolve_device
+
+    run = RunDir(run_dir)
+    device = resolve_device(cfg.device)
+    prepared = prepare(cfg, run.create())
+    policy = str(run.stage_dir("sft")) if run.is_done("sft") else prepared.model("policy")
+    dpo = str(run.stage_dir("dpo")) if run.is_done("dpo") else None
+    rm = str(run.stage_dir("rm")) if run.is_done("rm") else None
+    if cfg.reward.needs_dpo and dpo is None:
+        raise UserError(f"reward.mode '{cfg.reward.mode}' needs a finished dpo stage in {run.root}", field="stages")
+    if cfg.reward.needs_rm and rm is None:
+        raise UserError(f"reward.mode '{cfg.reward.mode}' needs a finished rm stage in {run.root}", field="stages")
+    if dpo:
+        check_same_tokenizer(dpo, policy)
+    tokenizer = load_tokenizer(policy)
+
+    if responses is not None:
+        pairs = load_responses(responses)
+        encoded = [encode_completion(tokenizer, p, r if not isinstance(p, list) else [{"role": "assistant", "content": r}]) for p, r in pairs]
+        sequences, attention_mask, prompt_len, response_mask = pack([e[0] for e in encoded], [e[1] for e in encoded], tokenizer.pad_token_id)
+        prompts = [prompt_text(p) for p, _ in pairs]
+        texts = [r for _, r in pairs]
+    else:
+        records = prepared.records("eval_prompts")[:n_samples]
+        model = load_causal_lm(policy, device=device).eval()
+        torch.manual_seed(cfg.seed)
+        samples = sample(
+            model, [encode_prompt(tokenizer, r["prompt"]) for r in records], eos_id=tokenizer.eos_token_id,
+            pad_id=tokenizer.pad_token_id, max_new_tokens=cfg.ppo.max_new_tokens, temperature=cfg.ppo.temperature,
+        )  # fmt: skip
+        sequences, attention_mask, prompt_len = samples.sequences.cpu(), samples.attention_mask.cpu(), samples.prompt_len
+        response_mask = samples.response_mask.cpu()
+        prompts = [prompt_text(r["prompt"]) for r in records]
+        texts = decode_responses(tokenizer, samples)
+
+    mask = response_mask.float()
+    logprobs = FrozenLM(policy, device=device).logprobs(sequences, attention_mask, prompt_len)
+    ref_logprobs = logprobs.clone()  # before PPO the policy is its own reference
+    dpo_logprobs = FrozenLM(dpo, device=device).logprobs(sequences, attention_mask, prompt_len) if cfg.reward.needs_dpo else None
+    rm_scores = FrozenRM(rm, device=device).scores(sequences, attention_mask) if cfg.reward.needs_rm else None
+    normalization = load_normalization(rm) if rm and cfg.reward.needs_rm and cfg.reward.rm_normalize else (None, None)
+    rewards = compose_token_rewards(
+        cfg.reward, response_mask=mask, logprobs=logprobs, ref_logprobs=ref_logprobs, dpo_logprobs=dpo_logprobs,
+        rm_scores=rm_scores, rm_mean=normalization[0], rm_std=normalization[1],
+    )  # fmt: skip
+    gt = prepared.ground_truth()
+    terminated = [bool(((row == tokenizer.eos_token_id) & m.bool()).any()) for row, m in zip(sequences[:, prompt_len:], response_mask, strict=True)]
+    token_ids = sequences[:, prompt_len:]
+    tokens = [tokenizer.convert_ids_to_tokens(row[: int(m.sum())].tolist()) for row, m in zip(token_ids, response_mask, strict=True)]
+    columns = trace_columns(
+        step=0, prompts=prompts, responses=texts, tokens=tokens, token_ids=token_ids, response_mask=mask,
+        rm_score=rewards.rm_score if cfg.reward.needs_rm else None,
+        gt_reward=[gt(p, t, d) for p, t, d in zip(prompts, texts, terminated, strict=True)] if gt else None,
+        logprob=logprobs, ref_logprob=ref_logprobs, dpo_logprob=dpo_logprobs,
+        reward_dpo=rewards.reward_dpo if cfg.reward.needs_dpo else None, reward_kl=rewards.reward_kl, reward=rewards.reward,
+    )  # fmt: skip
+    out = out or run.root / "scores" / f"scored-{cfg.reward.mode}.parquet"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return write_traces(out, columns, overwrite=True)

@@ -1,0 +1,50 @@
+"""A tiny end-to-end job (seconds per stage on 2 cores) and a CLI runner for the pipeline tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+TINY_ARCH = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2}
+
+TINY_JOB = {
+    "seed": 0,
+    "device": "cpu",
+    "stages": ["sft", "dpo", "rm", "ppo", "eval"],
+    "task": {"n_sft": 256, "n_pairs": 128, "n_eval_pairs": 64, "n_prompts": 64, "n_eval": 16},
+    "policy": {"builtin": "tiny-llama", "arch": TINY_ARCH},
+    "reward_model": {"builtin": "tiny-llama", "arch": TINY_ARCH},
+    "sft": {"max_steps": 150, "batch_size": 32, "lr": 1e-2},
+    "dpo": {"max_steps": 4, "batch_size": 16},
+    "rm": {"max_steps": 4, "batch_size": 16},
+    "ppo": {
+        "steps": 2, "rollout_batch_size": 8, "train_batch_size": 8, "micro_batch_size": 4,
+        "max_new_tokens": 16, "checkpoint_every": 1, "tensorboard": True,
+    },
+    "eval": {"max_new_tokens": 24, "batch_size": 16},
+    "resources": {"num_cpus": 2, "policy": {"ranks": 2, "cpus": 0.25}},
+}  # fmt: skip
+
+
+def write_job(directory: Path, **changes) -> Path:
+    job = yaml.safe_load(yaml.safe_dump(TINY_JOB))
+    for dotted, value in changes.items():
+        node = job
+        *parents, leaf = dotted.split("__")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    path = directory / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def rto(*args: str, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    return subprocess.run(
+        [sys.executable, "-m", "rto.cli", *args], capture_output=True, text=True, timeout=timeout, env=env, **kwargs
+    )
