@@ -1,7 +1,8 @@
 """The built-in image task: small generated pictures with questions whose answers are known.
 
-A 32x32 picture holds two or three shapes (circle, square, triangle; each type at most once) in
-four colours, each in its own quadrant. Three kinds of question, single-word answers:
+A 32x32 picture (8x8 patches of 4x4 pixels) holds two or three shapes (circle, square, triangle;
+each type at most once) in four colours, each in its own quadrant, each drawn as a 4x4 glyph in one
+patch cell — so every object is exactly one of the 64 vision tokens. Three kinds of question, single-word answers:
 
 * ``what color is the circle ?``          -> ``red`` (the asked shape is always present)
 * ``what shape is at the top left ?``     -> ``square`` or ``nothing`` (empty quadrant)
@@ -61,27 +62,28 @@ class Example:
 # ---------------------------------------------------------------- pictures
 
 
+GLYPHS = {  # one shape fills exactly one 4x4 patch: every object is a single vision token
+    "circle": ("0110", "1111", "1111", "0110"),
+    "square": ("1111", "1111", "1111", "1111"),
+    "triangle": ("0000", "0110", "1111", "1111"),
+}
+
+
 def render(items: tuple[Item, ...], seed: int):
-    """Draw `items` on a dark background; sizes and offsets jitter with `seed`."""
-    from PIL import Image, ImageDraw
+    """Draw `items` on a dark background, each as a 4x4 glyph in a random patch cell of its quadrant."""
+    from PIL import Image
 
     rng = random.Random(seed)
     image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
-    draw = ImageDraw.Draw(image)
-    half = IMAGE_SIZE // 2
+    cells = IMAGE_SIZE // PATCH_SIZE // 2  # patch cells per quadrant side
     for item in items:
         col, row = POSITIONS[item.position]
-        size = rng.randint(9, 12)
-        x0 = col * half + rng.randint(1, half - size - 1)
-        y0 = row * half + rng.randint(1, half - size - 1)
-        box = (x0, y0, x0 + size, y0 + size)
-        fill = COLORS[item.color]
-        if item.shape == "circle":
-            draw.ellipse(box, fill=fill)
-        elif item.shape == "square":
-            draw.rectangle(box, fill=fill)
-        else:
-            draw.polygon([(x0 + size / 2, y0), (x0, y0 + size), (x0 + size, y0 + size)], fill=fill)
+        x0 = (col * cells + rng.randrange(cells)) * PATCH_SIZE
+        y0 = (row * cells + rng.randrange(cells)) * PATCH_SIZE
+        for dy, line in enumerate(GLYPHS[item.shape]):
+            for dx, bit in enumerate(line):
+                if bit == "1":
+                    image.putpixel((x0 + dx, y0 + dy), COLORS[item.color])
     return image
 
 

@@ -1,0 +1,225 @@
+"""PPO through real Ray actors and DeepSpeed engines: weights reach the rollout workers, a killed
+run resumes without gaps or duplicates, a NaN batch is skipped, and traces add up on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline_helpers import rto, write_job
+
+
+@pytest.fixture(scope="module")
+def reward_run(tmp_path_factory):
+    """A run directory with finished sft, dpo and rm stages of the tiny job."""
+    root = tmp_path_factory.mktemp("reward")
+    job = write_job(root, stages=["sft", "dpo", "rm"])
+    result = rto("run", str(job), "--run-dir", str(root / "run"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "run"
+
+
+def fresh_copy(reward_run, tmp_path):
+    target = tmp_path / "run"
+    shutil.copytree(reward_run, target)
+    return target
+
+
+def ppo_steps(run_dir) -> list[int]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in rows if r["stage"] == "ppo"]
+
+
+def test_reward_stages_report_their_figures(reward_run):
+    summary = json.loads((reward_run / "summary.json").read_text())
+    for key in ("dpo_reward_accuracy", "ref_prefers_chosen", "dpo_prefers_chosen", "label_agrees_with_gt"):
+        assert 0.0 <= summary["dpo"][key] <= 1.0
+    assert 0.0 <= summary["rm"]["rm_pair_accuracy"] <= 1.0
+    normalization = json.loads((reward_run / "stages" / "rm" / "normalization.json").read_text())
+    assert normalization["std"] > 0
+
+
+def test_rollout_workers_receive_updated_weights(reward_run, tmp_path):
+    """One PPO iteration with a 2-rank DeepSpeed policy: the rollout copy changes and matches."""
+    import ray
+
+    from pipelines.prepare import prepare
+    from pipelines.stages.rm import load_normalization
+    from rto.config import load_config
+    from rto.distributed import init_ray
+    from rto.ppo.groups import ModelPaths, build_groups
+    from rto.ppo.trainer import PPOInputs, one_step
+    from rto.models import load_tokenizer
+    from rto.rundir import RunDir
+    from rto.generation import encode_prompt, prompt_text
+
+    run_dir = fresh_copy(reward_run, tmp_path)
+    cfg = load_config(write_job(tmp_path, stages=["ppo"]))
+    run = RunDir(run_dir)
+    prepared = prepare(cfg, run)
+    stages = run_dir / "stages"
+    paths = ModelPaths(policy=str(stages / "sft"), critic=str(stages / "rm"), ref=str(stages / "sft"), dpo=str(stages / "dpo"), rm=str(stages / "rm"))
+    init_ray(None, 2)
+    groups = build_groups(cfg, paths, optimizer_steps=4, dtype="float32")
+    try:
+        assert groups.policy.num_actors == 2
+        before = groups.rollout.run_all("weights_checksum")
+        assert before == groups.policy.run_all("weights_checksum")[:1]
+        prompts = [r["prompt"] for r in prepared.records("prompts")]
+        tokenizer = load_tokenizer(paths.policy)
+        inputs = PPOInputs(
+            cfg=cfg, run=run, out_dir=tmp_path / "out", paths=paths, prompts=prompts,
+            ground_truth=prepared.ground_truth(), rm_normalization=load_normalization(stages / "rm"),
+            stage_hash="test", resume=False,
+        )  # fmt: skip
+        run.traces_dir.mkdir(exist_ok=True)
+        state = {"step": 0, "prompts_consumed": 0, "skipped_batches": 0}
+        record = one_step(inputs, groups, tokenizer, [encode_prompt(tokenizer, p) for p in prompts], [prompt_text(p) for p in prompts], state, 1)
+        after = groups.rollout.run_all("weights_checksum")
+        policy_ranks = groups.policy.run_all("weights_checksum")
+        assert after != before
+        assert after[0] == policy_ranks[0] == policy_ranks[1]
+        for key in ("gt_reward", "rm_score", "kl", "policy_loss", "value_loss", "clip_frac", "time_generate", "tokens_per_s"):
+            assert key in record, key
+    finally:
+        groups.shutdown()
+        ray.shutdown()
+
+
+def test_kill_during_ppo_then_resume(reward_run, tmp_path):
+    run_dir = fresh_copy(reward_run, tmp_path)
+    job = write_job(tmp_path, stages=["ppo", "eval"], ppo__steps=8, ppo__checkpoint_every=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "rto.cli", "run", str(job), "--run-dir", str(run_dir)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if (run_dir / "metrics.jsonl").is_file() and max(ppo_steps(run_dir), default=0) >= 3:
+            break
+        time.sleep(0.1)
+    assert process.poll() is None, "the run ended before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    killed_at = max(ppo_steps(run_dir))
+    assert 3 <= killed_at < 8
+    assert not (run_dir / "stages" / "ppo").exists()
+
+    refused = rto("run", str(job), "--run-dir", str(run_dir))
+    assert refused.returncode == 2 and "--resume" in refused.stderr  # no silent restart over a checkpoint
+
+    result = rto("run", str(job), "--run-dir", str(run_dir), "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stderr
+    assert ppo_steps(run_dir) == list(range(1, 9))  # no gap, no duplicate
+    traces = sorted(p.name for p in (run_dir / "traces").iterdir())
+    assert traces == [f"step-{s:06d}.parquet" for s in range(1, 9)]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["ppo"]["steps"] == 8
+    assert "ppo" in summary["eval"]["policies"]
+    assert list((run_dir / "tensorboard" / "ppo").iterdir())
+
+    # the trace file: per-token reward is the sum of its components, read back from disk
+    table = pq.read_table(run_dir / "traces" / "step-000008.parquet").to_pylist()
+    for row in table:
+        n = len(row["token_ids"])
+        assert n == len(row["reward"]) == len(row["value"]) == len(row["advantage"]) == len(row["tokens"])
+        for h in range(n):
+            expected = row["reward_dpo"][h] + row["reward_kl"][h] + (row["rm_score"] if h == n - 1 else 0.0)
+            assert abs(row["reward"][h] - expected) < 1e-5
+
+
+def test_nan_reward_skips_the_batch(reward_run, tmp_path, monkeypatch):
+    """Fault injection: the composed reward of step 2 is NaN; the run goes on and counts it."""
+    import torch
+
+    import rto.ppo.trainer as trainer
+    from rto.config import load_config
+    from rto.runner import run_job
+
+    real = trainer.compose_token_rewards
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        rewards = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            rewards.reward[0, 0] = torch.nan
+        return rewards
+
+    monkeypatch.setattr(trainer, "compose_token_rewards", poisoned)
+    run_dir = fresh_copy(reward_run, tmp_path)
+    cfg = load_config(write_job(tmp_path, stages=["ppo"], ppo__steps=3, ppo__checkpoint_every=10))
+    summary = run_job(cfg, run_dir)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    ppo = [r for r in rows if r["stage"] == "ppo"]
+    assert [r["step"] for r in ppo] == [1, 2, 3]
+    assert ppo[1].get("skipped") == 1 and ppo[2]["skipped_batches"] == 1
+    assert summary["ppo"]["skipped_batches"] == 1
+    assert not (run_dir / "traces" / "step-000002.parquet").exists()
+
+
+def test_score_writes_a_trace_file_whose_reward_adds_up(reward_run, tmp_path):
+    run_dir = fresh_copy(reward_run, tmp_path)
+    job = write_job(tmp_path, stages=["ppo"])
+    out = tmp_path / "scored.parquet"
+    result = rto("score", str(job), "--run-dir", str(run_dir), "-o", str(out), "--samples", "8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = pq.read_table(out).to_pylist()
+    assert len(rows) == 8
+    for row in rows:
+        n = len(row["token_ids"])
+        assert row["gt_reward"] is not None and row["value"] is None
+        for h in range(n):
+            expected = row["reward_dpo"][h] + row["reward_kl"][h] + (row["rm_score"] if h == n - 1 else 0.0)
+            assert abs(row["reward"][h] - expected) < 1e-5
+    # given responses: a good one should not be scored below word salad by the ground truth
+    responses = tmp_path / "responses.jsonl"
+    responses.write_text(
+        json.dumps({"prompt": [{"role": "user", "content": "describe the cat"}], "response": "the kind cat loves a happy dog ."}) + "\n"
+        + json.dumps({"prompt": [{"role": "user", "content": "describe the cat"}], "response": "cat cat cat loves"}) + "\n"
+    )  # fmt: skip
+    result = rto("score", str(job), "--run-dir", str(run_dir), "--responses", str(responses), "-o", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = pq.read_table(out).to_pylist()
+    assert rows[0]["gt_reward"] > rows[1]["gt_reward"]
+    assert rows[0]["tokens"][-1] == "<eos>"
+
+
+def test_reward_bad_inputs_exit_2(reward_run, tmp_path):
+    run_dir = fresh_copy(reward_run, tmp_path)
+    job = write_job(tmp_path, stages=["ppo"])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "describe the cat"}) + "\n")
+    result = rto("score", str(job), "--run-dir", str(run_dir), "--responses", str(bad))
+    assert result.returncode == 2 and "'response'" in result.stderr and str(bad) in result.stderr
+
+    for rows, words in (
+        ([{"prompt": "describe the cat", "chosen": "", "rejected": "the cat sees a dog ."}], ["empty 'chosen'"]),
+        ([{"prompt": "describe the cat", "good": "x", "bad": "y"}], ["missing columns", "chosen/rejected"]),
+    ):
+        pairs = tmp_path / "pairs.jsonl"
+        pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (tmp_path / "bad").mkdir(exist_ok=True)
+        bad_job = write_job(tmp_path / "bad", stages=["dpo"], data={"pairs": {"path": str(pairs)}})
+        result = rto("run", str(bad_job), "--run-dir", str(tmp_path / "x"))
+        assert result.returncode == 2 and all(w in result.stderr for w in words) and str(pairs) in result.stderr
+
+    # π_dpo with another tokenizer than π_ref
+    from pipelines.tasks import text
+
+    other = text.build_tokenizer()
+    other.add_tokens(["zebra"])
+    other.save_pretrained(run_dir / "stages" / "dpo")
+    result = rto("score", str(job), "--run-dir", str(run_dir), "--samples", "2")
+    assert result.returncode == 2 and "tokenizer" in result.stderr and "dpo" in result.stderr
+    assert "Traceback" not in result.stderr
