@@ -72,7 +72,7 @@ def rollout_reward(model, router, schedule, tokenizer, prompts, args, threshold=
             text = tokenizer.decode(row[: row.index(eos)] if terminated else row, skip_special_tokens=True)
             rewards.append(reward(prompt_text(prompt), text.strip(), terminated))
     sparsity = 1 - sum(stats["computed"]) / max(sum(stats["tokens"]), 1)
-    return {"gt_reward": statistics.fmean(rewards), "rollout_sparsity": sparsity}
+    return {"gt_reward": statistics.fmean(rewards), "rollout_sparsity": sparsity, "rewards": rewards}
 
 
 def main() -> None:
@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--model", default="runs/ftp-bench/stages/sft", help="SFT policy folder")
     parser.add_argument("--sparsities", default="0.2,0.3,0.4")
     parser.add_argument("--task-seed", type=int, default=0)
-    parser.add_argument("--n-prompts", type=int, default=256, help="held-out prompts sampled per method")
+    parser.add_argument("--n-prompts", type=int, default=512, help="held-out prompts sampled per method")
     parser.add_argument("--n-heldout", type=int, default=256, help="held-out SFT sequences (teacher-forced)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=48)
@@ -121,13 +121,16 @@ def main() -> None:
         train = left_padded_batches(
             train_seqs[cfg.search.calib_samples :][:n_train], cfg.train.batch_size, pad
         )
-        calib_prompts = [encode_prompt(tokenizer, r["prompt"]) for r in sft_records(settings)[: cfg.search.calib_samples]]
+        calib_prompts = [
+            encode_prompt(tokenizer, r["prompt"]) for r in sft_records(settings)[: cfg.search.calib_samples]
+        ]
         prompt_batches = left_padded_batches(calib_prompts, cfg.train.batch_size, pad)
         fitted = fit_ftp(model, train, calib, cfg, prompt_batches, log=lambda m: None)
         n_remove = flops_matched_layers(model.config, mean_len, fitted.schedule)
         removed = layers_to_remove(influence, n_remove)
         methods = {
             "FTP-learned": (fitted.router, fitted.schedule, fitted.decode_thresholds),
+            "FTP-learned, dense decode": (fitted.router, fitted.schedule, 0.0),
             "FTP-static": ("static", fitted.static_schedule, 0.5),
             "uniform": ("static", [sparsity] * n_layers, 0.5),
             "random": ("random", fitted.schedule, 0.5),
@@ -140,6 +143,9 @@ def main() -> None:
             ) / dense_prefill_flops(model.config, mean_len)
             row.update(teacher_forced(model, router, schedule, heldout_batches, teachers))
             row.update(rollout_reward(model, router, schedule, tokenizer, prompts, args, threshold))
+            diffs = [a - b for a, b in zip(row.pop("rewards"), dense["rewards"], strict=True)]
+            row["gt_delta"] = statistics.fmean(diffs)
+            row["gt_delta_se"] = statistics.stdev(diffs) / len(diffs) ** 0.5
             row["gt_retention"] = row["gt_reward"] / dense["gt_reward"]
             rows.append(row)
             print(
@@ -170,7 +176,7 @@ def main() -> None:
         },
         "settings": vars(args)
         | {"n_layers": n_layers, "mean_sequence_tokens": mean_len, "block_influence": influence},
-        "dense": dense,
+        "dense": {k: v for k, v in dense.items() if k != "rewards"},
         "rows": rows,
         "seconds": round(time.time() - started, 1),
     }

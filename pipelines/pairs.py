@@ -25,7 +25,9 @@ def logprob_sums(lm, tokenizer, encoded, batch_size: int = 64) -> torch.Tensor:
     """Σ log π(completion | prompt) for each (prompt_ids, completion_ids)."""
     sums = []
     for i in range(0, len(encoded), batch_size):
-        sequences, mask, prompt_len, response_mask = _packed(encoded[i : i + batch_size], tokenizer.pad_token_id)
+        sequences, mask, prompt_len, response_mask = _packed(
+            encoded[i : i + batch_size], tokenizer.pad_token_id
+        )
         logprobs = lm.logprobs(sequences, mask, prompt_len)
         sums.append((logprobs * response_mask).sum(dim=1))
     return torch.cat(sums)

@@ -39,7 +39,9 @@ class Prepared:
 
     def records(self, role: str) -> list[dict]:
         if role not in self.data:
-            raise UserError(f"no '{role}' data: configure data.{role} or use the built-in task", field=f"data.{role}")
+            raise UserError(
+                f"no '{role}' data: configure data.{role} or use the built-in task", field=f"data.{role}"
+            )
         with open(self.data[role]) as f:
             return [json.loads(line) for line in f]
 
@@ -68,7 +70,10 @@ def prepare(cfg: Config, run: RunDir, log: Callable[[str], None] = print) -> Pre
     return Prepared(
         root=final,
         data={k: final / v for k, v in info["data"].items()},
-        models={k: (str(final / v[len("local:"):]) if v.startswith("local:") else v) for k, v in info["models"].items()},
+        models={
+            k: (str(final / v[len("local:") :]) if v.startswith("local:") else v)
+            for k, v in info["models"].items()
+        },
         tokenizer=info["tokenizer"],
         has_task=info["has_task"],
     )
@@ -160,7 +165,9 @@ def load_records(source: DataSource, role: str) -> list[dict]:
                         try:
                             records.append(json.loads(line))
                         except json.JSONDecodeError as exc:
-                            raise UserError(f"line {n} is not valid JSON ({exc.msg})", source=str(path)) from None
+                            raise UserError(
+                                f"line {n} is not valid JSON ({exc.msg})", source=str(path)
+                            ) from None
         elif path.suffix == ".parquet":
             import pyarrow.parquet as pq
 
@@ -172,7 +179,9 @@ def load_records(source: DataSource, role: str) -> list[dict]:
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - any loader failure is bad input here
-        raise UserError(f"cannot load data: {type(exc).__name__}: {exc}".splitlines()[0], source=source.path, field=field) from None
+        raise UserError(
+            f"cannot load data: {type(exc).__name__}: {exc}".splitlines()[0], source=source.path, field=field
+        ) from None
     if source.limit:
         records = records[: source.limit]
     if not records:
@@ -180,10 +189,16 @@ def load_records(source: DataSource, role: str) -> list[dict]:
     columns = set(records[0])
     if not any(set(option) <= columns for option in REQUIRED_COLUMNS[role]):
         wanted = " or ".join("/".join(o) for o in REQUIRED_COLUMNS[role])
-        raise UserError(f"missing columns: expected {wanted}, found {sorted(columns)}", source=source.path, field=field)
+        raise UserError(
+            f"missing columns: expected {wanted}, found {sorted(columns)}", source=source.path, field=field
+        )
     for n, row in enumerate(records, 1):
         for col in ("chosen", "rejected", "completion", "prompt"):
-            if col in row and _is_empty(row[col]) and not (col == "prompt" and role in ("pairs", "eval_pairs")):
+            if (
+                col in row
+                and _is_empty(row[col])
+                and not (col == "prompt" and role in ("pairs", "eval_pairs"))
+            ):
                 raise UserError(f"row {n} has an empty '{col}'", source=source.path, field=field)
     return records
 

@@ -43,7 +43,9 @@ def load_responses(path: Path) -> list[tuple[object, str]]:
     for n, row in enumerate(rows, 1):
         response = row.get("response", row.get("completion"))
         if "prompt" not in row or response is None:
-            raise UserError(f"row {n} needs 'prompt' and 'response' (or 'completion') columns", source=str(path))
+            raise UserError(
+                f"row {n} needs 'prompt' and 'response' (or 'completion') columns", source=str(path)
+            )
         if isinstance(response, list):
             response = response[-1]["content"]
         if _is_empty(response):
@@ -54,7 +56,9 @@ def load_responses(path: Path) -> list[tuple[object, str]]:
     return out
 
 
-def score_responses(cfg: Config, run_dir: Path, responses: Path | None, out: Path | None, n_samples: int = 64) -> Path:
+def score_responses(
+    cfg: Config, run_dir: Path, responses: Path | None, out: Path | None, n_samples: int = 64
+) -> Path:
     from pipelines.prepare import prepare
     from pipelines.stages.rm import load_normalization
     from reward.scoring import FrozenLM, FrozenRM, check_same_tokenizer
@@ -68,17 +72,28 @@ def score_responses(cfg: Config, run_dir: Path, responses: Path | None, out: Pat
     dpo = str(run.stage_dir("dpo")) if run.is_done("dpo") else None
     rm = str(run.stage_dir("rm")) if run.is_done("rm") else None
     if cfg.reward.needs_dpo and dpo is None:
-        raise UserError(f"reward.mode '{cfg.reward.mode}' needs a finished dpo stage in {run.root}", field="stages")
+        raise UserError(
+            f"reward.mode '{cfg.reward.mode}' needs a finished dpo stage in {run.root}", field="stages"
+        )
     if cfg.reward.needs_rm and rm is None:
-        raise UserError(f"reward.mode '{cfg.reward.mode}' needs a finished rm stage in {run.root}", field="stages")
+        raise UserError(
+            f"reward.mode '{cfg.reward.mode}' needs a finished rm stage in {run.root}", field="stages"
+        )
     if dpo:
         check_same_tokenizer(dpo, policy)
     tokenizer = load_tokenizer(policy)
 
     if responses is not None:
         pairs = load_responses(responses)
-        encoded = [encode_completion(tokenizer, p, r if not isinstance(p, list) else [{"role": "assistant", "content": r}]) for p, r in pairs]
-        sequences, attention_mask, prompt_len, response_mask = pack([e[0] for e in encoded], [e[1] for e in encoded], tokenizer.pad_token_id)
+        encoded = [
+            encode_completion(
+                tokenizer, p, r if not isinstance(p, list) else [{"role": "assistant", "content": r}]
+            )
+            for p, r in pairs
+        ]
+        sequences, attention_mask, prompt_len, response_mask = pack(
+            [e[0] for e in encoded], [e[1] for e in encoded], tokenizer.pad_token_id
+        )
         prompts = [prompt_text(p) for p, _ in pairs]
         texts = [r for _, r in pairs]
     else:
@@ -89,7 +104,11 @@ def score_responses(cfg: Config, run_dir: Path, responses: Path | None, out: Pat
             model, [encode_prompt(tokenizer, r["prompt"]) for r in records], eos_id=tokenizer.eos_token_id,
             pad_id=tokenizer.pad_token_id, max_new_tokens=cfg.ppo.max_new_tokens, temperature=cfg.ppo.temperature,
         )  # fmt: skip
-        sequences, attention_mask, prompt_len = samples.sequences.cpu(), samples.attention_mask.cpu(), samples.prompt_len
+        sequences, attention_mask, prompt_len = (
+            samples.sequences.cpu(),
+            samples.attention_mask.cpu(),
+            samples.prompt_len,
+        )
         response_mask = samples.response_mask.cpu()
         prompts = [prompt_text(r["prompt"]) for r in records]
         texts = decode_responses(tokenizer, samples)
@@ -97,17 +116,29 @@ def score_responses(cfg: Config, run_dir: Path, responses: Path | None, out: Pat
     mask = response_mask.float()
     logprobs = FrozenLM(policy, device=device).logprobs(sequences, attention_mask, prompt_len)
     ref_logprobs = logprobs.clone()  # before PPO the policy is its own reference
-    dpo_logprobs = FrozenLM(dpo, device=device).logprobs(sequences, attention_mask, prompt_len) if cfg.reward.needs_dpo else None
+    dpo_logprobs = (
+        FrozenLM(dpo, device=device).logprobs(sequences, attention_mask, prompt_len)
+        if cfg.reward.needs_dpo
+        else None
+    )
     rm_scores = FrozenRM(rm, device=device).scores(sequences, attention_mask) if cfg.reward.needs_rm else None
-    normalization = load_normalization(rm) if rm and cfg.reward.needs_rm and cfg.reward.rm_normalize else (None, None)
+    normalization = (
+        load_normalization(rm) if rm and cfg.reward.needs_rm and cfg.reward.rm_normalize else (None, None)
+    )
     rewards = compose_token_rewards(
         cfg.reward, response_mask=mask, logprobs=logprobs, ref_logprobs=ref_logprobs, dpo_logprobs=dpo_logprobs,
         rm_scores=rm_scores, rm_mean=normalization[0], rm_std=normalization[1],
     )  # fmt: skip
     gt = prepared.ground_truth()
-    terminated = [bool(((row == tokenizer.eos_token_id) & m.bool()).any()) for row, m in zip(sequences[:, prompt_len:], response_mask, strict=True)]
+    terminated = [
+        bool(((row == tokenizer.eos_token_id) & m.bool()).any())
+        for row, m in zip(sequences[:, prompt_len:], response_mask, strict=True)
+    ]
     token_ids = sequences[:, prompt_len:]
-    tokens = [tokenizer.convert_ids_to_tokens(row[: int(m.sum())].tolist()) for row, m in zip(token_ids, response_mask, strict=True)]
+    tokens = [
+        tokenizer.convert_ids_to_tokens(row[: int(m.sum())].tolist())
+        for row, m in zip(token_ids, response_mask, strict=True)
+    ]
     columns = trace_columns(
         step=0, prompts=prompts, responses=texts, tokens=tokens, token_ids=token_ids, response_mask=mask,
         rm_score=rewards.rm_score if cfg.reward.needs_rm else None,

@@ -41,7 +41,9 @@ def run(
     config: Path = typer.Argument(..., help="Job file (YAML)"),
     overrides: list[str] = SetOption,
     run_dir: Path = typer.Option(None, "--run-dir", help="Run directory (default: runs/<config name>)"),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted ppo stage from its last checkpoint"),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue an interrupted ppo stage from its last checkpoint"
+    ),
 ) -> None:
     """Run a job's stages; finished stages with the same settings are skipped."""
     from rto.config import load_config
@@ -60,9 +62,15 @@ def score(
     config: Path = typer.Argument(..., help="Job file (YAML) whose reward settings to use"),
     overrides: list[str] = SetOption,
     run_dir: Path = typer.Option(None, "--run-dir", help="Run directory with finished sft/dpo/rm stages"),
-    responses: Path = typer.Option(None, "--responses", help="JSONL/Parquet with prompt + response columns (default: sample the policy)"),
-    output: Path = typer.Option(None, "-o", "--output", help="Trace file to write (default: RUN_DIR/scores/scored-<mode>.parquet)"),
-    samples: int = typer.Option(64, "--samples", min=1, help="Responses to sample when --responses is not given"),
+    responses: Path = typer.Option(
+        None, "--responses", help="JSONL/Parquet with prompt + response columns (default: sample the policy)"
+    ),
+    output: Path = typer.Option(
+        None, "-o", "--output", help="Trace file to write (default: RUN_DIR/scores/scored-<mode>.parquet)"
+    ),
+    samples: int = typer.Option(
+        64, "--samples", min=1, help="Responses to sample when --responses is not given"
+    ),
 ) -> None:
     """Score responses with the configured token reward and write one trace file (before any PPO)."""
     from reward.score import score_responses

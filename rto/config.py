@@ -52,8 +52,12 @@ class ModelSpec(Section):
     """Where a model comes from: a Hub name or local folder, or a built-in tiny architecture."""
 
     path: str | None = Field(None, description="Hub name (org/name) or local folder with a saved HF model")
-    builtin: Literal["tiny-llama"] | None = Field(None, description="Build a small random model from a config")
-    arch: dict[str, Any] = Field(default_factory=dict, description="Overrides of the built-in shape (LlamaConfig fields)")
+    builtin: Literal["tiny-llama"] | None = Field(
+        None, description="Build a small random model from a config"
+    )
+    arch: dict[str, Any] = Field(
+        default_factory=dict, description="Overrides of the built-in shape (LlamaConfig fields)"
+    )
 
     @field_validator("path")
     @classmethod
@@ -156,7 +160,9 @@ class GroupResources(Section):
 
 
 class ResourcesConfig(Section):
-    ray_address: str | None = Field(None, description="Existing cluster ('auto' or ray://host:port); None starts Ray in-process")
+    ray_address: str | None = Field(
+        None, description="Existing cluster ('auto' or ray://host:port); None starts Ray in-process"
+    )
     num_cpus: float | None = Field(None, gt=0, description="CPUs for an in-process Ray")
     num_gpus: float | None = Field(None, ge=0)
     policy: GroupResources = Field(default_factory=GroupResources)
@@ -189,11 +195,22 @@ class Config(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     stages: list[str] = Field(description=f"Stages to run, from {list(STAGE_ORDER)}")
-    task: TextTaskConfig | None = Field(default_factory=TextTaskConfig, description="Built-in task; null for external data")
+    task: TextTaskConfig | None = Field(
+        default_factory=TextTaskConfig, description="Built-in task; null for external data"
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     policy: ModelSpec = Field(default_factory=lambda: ModelSpec(builtin="tiny-llama"))
     reward_model: ModelSpec = Field(
-        default_factory=lambda: ModelSpec(builtin="tiny-llama", arch={"hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2}),
+        default_factory=lambda: ModelSpec(
+            builtin="tiny-llama",
+            arch={
+                "hidden_size": 64,
+                "intermediate_size": 192,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 2,
+            },
+        ),
         description="Base model of the sentence-level reward model",
     )
     sft: SFTConfig = Field(default_factory=SFTConfig)
@@ -308,7 +325,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "YAML"
-        raise UserError(f"invalid YAML: {getattr(exc, 'problem', exc)}", source=str(path), field=where) from None
+        raise UserError(
+            f"invalid YAML: {getattr(exc, 'problem', exc)}", source=str(path), field=where
+        ) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

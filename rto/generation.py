@@ -1,8 +1,8 @@
 """Batched sampling in the layout every scorer uses.
 
-    sequences [B, P + R] = left-padded prompt (length P) followed by the right-padded response
-    response_mask [B, R] = 1 for generated tokens up to and including the first EOS
-    sampler_logprobs [B, R] = log-prob of each generated token under the sampling distribution
+sequences [B, P + R] = left-padded prompt (length P) followed by the right-padded response
+response_mask [B, R] = 1 for generated tokens up to and including the first EOS
+sampler_logprobs [B, R] = log-prob of each generated token under the sampling distribution
 """
 
 from __future__ import annotations
@@ -103,7 +103,9 @@ def sample(
 def decode_responses(tokenizer, samples: Samples) -> list[str]:
     texts = []
     for row, mask in zip(samples.responses, samples.response_mask, strict=True):
-        ids = [t for t, m in zip(row.tolist(), mask.tolist(), strict=True) if m and t != tokenizer.eos_token_id]
+        ids = [
+            t for t, m in zip(row.tolist(), mask.tolist(), strict=True) if m and t != tokenizer.eos_token_id
+        ]
         texts.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
     return texts
 

@@ -9,7 +9,11 @@ from rto.errors import UserError
 
 def _check(path: str, field: str) -> None:
     local = Path(path)
-    if (path.startswith(("/", ".", "~")) or local.parent != Path(".")) and not local.exists() and path.count("/") != 1:
+    if (
+        (path.startswith(("/", ".", "~")) or local.parent != Path("."))
+        and not local.exists()
+        and path.count("/") != 1
+    ):
         raise UserError(f"model folder '{path}' does not exist", field=field)
 
 
@@ -20,7 +24,9 @@ def load_tokenizer(path: str, field: str = "policy.path"):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load a tokenizer from '{path}': {str(exc).splitlines()[0]}", field=field) from None
+        raise UserError(
+            f"cannot load a tokenizer from '{path}': {str(exc).splitlines()[0]}", field=field
+        ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -33,5 +39,7 @@ def load_causal_lm(path: str, field: str = "policy.path", dtype=None, device: st
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load a causal LM from '{path}': {str(exc).splitlines()[0]}", field=field) from None
+        raise UserError(
+            f"cannot load a causal LM from '{path}': {str(exc).splitlines()[0]}", field=field
+        ) from None
     return model.to(device)

@@ -122,8 +122,12 @@ class RunDir:
         """Drop `stage`'s records past `after_step` (work lost with an interrupted run)."""
         if not self.metrics_path.is_file():
             return
-        kept = [r for r in self.read_metrics() if not (r.get("stage") == stage and r.get("step", 0) > after_step)]
-        atomic_write_text(self.metrics_path, "".join(json.dumps(r, default=_json_default) + "\n" for r in kept))
+        kept = [
+            r for r in self.read_metrics() if not (r.get("stage") == stage and r.get("step", 0) > after_step)
+        ]
+        atomic_write_text(
+            self.metrics_path, "".join(json.dumps(r, default=_json_default) + "\n" for r in kept)
+        )
 
     def read_summary(self) -> dict:
         if not self.summary_path.is_file():

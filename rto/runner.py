@@ -36,7 +36,11 @@ def run_job(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
         if name not in STAGES:
             from rto.errors import UserError
 
-            raise UserError(f"stage '{name}' is not available in this install", source=str(run.config_path), field="stages")
+            raise UserError(
+                f"stage '{name}' is not available in this install",
+                source=str(run.config_path),
+                field="stages",
+            )
         key = stage_hash(cfg, name, run, prepared.root.name)
         if run.is_done(name, key):
             console.log(f"[green]stage {name}: up to date, skipped[/green] ({run.stage_dir(name)})")
@@ -46,7 +50,14 @@ def run_job(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
         console.rule(f"stage {name}")
         started = time.time()
         ctx = StageContext(
-            name=name, cfg=cfg, run=run, out_dir=tmp, prepared=prepared, resume=resume, device=device, log=console.log,
+            name=name,
+            cfg=cfg,
+            run=run,
+            out_dir=tmp,
+            prepared=prepared,
+            resume=resume,
+            device=device,
+            log=console.log,
             extras={"stage_hash": key},
         )
         summary = STAGES[name].run(ctx) or {}

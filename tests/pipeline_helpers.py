@@ -9,7 +9,13 @@ from pathlib import Path
 
 import yaml
 
-TINY_ARCH = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2}
+TINY_ARCH = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+}
 
 TINY_JOB = {
     "seed": 0,
@@ -46,5 +52,10 @@ def write_job(directory: Path, **changes) -> Path:
 def rto(*args: str, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     return subprocess.run(
-        [sys.executable, "-m", "rto.cli", *args], capture_output=True, text=True, timeout=timeout, env=env, **kwargs
+        [sys.executable, "-m", "rto.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        **kwargs,
     )

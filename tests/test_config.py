@@ -83,7 +83,9 @@ def test_missing_config_file(tmp_path):
 
 def test_cli_exit_code_2_without_traceback(tmp_path):
     path = write(tmp_path, "stages: [sft]\nsft: {lr: abc}\n")
-    result = subprocess.run([sys.executable, "-m", "rto.cli", "validate", str(path)], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "rto.cli", "validate", str(path)], capture_output=True, text=True
+    )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -91,6 +93,8 @@ def test_cli_exit_code_2_without_traceback(tmp_path):
 
 
 def test_cli_validate_ok():
-    result = subprocess.run([sys.executable, "-m", "rto.cli", "validate", str(QUICKSTART)], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "rto.cli", "validate", str(QUICKSTART)], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
     assert "ok" in result.stdout

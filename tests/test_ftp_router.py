@@ -105,7 +105,9 @@ def test_unsupported_architecture_is_a_user_error():
     [
         ({"sparsity": 1.0}, "sparsity must be in \\[0, 1\\), got 1.0"),
         ({"sparsity": -0.1}, "sparsity must be in \\[0, 1\\)"),
-        ({"decode_threshold": 1.5}, "decode_threshold must be in \\(0, 1\\)"),
+        ({"decode_threshold": 1.5}, "decode_threshold must be in \\[0, 1\\) or 'calibrated'"),
+        ({"decode_threshold": "auto"}, "calibrated"),
+        ({"max_block_sparsity": 1.0}, "max_block_sparsity must be in \\(0, 1\\)"),
         ({"sparsity": 0.7, "max_block_sparsity": 0.5}, "cannot be reached"),
         ({"router": "mlp"}, "router must be"),
         ({"search": {"population": 2, "elite": 2}}, "elite"),

@@ -104,3 +104,33 @@ def test_token_sparsity_flops():
     half = token_sparsity_prefill_flops(config, 100, [0.0, 0.0, 1.0, 1.0])
     assert half == pytest.approx(dense / 2)
     assert 0.5 * dense < token_sparsity_prefill_flops(config, 100, [0.3] * 4) < 0.7 * dense
+
+
+def test_fit_save_and_generate_through_the_pruner_registry(tmp_path):
+    from prune.ftp.fit import fit_ftp
+    from prune.ftp.router import model_fingerprint, save_router
+    from prune.registry import PRUNERS
+
+    model = random_causal_lm("llama")
+    cfg = FTPConfig(
+        sparsity=0.3,
+        search={"population": 3, "generations": 2, "elite": 1},
+        train={"steps": 4},
+        calib_decode_tokens=4,
+    )
+    prompts = [(torch.randint(3, 128, (2, 6)), torch.ones(2, 6, dtype=torch.long))]
+    result = fit_ftp(model, calibration(1), calibration(1, seed=1), cfg, prompts, log=lambda _: None)
+    assert isinstance(result.router, Router) and len(result.history) == 4
+    assert sum(result.schedule) / 4 == pytest.approx(0.3, abs=1e-6)
+    assert len(result.decode_thresholds) == 4
+    save_router(
+        tmp_path,
+        result.router,
+        result.schedule,
+        model_fingerprint(model),
+        decode_thresholds=result.decode_thresholds,
+    )
+    generate = PRUNERS.get("ftp")(model, str(tmp_path))
+    ids, mask = calibration(1)[0]
+    out = generate(ids, mask, max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert out.shape == (4, 23)

@@ -12,9 +12,9 @@ import time
 
 import pytest
 import torch
+from pipeline_helpers import TINY_ARCH, rto, write_job
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline_helpers import TINY_ARCH, rto, write_job
 from rto.rundir import MARKER
 
 
@@ -44,7 +44,9 @@ def test_stage_output_loads_with_plain_transformers(sft_run):
     folder = root / "run" / "stages" / "sft"
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "describe the cat"}], add_generation_prompt=True, return_tensors="pt")
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "describe the cat"}], add_generation_prompt=True, return_tensors="pt"
+    )
     ids = prompt["input_ids"] if hasattr(prompt, "keys") else prompt
     out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert out.shape[1] > ids.shape[1]
@@ -75,7 +77,9 @@ def test_kill_mid_stage_then_rerun_completes(tmp_path):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
     )  # fmt: skip
     deadline = time.time() + 120
-    while time.time() < deadline and not any('"stage": "sft"' in line for line in _lines(run_dir / "metrics.jsonl")):
+    while time.time() < deadline and not any(
+        '"stage": "sft"' in line for line in _lines(run_dir / "metrics.jsonl")
+    ):
         time.sleep(0.5)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
@@ -102,7 +106,9 @@ def test_external_data_and_local_model_folder(tmp_path):
     tokenizer.save_pretrained(tmp_path / "model")
     settings = text.TaskSettings(n_sft=64)
     text.write_jsonl(tmp_path / "sft.jsonl", text.sft_records(settings))
-    prompts = [{"prompt": r["prompt"][0]["content"]} for r in text.prompt_records(settings, 8, "eval")]  # plain strings
+    prompts = [
+        {"prompt": r["prompt"][0]["content"]} for r in text.prompt_records(settings, 8, "eval")
+    ]  # plain strings
     text.write_jsonl(tmp_path / "prompts.jsonl", prompts)
     job = write_job(
         tmp_path, stages=["sft", "eval"], task=None, policy={"path": str(tmp_path / "model")},

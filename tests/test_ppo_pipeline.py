@@ -13,7 +13,6 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-
 from pipeline_helpers import rto, write_job
 
 
@@ -55,18 +54,24 @@ def test_rollout_workers_receive_updated_weights(reward_run, tmp_path):
     from pipelines.stages.rm import load_normalization
     from rto.config import load_config
     from rto.distributed import init_ray
+    from rto.generation import encode_prompt, prompt_text
+    from rto.models import load_tokenizer
     from rto.ppo.groups import ModelPaths, build_groups
     from rto.ppo.trainer import PPOInputs, one_step
-    from rto.models import load_tokenizer
     from rto.rundir import RunDir
-    from rto.generation import encode_prompt, prompt_text
 
     run_dir = fresh_copy(reward_run, tmp_path)
     cfg = load_config(write_job(tmp_path, stages=["ppo"]))
     run = RunDir(run_dir)
     prepared = prepare(cfg, run)
     stages = run_dir / "stages"
-    paths = ModelPaths(policy=str(stages / "sft"), critic=str(stages / "rm"), ref=str(stages / "sft"), dpo=str(stages / "dpo"), rm=str(stages / "rm"))
+    paths = ModelPaths(
+        policy=str(stages / "sft"),
+        critic=str(stages / "rm"),
+        ref=str(stages / "sft"),
+        dpo=str(stages / "dpo"),
+        rm=str(stages / "rm"),
+    )
     init_ray(None, 2)
     groups = build_groups(cfg, paths, optimizer_steps=4, dtype="float32")
     try:
@@ -82,12 +87,29 @@ def test_rollout_workers_receive_updated_weights(reward_run, tmp_path):
         )  # fmt: skip
         run.traces_dir.mkdir(exist_ok=True)
         state = {"step": 0, "prompts_consumed": 0, "skipped_batches": 0}
-        record = one_step(inputs, groups, tokenizer, [encode_prompt(tokenizer, p) for p in prompts], [prompt_text(p) for p in prompts], state, 1)
+        record = one_step(
+            inputs,
+            groups,
+            tokenizer,
+            [encode_prompt(tokenizer, p) for p in prompts],
+            [prompt_text(p) for p in prompts],
+            state,
+            1,
+        )
         after = groups.rollout.run_all("weights_checksum")
         policy_ranks = groups.policy.run_all("weights_checksum")
         assert after != before
         assert after[0] == policy_ranks[0] == policy_ranks[1]
-        for key in ("gt_reward", "rm_score", "kl", "policy_loss", "value_loss", "clip_frac", "time_generate", "tokens_per_s"):
+        for key in (
+            "gt_reward",
+            "rm_score",
+            "kl",
+            "policy_loss",
+            "value_loss",
+            "clip_frac",
+            "time_generate",
+            "tokens_per_s",
+        ):
             assert key in record, key
     finally:
         groups.shutdown()
@@ -204,7 +226,10 @@ def test_reward_bad_inputs_exit_2(reward_run, tmp_path):
     assert result.returncode == 2 and "'response'" in result.stderr and str(bad) in result.stderr
 
     for rows, words in (
-        ([{"prompt": "describe the cat", "chosen": "", "rejected": "the cat sees a dog ."}], ["empty 'chosen'"]),
+        (
+            [{"prompt": "describe the cat", "chosen": "", "rejected": "the cat sees a dog ."}],
+            ["empty 'chosen'"],
+        ),
         ([{"prompt": "describe the cat", "good": "x", "bad": "y"}], ["missing columns", "chosen/rejected"]),
     ):
         pairs = tmp_path / "pairs.jsonl"
@@ -212,7 +237,9 @@ def test_reward_bad_inputs_exit_2(reward_run, tmp_path):
         (tmp_path / "bad").mkdir(exist_ok=True)
         bad_job = write_job(tmp_path / "bad", stages=["dpo"], data={"pairs": {"path": str(pairs)}})
         result = rto("run", str(bad_job), "--run-dir", str(tmp_path / "x"))
-        assert result.returncode == 2 and all(w in result.stderr for w in words) and str(pairs) in result.stderr
+        assert (
+            result.returncode == 2 and all(w in result.stderr for w in words) and str(pairs) in result.stderr
+        )
 
     # π_dpo with another tokenizer than π_ref
     from pipelines.tasks import text

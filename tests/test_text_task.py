@@ -87,7 +87,10 @@ def test_preference_labels_follow_a_noisy_bradley_terry_annotator():
     agree, expected = 0, 0.0
     for p in pairs:
         prompt = p["prompt"][0]["content"]
-        rc, rr = task.reward(prompt, p["chosen"][0]["content"]), task.reward(prompt, p["rejected"][0]["content"])
+        rc, rr = (
+            task.reward(prompt, p["chosen"][0]["content"]),
+            task.reward(prompt, p["rejected"][0]["content"]),
+        )
         agree += rc > rr
         hi = max(rc, rr) - min(rc, rr)
         expected += 1 / (1 + math.exp(-hi / 0.5)) if rc != rr else 0.5

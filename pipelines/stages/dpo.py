@@ -11,7 +11,9 @@ from rto.models import load_tokenizer
 from rto.progress import ProgressCallback
 
 
-def preference_figures(policy_path: str, ref_path: str, tokenizer, pairs: list[dict], beta: float, device: str) -> dict:
+def preference_figures(
+    policy_path: str, ref_path: str, tokenizer, pairs: list[dict], beta: float, device: str
+) -> dict:
     """On held-out pairs: how often the reference and the DPO model give the chosen response the
     higher likelihood, and how often DPO's implicit reward β·log π/π_ref ranks it first."""
     from reward.scoring import FrozenLM
@@ -37,7 +39,11 @@ def run_dpo(ctx: StageContext) -> dict:
     init = ctx.policy_init()
     tokenizer = load_tokenizer(init)
     pairs = ctx.prepared.records("pairs")
-    args = DPOConfig(**trainer_kwargs(cfg, cfg.dpo, ctx.out_dir, ctx.device), beta=cfg.dpo.beta, loss_type=[cfg.dpo.loss_type])
+    args = DPOConfig(
+        **trainer_kwargs(cfg, cfg.dpo, ctx.out_dir, ctx.device),
+        beta=cfg.dpo.beta,
+        loss_type=[cfg.dpo.loss_type],
+    )
     trainer = DPOTrainer(
         model=init,
         args=args,
@@ -47,10 +53,16 @@ def run_dpo(ctx: StageContext) -> dict:
     )
     result = quiet(trainer).train()
     save_model(trainer, tokenizer, ctx.out_dir)
-    summary = {"train_loss": float(result.training_loss), "pairs": len(pairs), "steps": int(result.global_step)}
+    summary = {
+        "train_loss": float(result.training_loss),
+        "pairs": len(pairs),
+        "steps": int(result.global_step),
+    }
     if "eval_pairs" in ctx.prepared.data:
         held_out = ctx.prepared.records("eval_pairs")
-        summary.update(preference_figures(str(ctx.out_dir), init, tokenizer, held_out, cfg.dpo.beta, ctx.device))
+        summary.update(
+            preference_figures(str(ctx.out_dir), init, tokenizer, held_out, cfg.dpo.beta, ctx.device)
+        )
         gt = ctx.prepared.ground_truth()
         if gt is not None:
             summary["label_agrees_with_gt"] = _label_agreement(held_out, gt)
@@ -63,5 +75,9 @@ def _label_agreement(pairs: list[dict], gt) -> float:
     def content(x):
         return x if isinstance(x, str) else x[-1]["content"]
 
-    agree = [gt(prompt_text(p["prompt"]), content(p["chosen"])) > gt(prompt_text(p["prompt"]), content(p["rejected"])) for p in pairs]
+    agree = [
+        gt(prompt_text(p["prompt"]), content(p["chosen"]))
+        > gt(prompt_text(p["prompt"]), content(p["rejected"]))
+        for p in pairs
+    ]
     return sum(agree) / len(agree)

@@ -40,7 +40,12 @@ def evaluate_policy(ctx: StageContext, path: str, prompts: list, rm_scorer=None)
         terminated = samples.terminated(tokenizer.eos_token_id).tolist()
         scores = rm_scorer(samples) if rm_scorer is not None else [None] * len(texts)
         for prompt, text, done, score in zip(batch, texts, terminated, scores, strict=True):
-            row = {"prompt": prompt_text(prompt), "response": text, "terminated": done, "length": len(text.split())}
+            row = {
+                "prompt": prompt_text(prompt),
+                "response": text,
+                "terminated": done,
+                "length": len(text.split()),
+            }
             if gt is not None:
                 from pipelines.tasks.text import grammaticality
 
@@ -49,7 +54,11 @@ def evaluate_policy(ctx: StageContext, path: str, prompts: list, rm_scorer=None)
             if score is not None:
                 row["rm_score"] = float(score)
             rows.append(row)
-    summary = {k: statistics.fmean(float(r[k]) for r in rows) for k in ("gt_reward", "grammatical", "terminated", "length", "rm_score") if k in rows[0]}
+    summary = {
+        k: statistics.fmean(float(r[k]) for r in rows)
+        for k in ("gt_reward", "grammatical", "terminated", "length", "rm_score")
+        if k in rows[0]
+    }
     summary["samples"] = len(rows)
     return {"summary": summary, "rows": rows}
 

@@ -25,10 +25,16 @@ def model_paths(ctx: StageContext) -> ModelPaths:
     if cfg.reward.needs_rm or cfg.ppo.critic_init == "rm":
         if not ctx.has_stage("rm"):
             why = f"reward.mode '{cfg.reward.mode}'" if cfg.reward.needs_rm else "ppo.critic_init 'rm'"
-            raise UserError(f"{why} needs a reward model: add 'rm' to stages", source=str(ctx.run.config_path), field="stages")
+            raise UserError(
+                f"{why} needs a reward model: add 'rm' to stages",
+                source=str(ctx.run.config_path),
+                field="stages",
+            )
         rm = str(ctx.run.stage_dir("rm"))
     critic = rm if cfg.ppo.critic_init == "rm" else policy
-    return ModelPaths(policy=policy, critic=critic, ref=policy, dpo=dpo, rm=rm if cfg.reward.needs_rm else None)
+    return ModelPaths(
+        policy=policy, critic=critic, ref=policy, dpo=dpo, rm=rm if cfg.reward.needs_rm else None
+    )
 
 
 def pruned_sampler(ctx: StageContext):
@@ -39,12 +45,16 @@ def pruned_sampler(ctx: StageContext):
     return make_generate_fn(ctx.stage_dir("ftp"))
 
 
-@register_stage("ppo", sections=("ppo", "reward", "resources"), uses=("sft", "dpo", "rm", "ftp"), resumable=True)
+@register_stage(
+    "ppo", sections=("ppo", "reward", "resources"), uses=("sft", "dpo", "rm", "ftp"), resumable=True
+)
 def run_ppo_stage(ctx: StageContext) -> dict:
     from pipelines.stages.rm import load_normalization
 
     paths = model_paths(ctx)
-    normalization = load_normalization(ctx.run.stage_dir("rm")) if paths.rm and ctx.cfg.reward.rm_normalize else None
+    normalization = (
+        load_normalization(ctx.run.stage_dir("rm")) if paths.rm and ctx.cfg.reward.rm_normalize else None
+    )
     stage_hash = ctx.extras.get("stage_hash", "default")
     return run_ppo(
         PPOInputs(

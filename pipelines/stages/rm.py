@@ -50,11 +50,20 @@ def run_rm(ctx: StageContext) -> dict:
     chosen, rejected = encode_pairs(tokenizer, pairs[:2000])
     train_scores = torch.cat([rm_scores(rm, tokenizer, chosen), rm_scores(rm, tokenizer, rejected)])
     mean, std = float(train_scores.mean()), float(train_scores.std().clamp_min(1e-6))
-    atomic_write_json(ctx.out_dir / NORMALIZATION_FILE, {"mean": mean, "std": std, "n": int(train_scores.numel())})
-    summary = {"train_loss": float(result.training_loss), "pairs": len(pairs), "score_mean": mean, "score_std": std}
+    atomic_write_json(
+        ctx.out_dir / NORMALIZATION_FILE, {"mean": mean, "std": std, "n": int(train_scores.numel())}
+    )
+    summary = {
+        "train_loss": float(result.training_loss),
+        "pairs": len(pairs),
+        "score_mean": mean,
+        "score_std": std,
+    }
     if "eval_pairs" in ctx.prepared.data:
         chosen, rejected = encode_pairs(tokenizer, ctx.prepared.records("eval_pairs"))
-        summary["rm_pair_accuracy"] = float((rm_scores(rm, tokenizer, chosen) > rm_scores(rm, tokenizer, rejected)).float().mean())
+        summary["rm_pair_accuracy"] = float(
+            (rm_scores(rm, tokenizer, chosen) > rm_scores(rm, tokenizer, rejected)).float().mean()
+        )
     return summary
 
 

@@ -28,4 +28,8 @@ def run_sft(ctx: StageContext) -> dict:
     )
     result = quiet(trainer).train()
     save_model(trainer, tokenizer, ctx.out_dir)
-    return {"train_loss": float(result.training_loss), "examples": len(records), "steps": int(result.global_step)}
+    return {
+        "train_loss": float(result.training_loss),
+        "examples": len(records),
+        "steps": int(result.global_step),
+    }

@@ -65,6 +65,12 @@ def build_model(tokenizer, seed: int = 0, **overrides):
 
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(llava_config(tokenizer, **overrides))
+    # transformers initialises the projector with std 0.02, which makes the image tokens of this
+    # tiny tower almost constant (std ~0.004 across tokens) and SFT then never leaves the
+    # answer prior; PyTorch's default init keeps their spread comparable to the text embeddings.
+    for module in model.model.multi_modal_projector.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.reset_parameters()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model

@@ -176,7 +176,9 @@ def score(prompt: str, response: str, terminated: bool = True) -> GroundTruth:
     words = response.split()
     sentences = split_sentences(words)
     if not sentences:
-        return GroundTruth(-BAD_SENTENCE_PENALTY - (0 if terminated else NO_EOS_PENALTY), 0, 0, 0, False, terminated)
+        return GroundTruth(
+            -BAD_SENTENCE_PENALTY - (0 if terminated else NO_EOS_PENALTY), 0, 0, 0, False, terminated
+        )
     reward = 0.0
     used_words: set[str] = set()
     seen_sentences: set[tuple[str, ...]] = set()
@@ -203,12 +205,7 @@ def score(prompt: str, response: str, terminated: bool = True) -> GroundTruth:
         reward += SENTENCE_CREDIT + SENTIMENT_CREDIT * sentiment
     first = sentences[0]
     topic = prompt_topic(prompt)
-    on_topic = (
-        topic is not None
-        and first[-1] == PERIOD
-        and is_grammatical(first[:-1])
-        and topic in first[:3]
-    )
+    on_topic = topic is not None and first[-1] == PERIOD and is_grammatical(first[:-1]) and topic in first[:3]
     if on_topic:
         reward += TOPIC_BONUS
     if not terminated:
@@ -313,7 +310,9 @@ def sft_records(settings: TaskSettings) -> list[dict]:
         records.append(
             {
                 "prompt": [{"role": "user", "content": prompt}],
-                "completion": [{"role": "assistant", "content": make_response(rng, prompt, settings.max_sentences)}],
+                "completion": [
+                    {"role": "assistant", "content": make_response(rng, prompt, settings.max_sentences)}
+                ],
             }
         )
     return records
@@ -403,7 +402,14 @@ TINY_LLAMA = dict(
 )
 """Default shape of the built-in policy (about 0.8 M parameters)."""
 
-TINY_RM = dict(TINY_LLAMA, hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)
+TINY_RM = dict(
+    TINY_LLAMA,
+    hidden_size=64,
+    intermediate_size=192,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+)
 """Default shape of the built-in reward model: smaller than the policy, as in the RTO recipe."""
 
 

@@ -18,8 +18,8 @@ class _Section(BaseModel):
 class FTPSearchConfig(_Section):
     """Genetic search over per-block sparsities under the global budget."""
 
-    population: int = Field(16, ge=2, description="Schedules per generation")
-    generations: int = Field(12, ge=1, description="Generations of the search")
+    population: int = Field(12, ge=2, description="Schedules per generation")
+    generations: int = Field(8, ge=1, description="Generations of the search")
     elite: int = Field(2, ge=1, description="Best schedules copied unchanged into the next generation")
     mutation_std: float = Field(
         0.1, gt=0, description="Std of the Gaussian mutation of each block's sparsity"
@@ -64,7 +64,8 @@ class FTPConfig(_Section):
     decode_threshold: float | Literal["calibrated"] = Field(
         "calibrated",
         description="Decode rule: the new token computes a block when p(keep) > threshold; a number in (0, 1) "
-        "(the paper uses 0.5) or 'calibrated' (per block, so decoded tokens skip at the block's target sparsity)",
+        "(the paper uses 0.5; 0 computes every decoded token: prefill-only pruning) or 'calibrated' (per block, "
+        "so decoded tokens skip at about the block's target sparsity)",
     )
     calib_decode_tokens: int = Field(
         32, ge=1, description="Tokens decoded per calibration prompt for 'calibrated'"
@@ -83,11 +84,18 @@ class FTPConfig(_Section):
             raise ValueError(f"sparsity must be in [0, 1), got {v}")
         return v
 
-    @field_validator("max_block_sparsity", "decode_threshold")
+    @field_validator("max_block_sparsity")
     @classmethod
-    def _open_unit(cls, v, info):
-        if isinstance(v, (int, float)) and not 0 < v < 1:
-            raise ValueError(f"{info.field_name} must be in (0, 1), got {v}")
+    def _open_unit(cls, v: float) -> float:
+        if not 0 < v < 1:
+            raise ValueError(f"max_block_sparsity must be in (0, 1), got {v}")
+        return v
+
+    @field_validator("decode_threshold")
+    @classmethod
+    def _threshold(cls, v):
+        if isinstance(v, (int, float)) and not 0 <= v < 1:
+            raise ValueError(f"decode_threshold must be in [0, 1) or 'calibrated', got {v}")
         return v
 
     @field_validator("router")

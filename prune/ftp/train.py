@@ -86,7 +86,7 @@ def train_router(
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        record = {"step": step, "loss": float(loss), **parts}
+        record = {"step": step, "loss": float(loss.detach()), **parts}
         history.append(record)
         if log is not None:
             log(record)

@@ -27,7 +27,11 @@ TAG = "ckpt"
 def checkpoint_dirs(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
-    dirs = [d for d in root.iterdir() if d.is_dir() and d.name.startswith("step-") and (d / "state.json").is_file()]
+    dirs = [
+        d
+        for d in root.iterdir()
+        if d.is_dir() and d.name.startswith("step-") and (d / "state.json").is_file()
+    ]
     return sorted(dirs, key=lambda d: int(d.name.split("-")[1]))
 
 

@@ -15,9 +15,11 @@ class PPOConfig(BaseModel):
     rollout_batch_size: int = Field(64, gt=0, description="Prompts sampled per iteration")
     samples_per_prompt: int = Field(1, gt=0)
     train_batch_size: int = Field(32, gt=0, description="Samples per optimizer step (minibatch)")
-    micro_batch_size: int = Field(32, gt=0, description="Samples per forward/backward (gradient accumulation)")
+    micro_batch_size: int = Field(
+        32, gt=0, description="Samples per forward/backward (gradient accumulation)"
+    )
     epochs: int = Field(1, gt=0, description="Passes over each rollout batch")
-    actor_lr: float = Field(2e-4, gt=0)
+    actor_lr: float = Field(5e-5, gt=0)
     critic_lr: float = Field(5e-4, gt=0)
     warmup_steps: int = Field(0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
@@ -30,13 +32,21 @@ class PPOConfig(BaseModel):
     max_new_tokens: int = Field(48, gt=0)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    critic_init: Literal["rm", "policy"] = Field("rm", description="Initialise the critic from the RM or the policy")
+    critic_init: Literal["rm", "policy"] = Field(
+        "rm", description="Initialise the critic from the RM or the policy"
+    )
     zero_stage: Literal[0, 1, 2, 3] = 2
     checkpoint_every: int = Field(5, gt=0, description="Save a resumable checkpoint every N steps")
     keep_checkpoints: int = Field(2, gt=0)
-    rollout_pruner: Literal["none", "ftp"] = Field("none", description="Generate rollouts with a pruned policy")
-    is_cap: float = Field(2.0, gt=0, description="Truncation C of importance weights min(pi_dense/pi_sampler, C)")
-    trace_samples: int | None = Field(None, gt=0, description="Rollouts per step written to traces (None: all)")
+    rollout_pruner: Literal["none", "ftp"] = Field(
+        "none", description="Generate rollouts with a pruned policy"
+    )
+    is_cap: float = Field(
+        2.0, gt=0, description="Truncation C of importance weights min(pi_dense/pi_sampler, C)"
+    )
+    trace_samples: int | None = Field(
+        None, gt=0, description="Rollouts per step written to traces (None: all)"
+    )
     tensorboard: bool = True
     wandb: bool = Field(False, description="Also log to Weights & Biases (needs `pip install wandb`)")
 
@@ -44,7 +54,9 @@ class PPOConfig(BaseModel):
     def _batches(self) -> PPOConfig:
         total = self.rollout_batch_size * self.samples_per_prompt
         if self.train_batch_size > total:
-            raise ValueError(f"train_batch_size ({self.train_batch_size}) exceeds rollout samples per step ({total})")
+            raise ValueError(
+                f"train_batch_size ({self.train_batch_size}) exceeds rollout samples per step ({total})"
+            )
         if self.train_batch_size % self.micro_batch_size and self.micro_batch_size < self.train_batch_size:
             raise ValueError("train_batch_size must be a multiple of micro_batch_size")
         return self

@@ -38,7 +38,9 @@ class Groups:
     rm: ActorGroup | None = None
 
     def all(self) -> list[ActorGroup]:
-        return [g for g in (self.policy, self.critic, self.ref, self.dpo, self.rm, self.rollout) if g is not None]
+        return [
+            g for g in (self.policy, self.critic, self.ref, self.dpo, self.rm, self.rollout) if g is not None
+        ]
 
     def shutdown(self) -> None:
         for group in self.all():
@@ -49,10 +51,16 @@ def _resources(spec: GroupResources) -> Resources:
     return Resources(num_cpus=spec.cpus, num_gpus=spec.gpus)
 
 
-def build_groups(cfg: Config, paths: ModelPaths, optimizer_steps: int, dtype: str, generate_fn=None) -> Groups:
+def build_groups(
+    cfg: Config, paths: ModelPaths, optimizer_steps: int, dtype: str, generate_fn=None
+) -> Groups:
     """Create every group; groups listed together in `resources.colocate` share one placement group."""
     res = cfg.resources
-    wanted = {"policy", "critic", "ref", "rollout"} | ({"dpo"} if paths.dpo else set()) | ({"rm"} if paths.rm else set())
+    wanted = (
+        {"policy", "critic", "ref", "rollout"}
+        | ({"dpo"} if paths.dpo else set())
+        | ({"rm"} if paths.rm else set())
+    )
     shared: dict[str, tuple] = {}
     for members in res.colocate:
         members = [m for m in members if m in wanted]
@@ -70,7 +78,9 @@ def build_groups(cfg: Config, paths: ModelPaths, optimizer_steps: int, dtype: st
     def group(name: str, cls, **kwargs) -> ActorGroup:
         spec: GroupResources = getattr(res, name)
         pg = shared.get(name, (None,))[0]
-        return ActorGroup(cls, spec.ranks, worker_kwargs=kwargs, resources=_resources(spec), placement_group=pg, name=name)
+        return ActorGroup(
+            cls, spec.ranks, worker_kwargs=kwargs, resources=_resources(spec), placement_group=pg, name=name
+        )
 
     ppo = cfg.ppo
     samples = ppo.rollout_batch_size * ppo.samples_per_prompt
@@ -94,7 +104,9 @@ def build_groups(cfg: Config, paths: ModelPaths, optimizer_steps: int, dtype: st
     del samples
     frozen_dtype = dtype
     groups = Groups(
-        policy=group("policy", TrainableWorker, model_path=paths.policy, config=engine(ppo.actor_lr, res.policy.ranks)),
+        policy=group(
+            "policy", TrainableWorker, model_path=paths.policy, config=engine(ppo.actor_lr, res.policy.ranks)
+        ),
         critic=group(
             "critic",
             TrainableWorker,
@@ -102,7 +114,13 @@ def build_groups(cfg: Config, paths: ModelPaths, optimizer_steps: int, dtype: st
             model_kind=paths.critic_kind,
             config=engine(ppo.critic_lr, res.critic.ranks),
         ),
-        ref=group("ref", FrozenModelWorker, model_path=paths.ref, scoring_fn="reward.scoring:response_logprobs", dtype=frozen_dtype),
+        ref=group(
+            "ref",
+            FrozenModelWorker,
+            model_path=paths.ref,
+            scoring_fn="reward.scoring:response_logprobs",
+            dtype=frozen_dtype,
+        ),
         rollout=group(
             "rollout",
             RolloutWorker,
@@ -115,7 +133,13 @@ def build_groups(cfg: Config, paths: ModelPaths, optimizer_steps: int, dtype: st
         ),
     )
     if paths.dpo:
-        groups.dpo = group("dpo", FrozenModelWorker, model_path=paths.dpo, scoring_fn="reward.scoring:response_logprobs", dtype=frozen_dtype)
+        groups.dpo = group(
+            "dpo",
+            FrozenModelWorker,
+            model_path=paths.dpo,
+            scoring_fn="reward.scoring:response_logprobs",
+            dtype=frozen_dtype,
+        )
     if paths.rm:
         groups.rm = group(
             "rm", FrozenModelWorker, model_path=paths.rm, model_kind="sequence_classification",

@@ -26,7 +26,11 @@ class StepLogger:
                 import wandb as wandb_module
             except ImportError:
                 raise UserError("W&B logging needs `pip install wandb`", field="ppo.wandb") from None
-            self.wandb = wandb_module.init(project=os.environ.get("WANDB_PROJECT", "rto"), dir=str(run.root), config=cfg.model_dump(mode="json"))
+            self.wandb = wandb_module.init(
+                project=os.environ.get("WANDB_PROJECT", "rto"),
+                dir=str(run.root),
+                config=cfg.model_dump(mode="json"),
+            )
 
     def archive_previous(self) -> None:
         """A fresh ppo run in a directory that has older traces moves them aside instead of mixing."""
@@ -37,10 +41,14 @@ class StepLogger:
             shutil.move(str(self.run.traces_dir), str(target))
         old = self.run.read_metrics("ppo")
         if old:
-            from rto.rundir import atomic_write_text
             import json
 
-            atomic_write_text(self.run.root / "archive" / f"ppo-metrics-{stamp}.jsonl", "".join(json.dumps(r) + "\n" for r in old))
+            from rto.rundir import atomic_write_text
+
+            atomic_write_text(
+                self.run.root / "archive" / f"ppo-metrics-{stamp}.jsonl",
+                "".join(json.dumps(r) + "\n" for r in old),
+            )
             self.run.truncate_metrics("ppo", 0)
 
     def log(self, step: int, record: dict) -> None:

@@ -13,7 +13,9 @@ from reward.scoring import position_ids_from_mask, response_logprobs
 from rto.ppo.algo import clipped_policy_loss, clipped_value_loss, entropy_bonus, masked_mean
 
 
-def critic_values(model, sequences: Tensor, attention_mask: Tensor, prompt_len: int, micro_batch_size: int = 64) -> Tensor:
+def critic_values(
+    model, sequences: Tensor, attention_mask: Tensor, prompt_len: int, micro_batch_size: int = 64
+) -> Tensor:
     """V(s_h) `[B, R]` for each response token h: the critic's output at the position that precedes
     the token (the state the token was chosen in), zero on response padding."""
     chunks = []
@@ -21,7 +23,9 @@ def critic_values(model, sequences: Tensor, attention_mask: Tensor, prompt_len: 
     for start in range(0, sequences.size(0), micro_batch_size):
         ids = sequences[start : start + micro_batch_size]
         mask = attention_mask[start : start + micro_batch_size]
-        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
+        out = model(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False
+        )
         values = out.logits[:, prompt_len - 1 : prompt_len - 1 + response_len, 0].float()
         chunks.append(values * mask[:, prompt_len:].to(values.dtype))
     return torch.cat(chunks)
@@ -29,7 +33,9 @@ def critic_values(model, sequences: Tensor, attention_mask: Tensor, prompt_len: 
 
 def policy_scores(model, sequences: Tensor, attention_mask: Tensor, prompt_len: int) -> dict[str, Tensor]:
     """Dense log-probs and entropies of the response tokens under the current policy."""
-    logprobs, entropy = response_logprobs(model, sequences, attention_mask, prompt_len, 64, return_entropy=True)
+    logprobs, entropy = response_logprobs(
+        model, sequences, attention_mask, prompt_len, 64, return_entropy=True
+    )
     return {"logprobs": logprobs, "entropy": entropy}
 
 

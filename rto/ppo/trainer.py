@@ -60,12 +60,20 @@ def score_concurrently(groups: Groups, samples: dict, prompt_len: int, micro: in
     """Every scorer sees the same sequences; their passes run at the same time on their own actors."""
     batch = {"sequences": samples["sequences"], "attention_mask": samples["attention_mask"]}
     refs = {
-        "policy": groups.policy.async_run_sharded("score", batch, fn="rto.ppo.losses:policy_scores", prompt_len=prompt_len),
-        "values": groups.critic.async_run_sharded("score", batch, fn="rto.ppo.losses:critic_values", prompt_len=prompt_len),
-        "ref_logprobs": groups.ref.async_run_sharded("score", batch, prompt_len=prompt_len, micro_batch_size=micro),
+        "policy": groups.policy.async_run_sharded(
+            "score", batch, fn="rto.ppo.losses:policy_scores", prompt_len=prompt_len
+        ),
+        "values": groups.critic.async_run_sharded(
+            "score", batch, fn="rto.ppo.losses:critic_values", prompt_len=prompt_len
+        ),
+        "ref_logprobs": groups.ref.async_run_sharded(
+            "score", batch, prompt_len=prompt_len, micro_batch_size=micro
+        ),
     }
     if groups.dpo is not None:
-        refs["dpo_logprobs"] = groups.dpo.async_run_sharded("score", batch, prompt_len=prompt_len, micro_batch_size=micro)
+        refs["dpo_logprobs"] = groups.dpo.async_run_sharded(
+            "score", batch, prompt_len=prompt_len, micro_batch_size=micro
+        )
     if groups.rm is not None:
         refs["rm_scores"] = groups.rm.async_run_sharded("score", batch, micro_batch_size=micro)
     out = {name: concat_results(ray.get(r)) for name, r in refs.items()}
@@ -93,10 +101,17 @@ def train_on_batch(groups: Groups, cfg: Config, experience: dict, step: int) -> 
             rows = order[start : start + ppo.train_batch_size]
             minibatch = {k: (v[rows] if isinstance(v, torch.Tensor) else v) for k, v in experience.items()}
             refs = []
-            for calls, group, loss in ((policy_calls, groups.policy, "policy_loss"), (critic_calls, groups.critic, "value_loss")):
+            for calls, group, loss in (
+                (policy_calls, groups.policy, "policy_loss"),
+                (critic_calls, groups.critic, "value_loss"),
+            ):
                 for chunk in torch.tensor_split(torch.arange(len(rows)), calls):
-                    piece = {k: (v[chunk] if isinstance(v, torch.Tensor) else v) for k, v in minibatch.items()}
-                    refs.append(group.async_run_sharded("train_step", piece, loss_fn=f"rto.ppo.losses:{loss}"))
+                    piece = {
+                        k: (v[chunk] if isinstance(v, torch.Tensor) else v) for k, v in minibatch.items()
+                    }
+                    refs.append(
+                        group.async_run_sharded("train_step", piece, loss_fn=f"rto.ppo.losses:{loss}")
+                    )
             for rank_results in ray.get([r for group_refs in refs for r in group_refs]):
                 for key, value in rank_results.items():
                     stats[key].append(value)
@@ -148,8 +163,18 @@ def run_ppo(inputs: PPOInputs) -> dict:
                 logger.log(step, record)
                 state["step"] = step
                 if step % ppo.checkpoint_every == 0 and step < ppo.steps:
-                    checkpoint.save(ckpt_root, step, groups, {**state, "stage_hash": inputs.stage_hash}, ppo.keep_checkpoints)
-                info = f"gt {record['gt_reward']:.3f}" if "gt_reward" in record else f"rm {record.get('rm_score', 0):.3f}"
+                    checkpoint.save(
+                        ckpt_root,
+                        step,
+                        groups,
+                        {**state, "stage_hash": inputs.stage_hash},
+                        ppo.keep_checkpoints,
+                    )
+                info = (
+                    f"gt {record['gt_reward']:.3f}"
+                    if "gt_reward" in record
+                    else f"rm {record.get('rm_score', 0):.3f}"
+                )
                 progress.update(task, completed=step, info=info)
         groups.policy.run_all("save_hf", str(inputs.out_dir / "policy"))
         groups.critic.run_all("save_hf", str(inputs.out_dir / "critic"))
@@ -164,7 +189,9 @@ def run_ppo(inputs: PPOInputs) -> dict:
     return logger.summary(state)
 
 
-def one_step(inputs: PPOInputs, groups: Groups, tokenizer, prompt_ids, prompt_texts, state: dict, step: int) -> dict:
+def one_step(
+    inputs: PPOInputs, groups: Groups, tokenizer, prompt_ids, prompt_texts, state: dict, step: int
+) -> dict:
     cfg = inputs.cfg
     ppo = cfg.ppo
     times = {}
@@ -176,7 +203,9 @@ def one_step(inputs: PPOInputs, groups: Groups, tokenizer, prompt_ids, prompt_te
     prompt_len = input_ids.size(1)
 
     groups.rollout.run_all("call", "rto.ppo.losses:reseed", cfg.seed * 100_003 + step)
-    samples = groups.rollout.run_sharded("generate", {"input_ids": input_ids, "attention_mask": attention_mask})
+    samples = groups.rollout.run_sharded(
+        "generate", {"input_ids": input_ids, "attention_mask": attention_mask}
+    )
     times["time_generate"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
@@ -197,13 +226,18 @@ def one_step(inputs: PPOInputs, groups: Groups, tokenizer, prompt_ids, prompt_te
     responses, terminated, tokens = decode(tokenizer, samples, mask)
     record: dict = {"samples": len(chosen)}
     if inputs.ground_truth is not None:
-        gts = [inputs.ground_truth(prompt_texts[i], r, t) for i, r, t in zip(chosen, responses, terminated, strict=True)]
+        gts = [
+            inputs.ground_truth(prompt_texts[i], r, t)
+            for i, r, t in zip(chosen, responses, terminated, strict=True)
+        ]
         record["gt_reward"] = sum(gts) / len(gts)
     else:
         gts = None
     if not all_finite(mask, rewards.reward, scores["values"], scores["logprobs"]):
         state["skipped_batches"] += 1
-        inputs.log(f"[yellow]warning: step {step}: non-finite reward/value/log-prob in the batch; skipped[/yellow]")
+        inputs.log(
+            f"[yellow]warning: step {step}: non-finite reward/value/log-prob in the batch; skipped[/yellow]"
+        )
         return {**record, "skipped": 1, "skipped_batches": state["skipped_batches"], **times}
 
     advantages, returns = gae_advantages(rewards.reward, scores["values"], mask, ppo.gamma, ppo.lam)
