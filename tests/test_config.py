@@ -98,3 +98,19 @@ def test_cli_validate_ok():
     )
     assert result.returncode == 0, result.stderr
     assert "ok" in result.stdout
+
+
+@pytest.mark.parametrize("path", sorted((QUICKSTART.parent).glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path):
+    load_config(path)
+
+
+def test_gpu_share_is_automatic_on_cuda_only():
+    from rto.ppo.groups import default_gpu_share
+
+    cfg = load_config(QUICKSTART)
+    groups = {"policy", "critic", "ref", "dpo", "rm", "rollout"}
+    assert default_gpu_share(cfg, groups, "cpu") == 0.0
+    assert default_gpu_share(cfg, groups, "cuda") == pytest.approx(1 / 6)
+    cfg = load_config(QUICKSTART, ["resources.policy.gpus=1"])
+    assert default_gpu_share(cfg, groups, "cuda") == 0.0  # explicit placement wins

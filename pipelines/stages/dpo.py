@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from datasets import Dataset
 
 from pipelines.pairs import encode_pairs, logprob_sums
@@ -11,22 +12,31 @@ from rto.models import load_tokenizer
 from rto.progress import ProgressCallback
 
 
-def preference_figures(
-    policy_path: str, ref_path: str, tokenizer, pairs: list[dict], beta: float, device: str
-) -> dict:
-    """On held-out pairs: how often the reference and the DPO model give the chosen response the
-    higher likelihood, and how often DPO's implicit reward β·log π/π_ref ranks it first."""
+def preference_figures(policy_path: str, ref_path: str, tokenizer, pairs: list[dict], beta: float, device: str) -> dict:
+    """Held-out pairs: how often the reference (SFT) model and the DPO model prefer the chosen
+    response, and how often DPO's implicit reward β·log π/π_ref ranks it first.
+
+    "Prefers" compares the mean log-likelihood per token (chosen responses are longer on average,
+    which alone lowers their total log-likelihood); the raw totals are reported too."""
     from reward.scoring import FrozenLM
 
     chosen, rejected = encode_pairs(tokenizer, pairs)
+    len_c = torch.tensor([len(c) for _, c in chosen], dtype=torch.float32)
+    len_r = torch.tensor([len(c) for _, c in rejected], dtype=torch.float32)
     policy, ref = FrozenLM(policy_path, device=device), FrozenLM(ref_path, device=device)
     pc, pr = logprob_sums(policy, tokenizer, chosen), logprob_sums(policy, tokenizer, rejected)
     rc, rr = logprob_sums(ref, tokenizer, chosen), logprob_sums(ref, tokenizer, rejected)
     margin = beta * ((pc - rc) - (pr - rr))
+
+    def rate(x: torch.Tensor) -> float:
+        return float(x.float().mean())
+
     return {
-        "ref_prefers_chosen": float((rc > rr).float().mean()),
-        "dpo_prefers_chosen": float((pc > pr).float().mean()),
-        "dpo_reward_accuracy": float((margin > 0).float().mean()),
+        "ref_prefers_chosen": rate(rc / len_c > rr / len_r),
+        "dpo_prefers_chosen": rate(pc / len_c > pr / len_r),
+        "ref_prefers_chosen_total_logprob": rate(rc > rr),
+        "dpo_prefers_chosen_total_logprob": rate(pc > pr),
+        "dpo_reward_accuracy": rate(margin > 0),
         "dpo_reward_margin": float(margin.mean()),
     }
 

@@ -68,6 +68,7 @@ def run_ppo_stage(ctx: StageContext) -> dict:
             stage_hash=stage_hash,
             resume=ctx.resume,
             dtype=ctx.cfg.dtype,
+            device=ctx.device,
             generate_fn=pruned_sampler(ctx),
             log=ctx.log,
         )

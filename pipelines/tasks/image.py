@@ -24,6 +24,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from rto.errors import UserError
 
 IMAGE_SIZE = 32
@@ -126,12 +128,23 @@ def ask(rng: random.Random, items: tuple[Item, ...]) -> tuple[str, str]:
     return f"how many {color} shapes ?", COUNTS[sum(i.color == color for i in items)]
 
 
-def make_examples(n: int, seed: int) -> list[Example]:
+def describe(items: tuple[Item, ...]) -> str:
+    """Every object, in reading order of the quadrants: ``red circle top left green square ...``."""
+    order = list(POSITIONS)
+    return " ".join(f"{i.color} {i.shape} {i.position}" for i in sorted(items, key=lambda i: order.index(i.position)))
+
+
+def make_examples(n: int, seed: int, describe_fraction: float = 0.0) -> list[Example]:
+    """`n` examples; a `describe_fraction` of them ask for a full description (SFT only: dense
+    supervision of what is where, which makes the tiny model learn to read the image much sooner)."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         items = sample_items(rng)
-        question, answer = ask(rng, items)
+        if rng.random() < describe_fraction:
+            question, answer = "describe the picture .", describe(items)
+        else:
+            question, answer = ask(rng, items)
         out.append(Example(items, question, answer, rng.randrange(2**31)))
     return out
 
@@ -214,6 +227,7 @@ def encode(processor, examples: list[Example], with_answer: bool = False) -> dic
     batch = dict(processor(images=images, text=texts, return_tensors="pt", padding=True))
     if with_answer:
         labels = batch["input_ids"].clone()
-        labels[:, :-2] = -100  # left padding: the answer word and EOS are the last two tokens
-        batch["labels"] = labels
+        n_answer = torch.tensor([len(e.answer.split()) + 1 for e in examples])  # answer words + EOS
+        labels[torch.arange(labels.shape[1])[None, :] < labels.shape[1] - n_answer[:, None]] = -100
+        batch["labels"] = labels  # left padding: the answer and EOS are the last tokens
     return batch

@@ -80,7 +80,8 @@ def sft(
     out_dir: str | Path,
     steps: int = 1000,
     batch_size: int = 32,
-    lr: float = 3e-3,
+    lr: float = 1e-3,
+    describe_fraction: float = 0.5,
     n_train: int = 16000,
     seed: int = 0,
     log_every: int = 100,
@@ -93,7 +94,7 @@ def sft(
     """
     processor = task.build_processor()
     model = build_model(processor.tokenizer, seed=seed)
-    data = task.encode(processor, task.make_examples(n_train, seed=seed + 1), with_answer=True)
+    data = task.encode(processor, task.make_examples(n_train, seed + 1, describe_fraction), with_answer=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -114,7 +115,11 @@ def sft(
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
         if log_every and (step + 1) % log_every == 0:
-            print(f"step {step + 1}/{steps} loss {sum(losses[-log_every:]) / log_every:.4f}", flush=True)
+            model.eval()
+            accuracy = evaluate(model, processor, task.make_examples(64, seed=seed + 3))
+            model.train()
+            print(f"step {step + 1}/{steps} loss {sum(losses[-log_every:]) / log_every:.4f} "
+                  f"accuracy@64 {accuracy:.3f}", flush=True)
     model.eval()
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)

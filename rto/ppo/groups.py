@@ -47,8 +47,18 @@ class Groups:
             group.shutdown()
 
 
-def _resources(spec: GroupResources) -> Resources:
-    return Resources(num_cpus=spec.cpus, num_gpus=spec.gpus)
+def _resources(spec: GroupResources, gpu_share: float) -> Resources:
+    return Resources(num_cpus=spec.cpus, num_gpus=spec.gpus or gpu_share)
+
+
+def default_gpu_share(cfg: Config, wanted: set[str], device: str) -> float:
+    """On CUDA with no `gpus` set anywhere, every actor gets an equal share of one GPU, so that
+    `--set device=cuda` alone runs the whole job on one device."""
+    res = cfg.resources
+    if device != "cuda" or any(getattr(res, name).gpus for name in wanted):
+        return 0.0
+    actors = sum(getattr(res, name).ranks for name in wanted)
+    return 1.0 / actors
 
 
 def build_groups(
@@ -61,6 +71,7 @@ def build_groups(
         | ({"dpo"} if paths.dpo else set())
         | ({"rm"} if paths.rm else set())
     )
+    gpu_share = default_gpu_share(cfg, wanted, device)
     shared: dict[str, tuple] = {}
     for members in res.colocate:
         members = [m for m in members if m in wanted]
@@ -68,7 +79,7 @@ def build_groups(
             continue
         ranks = max(getattr(res, m).ranks for m in members)
         bundle = {"CPU": sum(getattr(res, m).cpus for m in members)}
-        gpus = sum(getattr(res, m).gpus for m in members)
+        gpus = sum(getattr(res, m).gpus or gpu_share for m in members)
         if gpus:
             bundle["GPU"] = gpus
         pg = create_placement_group(ranks, bundle)
@@ -79,11 +90,10 @@ def build_groups(
         spec: GroupResources = getattr(res, name)
         pg = shared.get(name, (None,))[0]
         return ActorGroup(
-            cls, spec.ranks, worker_kwargs=kwargs, resources=_resources(spec), placement_group=pg, name=name
+            cls, spec.ranks, worker_kwargs=kwargs, resources=_resources(spec, gpu_share), placement_group=pg, name=name
         )
 
     ppo = cfg.ppo
-    samples = ppo.rollout_batch_size * ppo.samples_per_prompt
     micro_per_rank = max(1, ppo.micro_batch_size)
 
     def engine(lr: float, ranks: int) -> EngineConfig:
@@ -101,7 +111,6 @@ def build_groups(
             scheduler="constant_with_warmup",
         )
 
-    del samples
     frozen_dtype = dtype
     groups = Groups(
         policy=group(
@@ -129,6 +138,7 @@ def build_groups(
             temperature=ppo.temperature,
             top_p=ppo.top_p,
             seed=cfg.seed,
+            dtype=frozen_dtype,
             **({"generate_fn": generate_fn} if generate_fn else {}),
         ),
     )

@@ -42,6 +42,7 @@ class PPOInputs:
     stage_hash: str
     resume: bool
     dtype: str = "float32"
+    device: str = "cpu"
     generate_fn: object = None  # a pruned sampler (FTP) or None for the dense policy
     log: object = print
 
@@ -140,7 +141,7 @@ def run_ppo(inputs: PPOInputs) -> dict:
     samples_per_step = ppo.rollout_batch_size * ppo.samples_per_prompt
     optimizer_steps = ppo.steps * ppo.epochs * max(1, samples_per_step // ppo.train_batch_size)
     init_ray(cfg.resources.ray_address, cfg.resources.num_cpus)
-    groups = build_groups(cfg, inputs.paths, optimizer_steps, inputs.dtype, inputs.generate_fn)
+    groups = build_groups(cfg, inputs.paths, optimizer_steps, inputs.dtype, inputs.generate_fn, inputs.device)
     logger = StepLogger(run, ppo.tensorboard, ppo.wandb, cfg)
     try:
         state = {"step": 0, "prompts_consumed": 0, "skipped_batches": 0}
