@@ -53,8 +53,10 @@ class RewardConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _default_beta1_for_ppo(cls, data: object) -> object:
-        # `ppo` has no DPO term: β1 defaults to 0 there, and an explicit non-zero β1 is an error (checked below).
-        if isinstance(data, dict) and data.get("mode") == "ppo" and "beta1" not in data:
+        # `ppo` has no DPO term: β1 is 0 there whatever the file says, so that switching a job from
+        # `rto` to the sentence-level baseline is one `--set reward.mode=ppo` (the resolved config
+        # then shows beta1: 0, which is what runs).
+        if isinstance(data, dict) and data.get("mode") == "ppo":
             data = {**data, "beta1": 0.0}
         return data
 
@@ -64,17 +66,9 @@ class RewardConfig(BaseModel):
             raise ValueError(
                 f"beta1 must be > 0 in mode '{self.mode}' (got {self.beta1}); use mode 'ppo' for no DPO term"
             )
-        if self.mode == "ppo" and self.beta1 != 0:
-            raise ValueError(
-                f"beta1 must be 0 (or unset) in mode 'ppo' (got {self.beta1}); use mode 'rto' for a DPO term"
-            )
         if self.mode in ("rto", "ppo") and self.beta3 <= 0:
             raise ValueError(
                 f"beta3 must be > 0 in mode '{self.mode}' (got {self.beta3}); use mode 'dpo' for no RM term"
-            )
-        if self.mode == "dpo" and self.beta3 != type(self).model_fields["beta3"].default:
-            raise ValueError(
-                f"beta3 has no effect in mode 'dpo' (no RM term), got {self.beta3}; remove it or use mode 'rto'"
             )
         if self.beta2 < 0:
             raise ValueError(f"beta2 must be >= 0 (got {self.beta2})")

@@ -81,6 +81,146 @@ def score(
     typer.echo(f"wrote {path}")
 
 
+# ---------------------------------------------------------------- cluster jobs
+
+AddressOption = typer.Option(
+    None,
+    "--address",
+    help="Ray dashboard of the cluster, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS, an http "
+    "$RAY_ADDRESS, or http://127.0.0.1:8265)",
+)
+JobIdArgument = typer.Argument(..., help="Job id, as printed by `rto submit` / `rto jobs list`")
+
+
+@app.command()
+def submit(
+    config: Path = typer.Argument(..., help="Job file (YAML); validated here before submitting"),
+    address: str = AddressOption,
+    overrides: list[str] = SetOption,
+    run_dir: str = typer.Option(
+        None,
+        "--run-dir",
+        help="Run directory on the cluster: an absolute path on the node running the job (the head) "
+        "or shared storage (default: ~/rto-runs/<job id> there)",
+    ),
+    env: list[str] = typer.Option(None, "--env", help="Environment variable for the job: KEY=VALUE (repeatable)"),
+    resume: bool = typer.Option(False, "--resume", help="Pass --resume to `rto run` (continue a ppo stage)"),
+    job_id: str = typer.Option(None, "--job-id", help="Submission id (default: rto-<config>-<time>-<random>)"),
+) -> None:
+    """Submit a job to a Ray cluster: the project's code and the resolved job file travel with it."""
+    from rto import jobs
+
+    submitted, where = jobs.submit(config, address, overrides or [], run_dir, env or [], resume, job_id)
+    addr = jobs.resolve_address(address)
+    typer.echo(f"submitted {submitted} to {addr}")
+    typer.echo(f"run directory on the cluster: {where}")
+    typer.echo(f"watch: rto jobs status {submitted} --wait --address {addr}")
+    typer.echo(f"logs:  rto jobs logs {submitted} --follow --address {addr}")
+
+
+jobs_app = typer.Typer(help="Jobs on a Ray cluster: list, status, logs, stop.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+
+
+@jobs_app.command("list")
+def jobs_list(address: str = AddressOption) -> None:
+    """Every job the cluster knows, oldest first."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from rto import jobs
+
+    table = Table("job", "status", "started", "duration", "config", "run dir", box=None)
+    for job in jobs.list_jobs(address):
+        d = jobs.describe(job)
+        table.add_row(d["job"], d["status"], d["started"], d["duration"], d["config"], d["run dir"])
+    Console().print(table)
+
+
+@jobs_app.command("status")
+def jobs_status(
+    job_id: str = JobIdArgument,
+    address: str = AddressOption,
+    wait: bool = typer.Option(
+        False, "--wait", help="Wait until the job ends; exit 0 if it succeeded, 1 if it failed or was stopped"
+    ),
+    timeout: float = typer.Option(None, "--timeout", help="With --wait: give up after this many seconds"),
+) -> None:
+    """A job's status, run directory and timing."""
+    from rto import jobs
+
+    if wait:
+        info = jobs.wait_for(
+            address, job_id, timeout, on_change=lambda j: typer.echo(f"{jobs.job_id_of(j)}: {j.status}")
+        )
+    else:
+        info = jobs.job_info(address, job_id)
+    for key, value in jobs.describe(info).items():
+        typer.echo(f"{key + ':':<12}{value}")
+    if wait and str(info.status) != "SUCCEEDED":
+        raise typer.Exit(1)
+
+
+@jobs_app.command("logs")
+def jobs_logs(
+    job_id: str = JobIdArgument,
+    address: str = AddressOption,
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep streaming until the job ends"),
+) -> None:
+    """A job's output (driver stdout and stderr)."""
+    from rto import jobs
+
+    if follow:
+        jobs.follow_logs(address, job_id, lambda chunk: typer.echo(chunk, nl=False))
+    else:
+        typer.echo(jobs.logs(address, job_id), nl=False)
+
+
+@jobs_app.command("stop")
+def jobs_stop(job_id: str = JobIdArgument, address: str = AddressOption) -> None:
+    """Ask a running job to stop (SIGTERM to its driver, then SIGKILL)."""
+    from rto import jobs
+
+    if jobs.stop(address, job_id):
+        typer.echo(f"stopping {job_id}")
+    else:
+        typer.echo(f"{job_id} is not running ({jobs.job_info(address, job_id).status})")
+
+
+# ---------------------------------------------------------------- inspecting runs
+
+
+@app.command()
+def traces(
+    run_dir: Path = typer.Argument(..., help="Run directory (or one trace .parquet file)"),
+    step: int = typer.Option(None, "--step", help="PPO step (default: the latest)"),
+    sample: int = typer.Option(None, "--sample", help="Show one sample (its sample_id) token by token"),
+    sort: str = typer.Option("reward", "--sort", help="Rank samples by: reward, gt, rm, dpo, kl, advantage, length"),
+    color: str = typer.Option(
+        "reward", "--color", help="Colour tokens by: reward, dpo, kl, value, advantage, return"
+    ),
+    top: int = typer.Option(3, "--top", min=1, help="Best and worst samples to show"),
+) -> None:
+    """Reward traces of a step: coloured tokens, per-sample breakdown, best and worst samples."""
+    from reward.views import show_traces
+
+    show_traces(run_dir, step=step, sample=sample, sort=sort, color=color, top=top)
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="Run directory (finished or still running)"),
+    output: Path = typer.Option(Path("report.html"), "-o", "--output", help="HTML file to write"),
+    steps: list[int] = typer.Option(None, "--step", help="Steps whose tokens to show (default: first, middle, last)"),
+    samples: int = typer.Option(3, "--samples", min=1, help="Best and worst samples per step in the heatmaps"),
+) -> None:
+    """One self-contained HTML page: curves, stage summary and token heatmaps (opens offline)."""
+    from rto.report import write_report
+
+    path = write_report(run_dir, output, steps=steps or None, samples=samples)
+    typer.echo(f"wrote {path}")
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

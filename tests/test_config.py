@@ -49,7 +49,7 @@ BAD = [
     ("stages: [sft]\npolicy: {path: x, builtin: tiny-llama}\n", [], ["policy", "exactly one"]),
     ("stages: [sft]\ndata: {sft: {path: missing.jsonl}}\n", [], ["data.sft.path", "does not exist"]),
     ("stages: [ppo]\nreward: {mode: rto, beta1: 0}\n", [], ["reward", "beta1"]),
-    ("stages: [ppo]\nreward: {mode: ppo, beta1: 0.05}\n", [], ["reward", "beta1"]),
+    ("stages: [ppo]\nreward: {mode: ppo, beta3: 0}\n", [], ["reward", "beta3"]),
     ("stages: [ppo]\nreward: {mode: sparse}\n", [], ["reward.mode", "rto"]),
     ("stages: [ppo]\nppo: {rollout_batch_size: 8, train_batch_size: 16}\n", [], ["ppo", "train_batch_size"]),
     ("stages: [sft]\ntask: null\n", [], ["data.sft", "no built-in task"]),
