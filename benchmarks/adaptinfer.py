@@ -355,6 +355,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--size", default="cpu-576", choices=sorted(SIZES))
     parser.add_argument("--skip-accuracy", action="store_true", help="latency part only (default on CUDA)")
+    parser.add_argument("--skip-latency", action="store_true", help="accuracy part only")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "adaptinfer.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -367,7 +368,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     if not args.skip_accuracy and args.device == "cpu":
         result["accuracy"] = accuracy_part(args)
-    result["latency"] = latency_part(args)
+    if not args.skip_latency:
+        result["latency"] = latency_part(args)
     print_tables(result)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

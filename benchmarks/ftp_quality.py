@@ -75,12 +75,45 @@ def rollout_reward(model, router, schedule, tokenizer, prompts, args, threshold=
     return {"gt_reward": statistics.fmean(rewards), "rollout_sparsity": sparsity, "rewards": rewards}
 
 
+def sparsity_for_flops(config, n_tokens: int, n_layers: int, flops_ratio: float) -> float:
+    """Uniform token sparsity whose prefill FLOPs are `flops_ratio` of dense (bisection)."""
+    dense = dense_prefill_flops(config, n_tokens)
+    low, high = 0.0, 0.99
+    for _ in range(40):
+        mid = (low + high) / 2
+        if token_sparsity_prefill_flops(config, n_tokens, [mid] * n_layers) / dense > flops_ratio:
+            low = mid
+        else:
+            high = mid
+    return (low + high) / 2
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = [
+        "| sparsity | method | prefill FLOPs | rollout token sparsity | GT reward retention | GT Δ vs dense (± s.e.) "
+        "| next-token agreement | KL |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['sparsity']:.0%} | {r['method']} | {r['flops_ratio']:.2f} | {r['rollout_sparsity']:.2f} | "
+            f"{r['gt_retention']:.1%} | {r['gt_delta']:+.3f} ± {r['gt_delta_se']:.3f} | {r['agreement']:.3f} | "
+            f"{r['kl']:.4f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="runs/ftp-bench/stages/sft", help="SFT policy folder")
     parser.add_argument("--sparsities", default="0.2,0.3,0.4")
+    parser.add_argument(
+        "--match-shortgpt",
+        default="1,2",
+        help="also the token sparsities whose FLOPs equal ShortGPT minus these layers",
+    )
     parser.add_argument("--task-seed", type=int, default=0)
     parser.add_argument("--n-prompts", type=int, default=512, help="held-out prompts sampled per method")
     parser.add_argument("--n-heldout", type=int, default=256, help="held-out SFT sequences (teacher-forced)")
@@ -114,7 +147,12 @@ def main() -> None:
     print(f"dense: GT reward {dense['gt_reward']:.3f}")
     influence = block_influence(model, heldout_batches[:2])
     rows = []
-    for sparsity in [float(s) for s in args.sparsities.split(",")]:
+    sparsities = [float(s) for s in args.sparsities.split(",")]
+    for n_remove in [int(n) for n in args.match_shortgpt.split(",") if n]:
+        sparsities.append(
+            round(sparsity_for_flops(model.config, mean_len, n_layers, 1 - n_remove / n_layers), 3)
+        )
+    for sparsity in sparsities:
         cfg = FTPConfig(sparsity=sparsity, seed=args.seed, train={"steps": args.train_steps})
         calib = left_padded_batches(train_seqs[: cfg.search.calib_samples], cfg.train.batch_size, pad)
         n_train = cfg.train.steps * cfg.train.batch_size
@@ -156,15 +194,7 @@ def main() -> None:
     print(
         f"\nSFT policy {args.model}: dense GT reward {dense['gt_reward']:.3f} on {args.n_prompts} prompts\n"
     )
-    print(
-        "| sparsity | method | prefill FLOPs | rollout token sparsity | GT reward retention | next-token agreement | KL |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['sparsity']:.0%} | {r['method']} | {r['flops_ratio']:.2f} | {r['rollout_sparsity']:.2f} | "
-            f"{r['gt_retention']:.1%} | {r['agreement']:.3f} | {r['kl']:.4f} |"
-        )
+    print(markdown_table(rows))
     record = {
         "benchmark": "ftp_quality",
         "commit": git_commit(),

@@ -221,7 +221,19 @@ def report(
     typer.echo(f"wrote {path}")
 
 
+def _quiet_libraries() -> None:
+    """rto shows its own progress bars; the libraries' per-call bars only clutter the log."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
 def main() -> None:
+    _quiet_libraries()
     try:
         app(standalone_mode=False)
     except UserError as exc:

@@ -76,28 +76,18 @@ def sample(
     device = next(model.parameters()).device
     input_ids, attention_mask = left_pad(prompt_ids, pad_id)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    greedy = temperature == 0
-    out = model.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        do_sample=not greedy,
-        temperature=None if greedy else temperature,
-        top_p=None if greedy else top_p,
-        top_k=None,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=eos_id,
-        pad_token_id=pad_id,
-        return_dict_in_generate=True,
-        output_scores=True,
-    )
+    from rto.distributed.rollout import hf_generate
+
+    responses, logprobs = hf_generate(
+        model, input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_p=top_p, eos_token_id=eos_id, pad_token_id=pad_id,
+    )  # fmt: skip
     prompt_len = input_ids.shape[1]
-    responses = out.sequences[:, prompt_len:]
-    scores = torch.stack(out.scores, dim=1).float()  # [B, R, V], after temperature / top-p
-    logprobs = torch.log_softmax(scores, dim=-1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)
     response_mask = response_mask_from(responses, eos_id, pad_id)
     logprobs = torch.where(response_mask.bool(), logprobs, torch.zeros_like(logprobs))
     full_mask = torch.cat([attention_mask, response_mask], dim=1)
-    return Samples(out.sequences, full_mask, prompt_len, response_mask, logprobs)
+    sequences = torch.cat([input_ids, responses], dim=1)
+    return Samples(sequences, full_mask, prompt_len, response_mask, logprobs)
 
 
 def decode_responses(tokenizer, samples: Samples) -> list[str]:

@@ -86,6 +86,7 @@ def sft(
     seed: int = 0,
     log_every: int = 100,
     n_eval: int = 512,
+    init: str | Path | None = None,
 ) -> dict:
     """Supervised fine-tuning on the task (loss on the answer word and EOS); saves model + processor.
 
@@ -93,7 +94,12 @@ def sft(
     hand-written loop keeps the CPU run at a few minutes. Returns a small summary dict.
     """
     processor = task.build_processor()
-    model = build_model(processor.tokenizer, seed=seed)
+    if init is not None:  # continue from a saved model (same processor)
+        from transformers import LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration.from_pretrained(init)
+    else:
+        model = build_model(processor.tokenizer, seed=seed)
     data = task.encode(processor, task.make_examples(n_train, seed + 1, describe_fraction), with_answer=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)

@@ -62,8 +62,8 @@ class FTPConfig(_Section):
     )
     router_hidden: int = Field(64, ge=1, description="Width of the router MLP (4 -> hidden -> 2)")
     decode_threshold: float | Literal["calibrated"] = Field(
-        "calibrated",
-        description="Decode rule: the new token computes a block when p(keep) > threshold; a number in (0, 1) "
+        0.0,
+        description="Decode rule: the new token computes a block when p(keep) > threshold; a number in [0, 1) "
         "(the paper uses 0.5; 0 computes every decoded token: prefill-only pruning) or 'calibrated' (per block, "
         "so decoded tokens skip at about the block's target sparsity)",
     )

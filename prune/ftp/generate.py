@@ -69,9 +69,8 @@ def generate_pruned(
     batch, prompt_len = input_ids.shape
     max_new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - prompt_len
     eos = config.eos_token_id
-    eos_ids = torch.tensor(
-        [] if eos is None else ([eos] if isinstance(eos, int) else list(eos)), device=input_ids.device
-    )
+    eos_list = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    eos_ids = torch.tensor(eos_list, dtype=torch.long, device=input_ids.device)
     pad = config.pad_token_id if config.pad_token_id is not None else (int(eos_ids[0]) if len(eos_ids) else 0)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)

@@ -125,7 +125,9 @@ def select_topk(
 
 
 def select_threshold(logits: torch.Tensor, valid: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Decode rule: keep a token when sigmoid(logit) > threshold."""
+    """Decode rule: keep a token when sigmoid(logit) > threshold (threshold 0 keeps every token)."""
+    if threshold <= 0:
+        return valid.clone()
     return (torch.sigmoid(logits.detach()) > threshold) & valid
 
 

@@ -26,6 +26,8 @@ DEFAULT_WORKER_ENV = {
     "OMP_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # no per-actor "Loading weights" bars in the driver's log
+    "TRANSFORMERS_VERBOSITY": "error",
 }
 
 

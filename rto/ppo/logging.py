@@ -59,8 +59,27 @@ class StepLogger:
             for key, value in record.items():
                 if isinstance(value, int | float) and key != "step":
                     self.tb.add_scalar(f"ppo/{key}", value, step)
+            self._log_trace_text(step)
         if self.wandb is not None:
             self.wandb.log({f"ppo/{k}": v for k, v in record.items()}, step=step)
+
+    def _log_trace_text(self, step: int) -> None:
+        """The step's best and worst samples (by total reward) with their per-token rewards, as
+        Markdown in TensorBoard's text tab. A step without a trace file (skipped batch) has none."""
+        from reward.traces import read_traces, trace_path
+        from reward.views import best_and_worst, markdown_sample, rank
+
+        path = trace_path(self.run.traces_dir, step)
+        if not path.is_file():
+            return
+        frame = read_traces(path)
+        if frame.empty:
+            return
+        best, worst = best_and_worst(rank(frame, "reward"), 1)
+        for tag, part in (("best", best), ("worst", worst)):
+            if len(part):
+                row = frame.loc[part.index[0]]
+                self.tb.add_text(f"traces/{tag}", markdown_sample(row, f"step {step}, {tag} sample"), step)
 
     def summary(self, state: dict) -> dict:
         rows = self.run.read_metrics("ppo")

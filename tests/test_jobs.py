@@ -1,0 +1,236 @@
+"""Cluster jobs against a real local Ray head on loopback: `rto submit` a tiny job, follow it to
+success with `rto jobs status`, read its logs, stop a running job, and bad input.
+
+The head is this test's own `ray start --head --block` process (its own session, its own temp
+dir, free ports); it is stopped by signalling that process, which takes the head's daemons with
+it. Never `ray stop`: that would stop every Ray on the machine."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from pipeline_helpers import rto, write_job
+
+from rto import jobs
+from rto.errors import UserError
+
+PORT_OPTIONS = [
+    "--port", "--dashboard-port", "--ray-client-server-port", "--dashboard-agent-listen-port",
+    "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port",
+    "--node-manager-port", "--object-manager-port",
+]  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_head(temp_dir: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
+    """`ray start --head --block` on loopback with free ports; (process, dashboard address)."""
+    ports = {option: free_port() for option in PORT_OPTIONS}
+    bin_dir = str(Path(sys.executable).parent)
+    command = [
+        os.path.join(bin_dir, "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+        "--dashboard-host", "127.0.0.1", "--include-dashboard", "true", "--num-cpus", "2",
+        "--temp-dir", str(temp_dir), "--disable-usage-stats",
+        *[str(x) for option, port in ports.items() for x in (option, port)],
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),  # the job's `python` is this venv's
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "OMP_NUM_THREADS": "1",
+    }
+    process = subprocess.Popen(
+        command, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True, env=env
+    )
+    return process, f"http://127.0.0.1:{ports['--dashboard-port']}"
+
+
+def stop_head(process: subprocess.Popen, temp_dir: Path) -> None:
+    """SIGTERM to our `ray start --block` (it stops the daemons it started); then any process
+    still naming our temp dir (only ours can) is killed by its PID."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    for _ in range(10):
+        leftovers = pids_mentioning(str(temp_dir))
+        if not leftovers:
+            break
+        for pid in leftovers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.5)
+
+
+def pids_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # Ray's unix socket paths live under the temp dir and must stay short: /tmp/rrXXXXXXXX
+    temp_dir = Path(tempfile.mkdtemp(prefix="rr", dir="/tmp"))
+    process, address = start_head(temp_dir, temp_dir / "head.log")
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                jobs.list_jobs(address)
+                break
+            except (UserError, RuntimeError, ConnectionError):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"Ray head did not start:\n{(temp_dir / 'head.log').read_text()[-3000:]}")
+                time.sleep(1)
+        yield address
+    finally:
+        stop_head(process, temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def tiny_job(directory: Path, **changes) -> Path:
+    """The tiny job, smaller still: seconds of SFT and a short eval."""
+    sizes = dict(
+        task__n_sft=128, task__n_pairs=32, task__n_eval_pairs=16, task__n_prompts=16, task__n_eval=8,
+        sft__max_steps=20, eval__max_new_tokens=8, eval__models=["base", "sft"],
+    )  # fmt: skip
+    return write_job(directory, **{**sizes, **changes})
+
+
+JOB_ENV = ["--env", "OMP_NUM_THREADS=1", "--env", "HF_HUB_OFFLINE=1"]
+
+
+def submitted_id(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, result.stderr[-3000:]
+    return re.search(r"^submitted (\S+) to ", result.stdout, re.MULTILINE).group(1)
+
+
+def test_submit_follow_to_success_and_read_logs(cluster, tmp_path):
+    job = tiny_job(tmp_path, stages=["sft", "eval"])
+    run_dir = tmp_path / "results" / "run"
+    result = rto("submit", str(job), "--address", cluster, "--run-dir", str(run_dir), *JOB_ENV)
+    job_id = submitted_id(result)
+    assert f"run directory on the cluster: {run_dir}" in result.stdout
+
+    status = rto("jobs", "status", job_id, "--wait", "--timeout", "300", "--address", cluster)
+    logs = rto("jobs", "logs", job_id, "--address", cluster)
+    assert status.returncode == 0, status.stdout + status.stderr + logs.stdout[-3000:]
+    assert re.search(r"^status:\s+SUCCEEDED$", status.stdout, re.MULTILINE)
+    assert re.search(rf"^run dir:\s+{re.escape(str(run_dir))}$", status.stdout, re.MULTILINE)
+
+    # the logs are the job's `rto run` output, ending with its summary table
+    assert logs.returncode == 0
+    assert "sft" in logs.stdout and "gt_reward" in logs.stdout.replace(" ", "_")
+    follow = rto("jobs", "logs", job_id, "--follow", "--address", cluster, timeout=60)
+    assert follow.returncode == 0 and follow.stdout.strip().endswith(logs.stdout.strip()[-200:])
+
+    listing = rto("jobs", "list", "--address", cluster)
+    assert listing.returncode == 0
+    assert any(job_id in line and "SUCCEEDED" in line for line in listing.stdout.splitlines())
+
+    # results landed where --run-dir said, with the job file it ran (joining the cluster's Ray)
+    summary = (run_dir / "summary.json").read_text()
+    assert '"sft"' in summary and '"eval"' in summary
+    assert "ray_address: auto" in (run_dir / "config.yaml").read_text()
+
+
+def test_stop_a_running_job(cluster, tmp_path):
+    job = tiny_job(tmp_path, stages=["sft"], sft__max_steps=100_000)
+    job_id = submitted_id(rto("submit", str(job), "--address", cluster, "--run-dir", str(tmp_path / "run"), *JOB_ENV))
+    deadline = time.monotonic() + 120
+    while jobs.job_info(cluster, job_id).status.value != "RUNNING":
+        assert time.monotonic() < deadline and not jobs.job_info(cluster, job_id).status.is_terminal()
+        time.sleep(1)
+    result = rto("jobs", "stop", job_id, "--address", cluster)
+    assert result.returncode == 0 and f"stopping {job_id}" in result.stdout
+    status = rto("jobs", "status", job_id, "--wait", "--timeout", "120", "--address", cluster)
+    assert status.returncode == 1  # --wait: anything but SUCCEEDED
+    assert re.search(r"^status:\s+STOPPED$", status.stdout, re.MULTILINE)
+    again = rto("jobs", "stop", job_id, "--address", cluster)
+    assert again.returncode == 0 and "is not running (STOPPED)" in again.stdout
+
+
+@pytest.mark.parametrize("command", [["status"], ["logs"], ["logs", "--follow"], ["stop"]])
+def test_unknown_job_id(cluster, command):
+    result = rto("jobs", *command[:1], "raysubmit_doesnotexist", *command[1:], "--address", cluster)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == f"error: job id: no job 'raysubmit_doesnotexist' on the cluster at {cluster}\n"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["jobs", "list"],
+        ["jobs", "status", "some-job"],
+        ["submit", "{job}"],
+    ],
+)
+def test_address_without_a_cluster(tmp_path, args):
+    job = tiny_job(tmp_path)
+    address = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    result = rto(*[a.format(job=job) for a in args], "--address", address)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"error: --address: no Ray cluster answers at {address}")
+    assert result.stderr.count("\n") == 1
+
+
+def test_bad_submissions_fail_before_connecting(tmp_path):
+    job = tiny_job(tmp_path)
+    address = f"http://127.0.0.1:{free_port()}"
+    cases = [
+        (["--run-dir", "relative/run"], "relative/run: --run-dir: must be an absolute path on the cluster"),
+        (["--set", "sft.lr=abc"], "sft.lr"),
+        (["--env", "NOEQUALS"], "--env: expected KEY=VALUE"),
+    ]
+    for extra, message in cases:
+        result = rto("submit", str(job), "--address", address, *extra)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert result.stderr.count("\n") == 1
+
+
+def test_staged_code_leaves_out_environments_and_big_files(tmp_path):
+    root = tmp_path / "checkout"
+    for name in ["rto/cli.py", "configs/q.yaml", ".venv/bin/python", "env2/pyvenv.cfg", ".git/HEAD",
+                 "runs/a/metrics.jsonl", "rto/__pycache__/cli.pyc", "rto.egg-info/PKG-INFO", "data/small.jsonl"]:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("x")  # fmt: skip
+    with open(root / "data" / "huge.bin", "wb") as f:
+        f.truncate(jobs.MAX_FILE_BYTES + 1)
+    target = tmp_path / "staged"
+    jobs.stage_code(root, target)
+    staged = sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file())
+    assert staged == ["configs/q.yaml", "data/small.jsonl", "rto/cli.py"]
+    # this checkout is what a submission would carry
+    assert jobs.project_root() == Path(jobs.__file__).resolve().parent.parent
+
+
+def test_run_dir_words():
+    assert jobs.make_run_dir_arg(None, "rto-x-1") == ('"$HOME/rto-runs/rto-x-1"', "~/rto-runs/rto-x-1")
+    assert jobs.make_run_dir_arg("~/runs/a b", "j") == ("\"$HOME\"/'runs/a b'", "~/runs/a b")
+    assert jobs.make_run_dir_arg("/shared/runs/x", "j") == ("/shared/runs/x", "/shared/runs/x")
