@@ -34,8 +34,10 @@ sys.path.insert(0, str(ROOT))
 from pipelines.tasks import image as task  # noqa: E402
 from pipelines.tasks import image_model  # noqa: E402
 from prune.adaptinfer import PRESETS, generate_pruned, mean_vision_tokens, prefill, proportional_schedule  # noqa: E402
+from prune.adaptinfer.analysis import inflection_layers, text_to_vision_profile  # noqa: E402
 from prune.fastv import fastv_schedule_for_budget  # noqa: E402
 from prune.flops import attention_rows_flops, lm_head_flops, prefill_flops_per_layer  # noqa: E402
+from rto.errors import UserError  # noqa: E402
 
 METHODS = ["adaptinfer", "adaptinfer_no_prior", "fastv", "random"]
 SIZES = {
@@ -173,12 +175,22 @@ def accuracy_part(args) -> dict:
     with torch.no_grad():
         hf_acc = image_model.evaluate(model, processor, examples)
     rows, timing_configs = [], {"dense": ("adaptinfer", {})}
+    # the paper's offline analysis: cut where text-to-vision attention drops (on training-like data)
+    profile = text_to_vision_profile(model, [task.encode(processor, task.make_examples(64, seed=999))])
+    profiled_layers = inflection_layers(profile, 3)
     for ratio in args.ratios:
-        for method, schedule in schedules_for(n_layers, n_vision, ratio).items():
+        schedules = schedules_for(n_layers, n_vision, ratio)
+        try:
+            profiled = proportional_schedule(n_layers, n_vision, ratio * n_vision, layers=profiled_layers)
+            schedules["adaptinfer_profiled"] = profiled
+        except UserError as error:
+            print(f"  adaptinfer_profiled keep {ratio}: skipped ({error})")
+        for name, schedule in schedules.items():
+            method = name.removesuffix("_profiled")
             acc, flops = run(method, schedule)
             rows.append(
                 dict(
-                    method=method,
+                    method=name,
                     keep_ratio=ratio,
                     schedule=schedule,
                     mean_vision_tokens=mean_vision_tokens(schedule, n_layers, n_vision),
@@ -187,9 +199,9 @@ def accuracy_part(args) -> dict:
                     flops_ratio=flops / dense_flops,
                 )
             )
-            timing_configs[f"{method}@{ratio}"] = (method, schedule)
+            timing_configs[f"{name}@{ratio}"] = (method, schedule)
             print(
-                f"  {method:20s} keep {ratio:6.3f}: acc {acc:.3f} retention {acc / dense_acc:.3f}", flush=True
+                f"  {name:20s} keep {ratio:6.3f}: acc {acc:.3f} retention {acc / dense_acc:.3f}", flush=True
             )
     latency = time_prefills(model, batches[0], timing_configs, args.reps, "cpu")
     for row in rows:
@@ -201,6 +213,8 @@ def accuracy_part(args) -> dict:
         n_eval=len(examples),
         dense_accuracy=dense_acc,
         dense_accuracy_hf_generate=hf_acc,
+        text_to_vision_profile=profile,
+        profiled_cut_layers=profiled_layers,
         chance_accuracy=chance(examples),
         dense_prefill_seconds=latency["dense"],
         batch_size_latency=64,

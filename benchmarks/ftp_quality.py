@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--train-steps", type=int, default=150)
+    parser.add_argument("--train-steps", type=int, default=FTPConfig().train.steps)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="benchmarks/results/ftp.json")
@@ -153,7 +153,12 @@ def main() -> None:
             round(sparsity_for_flops(model.config, mean_len, n_layers, 1 - n_remove / n_layers), 3)
         )
     for sparsity in sparsities:
-        cfg = FTPConfig(sparsity=sparsity, seed=args.seed, train={"steps": args.train_steps})
+        cfg = FTPConfig(
+            sparsity=sparsity,
+            seed=args.seed,
+            decode_threshold="calibrated",
+            train={"steps": args.train_steps},
+        )
         calib = left_padded_batches(train_seqs[: cfg.search.calib_samples], cfg.train.batch_size, pad)
         n_train = cfg.train.steps * cfg.train.batch_size
         train = left_padded_batches(
@@ -167,7 +172,7 @@ def main() -> None:
         n_remove = flops_matched_layers(model.config, mean_len, fitted.schedule)
         removed = layers_to_remove(influence, n_remove)
         methods = {
-            "FTP-learned": (fitted.router, fitted.schedule, fitted.decode_thresholds),
+            "FTP-learned, calibrated decode": (fitted.router, fitted.schedule, fitted.decode_thresholds),
             "FTP-learned, dense decode": (fitted.router, fitted.schedule, 0.0),
             "FTP-static": ("static", fitted.static_schedule, 0.5),
             "uniform": ("static", [sparsity] * n_layers, 0.5),

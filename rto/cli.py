@@ -125,16 +125,13 @@ app.add_typer(jobs_app, name="jobs")
 @jobs_app.command("list")
 def jobs_list(address: str = AddressOption) -> None:
     """Every job the cluster knows, oldest first."""
-    from rich.console import Console
-    from rich.table import Table
-
     from rto import jobs
 
-    table = Table("job", "status", "started", "duration", "config", "run dir", box=None)
-    for job in jobs.list_jobs(address):
-        d = jobs.describe(job)
-        table.add_row(d["job"], d["status"], d["started"], d["duration"], d["config"], d["run dir"])
-    Console().print(table)
+    columns = ["job", "status", "started", "duration", "config", "run dir"]
+    rows = [[jobs.describe(job)[c] for c in columns] for job in jobs.list_jobs(address)]
+    widths = [max(len(str(v)) for v in column) for column in zip(columns, *rows, strict=True)]
+    for row in [columns, *rows]:  # plain columns: ids are never cut, and the output greps well
+        typer.echo("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
 
 
 @jobs_app.command("status")
@@ -158,7 +155,7 @@ def jobs_status(
     for key, value in jobs.describe(info).items():
         typer.echo(f"{key + ':':<12}{value}")
     if wait and str(info.status) != "SUCCEEDED":
-        raise typer.Exit(1)
+        raise SystemExit(1)  # (typer.Exit's code is swallowed by standalone_mode=False in main())
 
 
 @jobs_app.command("logs")

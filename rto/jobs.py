@@ -112,7 +112,15 @@ def _use_auth_token_if_available() -> None:
         )
     except ImportError:  # a Ray without token authentication
         return
-    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    import logging
+
+    setup_logger = logging.getLogger(maybe_enable_token_auth_if_token_available.__module__)
+    level = setup_logger.level
+    setup_logger.setLevel(logging.ERROR)  # its notice would break our one-line errors
+    try:
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    finally:
+        setup_logger.setLevel(level)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -156,3 +156,12 @@ def test_flops_of_an_unpruned_trace_equal_the_dense_prefill(tiny, batch):
     assert sum(prefill_flops_per_layer(model.config, trace.tokens_per_layer)) == dense_prefill_flops(
         model.config, n
     )
+
+
+def test_attention_profile_and_inflection_layers(tiny, batch):
+    from prune.adaptinfer.analysis import inflection_layers, text_to_vision_profile
+
+    model, _ = tiny
+    profile = text_to_vision_profile(model, [batch])
+    assert len(profile) == 4 and all(0.0 <= share <= 1.0 for share in profile)
+    assert inflection_layers([0.9, 0.5, 0.45, 0.1, 0.05], n_cuts=2) == [0, 2]

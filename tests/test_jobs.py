@@ -170,7 +170,7 @@ def test_stop_a_running_job(cluster, tmp_path):
     result = rto("jobs", "stop", job_id, "--address", cluster)
     assert result.returncode == 0 and f"stopping {job_id}" in result.stdout
     status = rto("jobs", "status", job_id, "--wait", "--timeout", "120", "--address", cluster)
-    assert status.returncode == 1  # --wait: anything but SUCCEEDED
+    assert status.returncode == 1, status.stdout + rto("jobs", "logs", job_id, "--address", cluster).stdout[-2000:]  # --wait: not SUCCEEDED
     assert re.search(r"^status:\s+STOPPED$", status.stdout, re.MULTILINE)
     again = rto("jobs", "stop", job_id, "--address", cluster)
     assert again.returncode == 0 and "is not running (STOPPED)" in again.stdout

@@ -141,3 +141,41 @@ def test_page_in_headless_chromium(page, tmp_path):
     assert count((255, 127, 14)) > 100  # their second series (orange)
     assert count((5, 48, 97)) > 200  # saturated blue tokens: the best samples' last token
     assert count((103, 0, 31)) > 50  # saturated red tokens: the worst samples' last token
+
+
+def test_tensorboard_has_scalars_and_sample_traces(tmp_path):
+    """StepLogger writes each step's figures as scalars and its best and worst samples (per-token
+    rewards) as Markdown text; read back with TensorBoard's own event reader."""
+    from _trace_run_fixtures import metrics_record, write_step
+    from tensorboard.backend.event_processing import event_accumulator
+
+    from rto.ppo.logging import StepLogger
+    from rto.rundir import RunDir
+
+    run = RunDir(tmp_path / "run").create()
+    logger = StepLogger(run, tensorboard=True, wandb=False, cfg=None)
+    for step in (1, 2):
+        write_step(run.traces_dir, step)
+        record = {k: v for k, v in metrics_record("ppo", step).items() if k not in ("stage", "step")}
+        logger.log(step, record)
+    logger.log(3, {"skipped": 1, "gt_reward": 0.0})  # a skipped batch: no trace file, no text
+    logger.close()
+
+    events = event_accumulator.EventAccumulator(
+        str(run.root / "tensorboard" / "ppo"), size_guidance={event_accumulator.TENSORS: 0}
+    ).Reload()
+    gt = events.Scalars("ppo/gt_reward")
+    assert [(e.step, round(e.value, 6)) for e in gt] == [(1, 0.1), (2, 0.2), (3, 0.0)]
+    assert "ppo/kl" in events.Tags()["scalars"]
+    texts = {tag: events.Tensors(tag) for tag in events.Tags()["tensors"] if tag.startswith("traces/")}
+    assert sorted(texts) == ["traces/best/text_summary", "traces/worst/text_summary"]
+    best = [e for e in texts["traces/best/text_summary"]]
+    assert [e.step for e in best] == [1, 2]
+    markdown = best[-1].tensor_proto.string_val[0].decode()
+    assert "step 2, best sample" in markdown and "sample 3" in markdown
+    assert "total +1.3300 = dpo +0.4300 + kl -0.1000 + rm +1.0000" in markdown
+    assert "| 3 | `<eos>` | +0.9900 |" in markdown
+    worst = texts["traces/worst/text_summary"][-1].tensor_proto.string_val[0].decode()
+    assert "sample 0" in worst and "total -0.4700" in worst
+    # metrics.jsonl got the same records
+    assert [r["step"] for r in run.read_metrics("ppo")] == [1, 2, 3]

@@ -131,7 +131,9 @@ def ask(rng: random.Random, items: tuple[Item, ...]) -> tuple[str, str]:
 def describe(items: tuple[Item, ...]) -> str:
     """Every object, in reading order of the quadrants: ``red circle top left green square ...``."""
     order = list(POSITIONS)
-    return " ".join(f"{i.color} {i.shape} {i.position}" for i in sorted(items, key=lambda i: order.index(i.position)))
+    return " ".join(
+        f"{i.color} {i.shape} {i.position}" for i in sorted(items, key=lambda i: order.index(i.position))
+    )
 
 
 def make_examples(n: int, seed: int, describe_fraction: float = 0.0) -> list[Example]:

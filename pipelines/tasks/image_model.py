@@ -124,8 +124,11 @@ def sft(
             model.eval()
             accuracy = evaluate(model, processor, task.make_examples(64, seed=seed + 3))
             model.train()
-            print(f"step {step + 1}/{steps} loss {sum(losses[-log_every:]) / log_every:.4f} "
-                  f"accuracy@64 {accuracy:.3f}", flush=True)
+            print(
+                f"step {step + 1}/{steps} loss {sum(losses[-log_every:]) / log_every:.4f} "
+                f"accuracy@64 {accuracy:.3f}",
+                flush=True,
+            )
     model.eval()
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)

@@ -20,7 +20,12 @@ def text_to_vision_profile(model, batches: list[dict]) -> list[float]:
     profiles = []
     for inputs in batches:
         _, _, trace = prefill(
-            model, inputs["input_ids"], inputs["pixel_values"], inputs.get("attention_mask"), {}, probe=True,
+            model,
+            inputs["input_ids"],
+            inputs["pixel_values"],
+            inputs.get("attention_mask"),
+            {},
+            probe=True,
             use_cache=False,
         )
         profiles.append(torch.tensor(trace.text_to_vision))

@@ -214,7 +214,9 @@ def prefill(
         key_valid.append(valid)
         if probe:
             rows, rows_valid = select_rows(text)
-            attn = attention_rows(layer, hidden_in, position_embeddings, cache.layers[index].keys, valid, rows, rows_valid)
+            attn = attention_rows(
+                layer, hidden_in, position_embeddings, cache.layers[index].keys, valid, rows, rows_valid
+            )
             share = (attn * vision[:, None, None, :]).sum(-1).mean(1)  # (B, Q)
             trace.text_to_vision.append(float((share * rows_valid).sum() / rows_valid.sum()))
         if index not in steps:

@@ -39,14 +39,14 @@ class FTPSearchConfig(_Section):
 class FTPTrainConfig(_Section):
     """Router training with the LLM frozen."""
 
-    steps: int = Field(150, ge=1, description="Optimizer steps")
+    steps: int = Field(300, ge=1, description="Optimizer steps")
     batch_size: int = Field(8, ge=1)
     lr: float = Field(3e-3, gt=0)
     max_length: int = Field(128, ge=4, description="Training sequences are truncated to this many tokens")
     guide_weight: float = Field(
         1.0, ge=0, description="Initial weight of the guide loss (follow the static router)"
     )
-    guide_decay: float = Field(0.97, gt=0, le=1, description="Guide weight multiplier per step")
+    guide_decay: float = Field(0.9, gt=0, le=1, description="Guide weight multiplier per step")
     sparsity_weight: float = Field(1.0, ge=0, description="Weight of sum_i max(s_target_i - s_actual_i, 0)")
     distill_weight: float = Field(1.0, ge=0, description="Weight of KL(dense || pruned) at the final block")
     gumbel_tau: float = Field(1.0, gt=0, description="Temperature of the Gumbel-sigmoid relaxation")

@@ -62,7 +62,7 @@ def default_gpu_share(cfg: Config, wanted: set[str], device: str) -> float:
 
 
 def build_groups(
-    cfg: Config, paths: ModelPaths, optimizer_steps: int, dtype: str, generate_fn=None
+    cfg: Config, paths: ModelPaths, optimizer_steps: int, dtype: str, generate_fn=None, device: str = "cpu"
 ) -> Groups:
     """Create every group; groups listed together in `resources.colocate` share one placement group."""
     res = cfg.resources
