@@ -244,8 +244,13 @@ def latency_part(args) -> dict:
     config = image_model.llava_config(tokenizer, vision=size["vision"], text=size["text"])
     config.text_config.vocab_size = 32064 if args.size == "llava-7b" else config.text_config.vocab_size
     torch.manual_seed(0)
-    with torch.device(args.device):
-        model = LlavaForConditionalGeneration(config).to(dtype).eval()
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build the 7B shape directly in bf16 on the device
+    try:
+        with torch.device(args.device):
+            model = LlavaForConditionalGeneration(config).to(dtype).eval()
+    finally:
+        torch.set_default_dtype(default_dtype)
     n_vision = (size["vision"]["image_size"] // size["vision"]["patch_size"]) ** 2
     n_layers = size["text"]["num_hidden_layers"]
     question = "what color is the circle ?"

@@ -122,7 +122,7 @@ def plot(results: dict, modes: list[str], path: Path) -> None:
         x = [(i + 1) * per_step for i in range(len(mean))]
         spread = [statistics.pstdev(step) for step in zip(*runs, strict=True)]
         ax.plot(x, mean, label=f"{m.upper()} (mean of {len(runs)} seeds)", color=colors.get(m))
-        ax.fill_between(x, [a - s for a, s in zip(mean, spread)], [a + s for a, s in zip(mean, spread)], color=colors.get(m), alpha=0.15)
+        ax.fill_between(x, [a - s for a, s in zip(mean, spread, strict=True)], [a + s for a, s in zip(mean, spread, strict=True)], color=colors.get(m), alpha=0.15)
     for name, value in results["reference_heldout_gt"].items():
         ax.axhline(value, linestyle="--", color=colors.get(name, "gray"), label=f"{name.upper()} policy (held-out)")
     ax.set_xlabel("rollouts")

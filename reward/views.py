@@ -152,7 +152,9 @@ def best_and_worst(table: pd.DataFrame, count: int) -> tuple[pd.DataFrame, pd.Da
 
 def component_column(color: str) -> str:
     if color not in COMPONENTS:
-        raise UserError(f"unknown component '{color}'; expected one of {', '.join(COMPONENTS)}", field="--color")
+        raise UserError(
+            f"unknown component '{color}'; expected one of {', '.join(COMPONENTS)}", field="--color"
+        )
     return COMPONENTS[color]
 
 
@@ -207,9 +209,7 @@ def token_components(row: pd.Series, index: int) -> dict[str, float]:
     """Every per-token figure of token `index` (NaN for null columns)."""
     names = ["reward", "reward_dpo", "reward_kl", "value", "advantage", "return", "logprob", "ref_logprob"]
     names += ["dpo_logprob"]
-    return {
-        name: float(row[name][index]) if row[name] is not None else math.nan for name in names
-    }
+    return {name: float(row[name][index]) if row[name] is not None else math.nan for name in names}
 
 
 def markdown_sample(row: pd.Series, title: str) -> str:
@@ -291,8 +291,8 @@ def _print_header(console, path, step, frame, color, scale) -> None:
         for name in ("total", "dpo", "kl", "rm", "gt")
         if figures[name].notna().any()
     )
-    console.print(f"[bold]{path}[/bold]  step {step} · {len(frame)} samples · mean length "
-                  f"{figures['length'].mean():.1f}")  # fmt: skip
+    console.print(f"[bold]step {step} · {len(frame)} samples[/bold] · mean length "
+                  f"{figures['length'].mean():.1f} · {path}")  # fmt: skip
     console.print(f"step means: {means}")
     legend = Text(f"colour = {color}: ")
     for value in np.linspace(-scale, scale, 5):

@@ -103,9 +103,13 @@ def submit(
         help="Run directory on the cluster: an absolute path on the node running the job (the head) "
         "or shared storage (default: ~/rto-runs/<job id> there)",
     ),
-    env: list[str] = typer.Option(None, "--env", help="Environment variable for the job: KEY=VALUE (repeatable)"),
+    env: list[str] = typer.Option(
+        None, "--env", help="Environment variable for the job: KEY=VALUE (repeatable)"
+    ),
     resume: bool = typer.Option(False, "--resume", help="Pass --resume to `rto run` (continue a ppo stage)"),
-    job_id: str = typer.Option(None, "--job-id", help="Submission id (default: rto-<config>-<time>-<random>)"),
+    job_id: str = typer.Option(
+        None, "--job-id", help="Submission id (default: rto-<config>-<time>-<random>)"
+    ),
 ) -> None:
     """Submit a job to a Ray cluster: the project's code and the resolved job file travel with it."""
     from rto import jobs
@@ -192,7 +196,9 @@ def traces(
     run_dir: Path = typer.Argument(..., help="Run directory (or one trace .parquet file)"),
     step: int = typer.Option(None, "--step", help="PPO step (default: the latest)"),
     sample: int = typer.Option(None, "--sample", help="Show one sample (its sample_id) token by token"),
-    sort: str = typer.Option("reward", "--sort", help="Rank samples by: reward, gt, rm, dpo, kl, advantage, length"),
+    sort: str = typer.Option(
+        "reward", "--sort", help="Rank samples by: reward, gt, rm, dpo, kl, advantage, length"
+    ),
     color: str = typer.Option(
         "reward", "--color", help="Colour tokens by: reward, dpo, kl, value, advantage, return"
     ),
@@ -208,8 +214,12 @@ def traces(
 def report(
     run_dir: Path = typer.Argument(..., help="Run directory (finished or still running)"),
     output: Path = typer.Option(Path("report.html"), "-o", "--output", help="HTML file to write"),
-    steps: list[int] = typer.Option(None, "--step", help="Steps whose tokens to show (default: first, middle, last)"),
-    samples: int = typer.Option(3, "--samples", min=1, help="Best and worst samples per step in the heatmaps"),
+    steps: list[int] = typer.Option(
+        None, "--step", help="Steps whose tokens to show (default: first, middle, last)"
+    ),
+    samples: int = typer.Option(
+        3, "--samples", min=1, help="Best and worst samples per step in the heatmaps"
+    ),
 ) -> None:
     """One self-contained HTML page: curves, stage summary and token heatmaps (opens offline)."""
     from rto.report import write_report
@@ -218,19 +228,10 @@ def report(
     typer.echo(f"wrote {path}")
 
 
-def _quiet_libraries() -> None:
-    """rto shows its own progress bars; the libraries' per-call bars only clutter the log."""
-    import os
-
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-
-
 def main() -> None:
-    _quiet_libraries()
+    from rto.progress import quiet_libraries
+
+    quiet_libraries()
     try:
         app(standalone_mode=False)
     except UserError as exc:

@@ -17,6 +17,17 @@ from rich.progress import (
 from transformers import TrainerCallback
 
 T = TypeVar("T")
+
+
+def quiet_libraries() -> None:
+    """rto shows its own progress bars; the libraries' per-call bars only clutter the log.
+    (Environment defaults, so a user's own settings win; Ray workers inherit them.)"""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 console = Console(stderr=True)
 
 

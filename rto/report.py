@@ -175,7 +175,9 @@ def _matrix(name: str, nested: dict[str, dict]) -> str:
     columns = list(dict.fromkeys(c for row in nested.values() for c in row))
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = "".join(
-        f"<tr><th>{html.escape(row)}</th>" + "".join(f"<td>{_fmt(v.get(c, ''))}</td>" for c in columns) + "</tr>"
+        f"<tr><th>{html.escape(row)}</th>"
+        + "".join(f"<td>{_fmt(v.get(c, ''))}</td>" for c in columns)
+        + "</tr>"
         for row, v in nested.items()
     )
     return f"<h4>{html.escape(name)}</h4><table><tr><th></th>{head}</tr>{body}</table>"
@@ -215,12 +217,19 @@ def _heatmap(step: int, frame: pd.DataFrame, samples: int) -> str:
             spans = []
             for i, text in enumerate(display_tokens(row["tokens"], markers)):
                 colors = {
-                    name: diverging_color(float(row[col][i]), scales[name]) for name, col in components.items()
+                    name: diverging_color(float(row[col][i]), scales[name])
+                    for name, col in components.items()
                 }
                 spans.append(_token_span(row, i, text, colors))
             head = " · ".join(
                 f"{name} {figures[key]:+.3f}"
-                for name, key in (("total", "total"), ("dpo", "dpo"), ("kl", "kl"), ("rm", "rm"), ("gt", "gt"))
+                for name, key in (
+                    ("total", "total"),
+                    ("dpo", "dpo"),
+                    ("kl", "kl"),
+                    ("rm", "rm"),
+                    ("gt", "gt"),
+                )
                 if math.isfinite(figures[key])
             )
             parts.append(
@@ -316,7 +325,11 @@ def build_report(run_dir: Path, steps: list[int] | None = None, samples: int = 3
     except (json.JSONDecodeError, OSError):
         summary = {}
     config = run.config_path.read_text() if run.config_path.is_file() else ""
-    done = [p.name for p in sorted(run.stages_dir.glob("*")) if run.is_done(p.name)] if run.stages_dir.is_dir() else []
+    done = (
+        [p.name for p in sorted(run.stages_dir.glob("*")) if run.is_done(p.name)]
+        if run.stages_dir.is_dir()
+        else []
+    )
     trace_steps = list_trace_steps(run.traces_dir)
     state = f"finished stages: {', '.join(done) or 'none'}"
     if trace_steps and "ppo" not in done:
@@ -335,7 +348,9 @@ def build_report(run_dir: Path, steps: list[int] | None = None, samples: int = 3
         _heatmaps(run.traces_dir, steps, samples),
     ]
     if config:
-        body.append(f"<h2>Configuration</h2><details><summary>config.yaml</summary><pre>{html.escape(config)}</pre></details>")
+        body.append(
+            f"<h2>Configuration</h2><details><summary>config.yaml</summary><pre>{html.escape(config)}</pre></details>"
+        )
     return (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
         f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>"

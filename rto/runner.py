@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from rto.config import Config, dump_config
-from rto.progress import console
+from rto.progress import console, quiet_libraries
 from rto.rundir import RunDir, atomic_write_text
 from rto.runtime import resolve_device, seed_everything
 
@@ -28,6 +28,7 @@ def run_job(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
     from pipelines.prepare import prepare
     from pipelines.stages import STAGES, StageContext
 
+    quiet_libraries()
     run = RunDir(run_dir).create()
     atomic_write_text(run.config_path, dump_config(cfg))
     device = resolve_device(cfg.device)

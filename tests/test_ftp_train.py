@@ -116,6 +116,7 @@ def test_fit_save_and_generate_through_the_pruner_registry(tmp_path):
         sparsity=0.3,
         search={"population": 3, "generations": 2, "elite": 1},
         train={"steps": 4},
+        decode_threshold="calibrated",
         calib_decode_tokens=4,
     )
     prompts = [(torch.randint(3, 128, (2, 6)), torch.ones(2, 6, dtype=torch.long))]

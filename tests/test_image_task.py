@@ -31,7 +31,7 @@ def test_pictures_show_the_items():
     image = task.render((item,), seed=0)
     pixels = torch.from_numpy(np.array(image))
     red = (pixels == torch.tensor(task.COLORS["red"])).all(-1)
-    assert red[16:, 16:].sum() == 16 and red.sum() == 16
+    assert red[16:, 16:].sum() == 12 and red.sum() == 12  # a hollow 4x4 square
 
 
 def test_reward():

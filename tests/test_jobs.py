@@ -132,21 +132,26 @@ def submitted_id(result: subprocess.CompletedProcess) -> str:
 
 
 def test_submit_follow_to_success_and_read_logs(cluster, tmp_path):
-    job = tiny_job(tmp_path, stages=["sft", "eval"])
+    """The whole path on a real cluster: submit the tiny quickstart (sft → dpo → rm → 2 PPO steps →
+    eval), follow it to success, read its logs; its PPO actors join this cluster; then inspect the
+    run it left with `rto traces`, `rto report` and TensorBoard's event reader."""
+    job = tiny_job(tmp_path, stages=["sft", "dpo", "rm", "ppo", "eval"])
     run_dir = tmp_path / "results" / "run"
     result = rto("submit", str(job), "--address", cluster, "--run-dir", str(run_dir), *JOB_ENV)
     job_id = submitted_id(result)
     assert f"run directory on the cluster: {run_dir}" in result.stdout
 
-    status = rto("jobs", "status", job_id, "--wait", "--timeout", "300", "--address", cluster)
+    status = rto("jobs", "status", job_id, "--wait", "--timeout", "400", "--address", cluster, timeout=450)
     logs = rto("jobs", "logs", job_id, "--address", cluster)
     assert status.returncode == 0, status.stdout + status.stderr + logs.stdout[-3000:]
     assert re.search(r"^status:\s+SUCCEEDED$", status.stdout, re.MULTILINE)
     assert re.search(rf"^run dir:\s+{re.escape(str(run_dir))}$", status.stdout, re.MULTILINE)
 
-    # the logs are the job's `rto run` output, ending with its summary table
+    # the logs are the job's `rto run` output: every stage, the PPO actors on this cluster
     assert logs.returncode == 0
-    assert "sft" in logs.stdout and "gt_reward" in logs.stdout.replace(" ", "_")
+    for stage in ("sft", "dpo", "rm", "ppo", "eval"):
+        assert f"stage {stage}: done" in logs.stdout, stage
+    assert "Started a local Ray instance" not in logs.stdout  # resources.ray_address=auto joined us
     follow = rto("jobs", "logs", job_id, "--follow", "--address", cluster, timeout=60)
     assert follow.returncode == 0 and follow.stdout.strip().endswith(logs.stdout.strip()[-200:])
 
@@ -154,15 +159,36 @@ def test_submit_follow_to_success_and_read_logs(cluster, tmp_path):
     assert listing.returncode == 0
     assert any(job_id in line and "SUCCEEDED" in line for line in listing.stdout.splitlines())
 
-    # results landed where --run-dir said, with the job file it ran (joining the cluster's Ray)
+    # results landed where --run-dir said, with the job file it ran
     summary = (run_dir / "summary.json").read_text()
-    assert '"sft"' in summary and '"eval"' in summary
+    assert all(f'"{stage}"' in summary for stage in ("sft", "dpo", "rm", "ppo", "eval"))
     assert "ray_address: auto" in (run_dir / "config.yaml").read_text()
+    inspect_finished_run(run_dir, tmp_path)
+
+
+def inspect_finished_run(run_dir: Path, tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing import event_accumulator
+
+    traces = rto("traces", str(run_dir), "--top", "1")
+    assert traces.returncode == 0, traces.stderr
+    assert traces.stdout.startswith("step 2 · 8 samples") and "best 1 by reward" in traces.stdout
+    page = tmp_path / "report.html"
+    report = rto("report", str(run_dir), "-o", str(page))
+    assert report.returncode == 0, report.stderr
+    text = page.read_text()
+    assert re.findall(r"<h3>step (\d+)", text) == ["1", "2"] and text.count("<svg") >= 3
+    events = event_accumulator.EventAccumulator(
+        str(run_dir / "tensorboard" / "ppo"), size_guidance={event_accumulator.TENSORS: 0}
+    ).Reload()
+    assert [e.step for e in events.Scalars("ppo/gt_reward")] == [1, 2]
+    assert [e.step for e in events.Tensors("traces/best/text_summary")] == [1, 2]
 
 
 def test_stop_a_running_job(cluster, tmp_path):
     job = tiny_job(tmp_path, stages=["sft"], sft__max_steps=100_000)
-    job_id = submitted_id(rto("submit", str(job), "--address", cluster, "--run-dir", str(tmp_path / "run"), *JOB_ENV))
+    job_id = submitted_id(
+        rto("submit", str(job), "--address", cluster, "--run-dir", str(tmp_path / "run"), *JOB_ENV)
+    )
     deadline = time.monotonic() + 120
     while jobs.job_info(cluster, job_id).status.value != "RUNNING":
         assert time.monotonic() < deadline and not jobs.job_info(cluster, job_id).status.is_terminal()
@@ -170,7 +196,9 @@ def test_stop_a_running_job(cluster, tmp_path):
     result = rto("jobs", "stop", job_id, "--address", cluster)
     assert result.returncode == 0 and f"stopping {job_id}" in result.stdout
     status = rto("jobs", "status", job_id, "--wait", "--timeout", "120", "--address", cluster)
-    assert status.returncode == 1, status.stdout + rto("jobs", "logs", job_id, "--address", cluster).stdout[-2000:]  # --wait: not SUCCEEDED
+    assert status.returncode == 1, (
+        status.stdout + rto("jobs", "logs", job_id, "--address", cluster).stdout[-2000:]
+    )  # --wait: not SUCCEEDED
     assert re.search(r"^status:\s+STOPPED$", status.stdout, re.MULTILINE)
     again = rto("jobs", "stop", job_id, "--address", cluster)
     assert again.returncode == 0 and "is not running (STOPPED)" in again.stdout
@@ -216,8 +244,17 @@ def test_bad_submissions_fail_before_connecting(tmp_path):
 
 def test_staged_code_leaves_out_environments_and_big_files(tmp_path):
     root = tmp_path / "checkout"
-    for name in ["rto/cli.py", "configs/q.yaml", ".venv/bin/python", "env2/pyvenv.cfg", ".git/HEAD",
-                 "runs/a/metrics.jsonl", "rto/__pycache__/cli.pyc", "rto.egg-info/PKG-INFO", "data/small.jsonl"]:
+    for name in [
+        "rto/cli.py",
+        "configs/q.yaml",
+        ".venv/bin/python",
+        "env2/pyvenv.cfg",
+        ".git/HEAD",
+        "runs/a/metrics.jsonl",
+        "rto/__pycache__/cli.pyc",
+        "rto.egg-info/PKG-INFO",
+        "data/small.jsonl",
+    ]:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text("x")  # fmt: skip
     with open(root / "data" / "huge.bin", "wb") as f:

@@ -16,7 +16,9 @@ from pipeline_helpers import rto
 from rto.report import build_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (.ci/run installs it)")
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None, reason="Chromium is not installed (.ci/run installs it)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +132,9 @@ def test_page_in_headless_chromium(page, tmp_path):
         assert f"rgb({r}, {g}, {b})" in style
 
     shot = tmp_path / "report.png"
-    result = chromium("--window-size=1300,2200", f"--screenshot={shot}", page.as_uri(), profile=tmp_path / "profile")
+    result = chromium(
+        "--window-size=1300,2200", f"--screenshot={shot}", page.as_uri(), profile=tmp_path / "profile"
+    )
     assert console_lines(result.stderr) == []
     pixels = (matplotlib.image.imread(shot)[..., :3] * 255).round()
 

@@ -108,7 +108,9 @@ def test_show_traces_output(run):
 
     # the same with colours: tokens carry truecolor backgrounds (red and blue)
     buffer = io.StringIO()
-    show_traces(run, top=1, console=Console(file=buffer, width=120, color_system="truecolor", force_terminal=True))
+    show_traces(
+        run, top=1, console=Console(file=buffer, width=120, color_system="truecolor", force_terminal=True)
+    )
     assert "\x1b[" in buffer.getvalue() and ";48;2;" in buffer.getvalue()
 
 
@@ -145,7 +147,11 @@ def test_bad_input_is_one_line_exit_2(run, tmp_path, args, message):
 
 
 def _digest(directory):
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_reading_a_run_that_is_being_written(tmp_path):
@@ -202,6 +208,7 @@ def test_reading_a_run_that_is_being_written(tmp_path):
             assert rewards.tolist() == pytest.approx(sample_row(step, i)["reward"])
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["stage"] == "ppo"] == list(range(1, 9))
+
 
 def test_load_step_reads_a_single_trace_file(run):
     step, frame = load_step(run / "traces" / "step-000002.parquet")

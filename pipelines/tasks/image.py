@@ -66,8 +66,8 @@ class Example:
 
 GLYPHS = {  # one shape fills exactly one 4x4 patch: every object is a single vision token
     "circle": ("0110", "1111", "1111", "0110"),
-    "square": ("1111", "1111", "1111", "1111"),
-    "triangle": ("0000", "0110", "1111", "1111"),
+    "square": ("1111", "1001", "1001", "1111"),
+    "triangle": ("0001", "0011", "0111", "1111"),
 }
 
 
