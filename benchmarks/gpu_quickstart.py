@@ -26,7 +26,9 @@ QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--run-dir", default="runs/quickstart-gpu")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16")
@@ -36,14 +38,25 @@ def main() -> None:
     cfg = load_config(QUICKSTART, overrides)
     summary = run_job(cfg, args.run_dir)
     rows = [r for r in RunDir(args.run_dir).read_metrics("ppo") if "time_step" in r]
-    phases = {k: statistics.median(r[k] for r in rows) for k in ("time_generate", "time_score", "time_train", "time_sync", "time_step")} if rows else {}
+    phases = (
+        {
+            k: statistics.median(r[k] for r in rows)
+            for k in ("time_generate", "time_score", "time_train", "time_sync", "time_step")
+        }
+        if rows
+        else {}
+    )
     stages = {name: summary[name]["seconds"] for name in cfg.stages if name in summary}
     print(f"{'stage':<8} {'seconds':>8}")
     for name, seconds in stages.items():
         print(f"{name:<8} {seconds:>8.1f}")
     for name, seconds in phases.items():
         print(f"ppo {name:<14} median {seconds:.3f} s")
-    write_results("gpu_quickstart", {"overrides": overrides}, {"stage_seconds": stages, "ppo_phase_median_seconds": phases, "eval": summary.get("eval")})
+    write_results(
+        "gpu_quickstart",
+        {"overrides": overrides},
+        {"stage_seconds": stages, "ppo_phase_median_seconds": phases, "eval": summary.get("eval")},
+    )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,9 @@ def smooth(values: list[float], window: int) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", default=str(QUICKSTART))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=40)
@@ -79,9 +81,16 @@ def main() -> None:
     results = {
         "rollouts_per_step": rollouts_per_step,
         "reference_heldout_gt": references,
-        "curves": {m: {"per_seed": curves[m], "mean": mean_curves[m], "smoothed_mean": smoothed[m]} for m in args.modes},
+        "curves": {
+            m: {"per_seed": curves[m], "mean": mean_curves[m], "smoothed_mean": smoothed[m]}
+            for m in args.modes
+        },
         "heldout_gt": {
-            m: {"per_seed": finals[m], "mean": statistics.fmean(finals[m]), "std": statistics.pstdev(finals[m])}
+            m: {
+                "per_seed": finals[m],
+                "mean": statistics.fmean(finals[m]),
+                "std": statistics.pstdev(finals[m]),
+            }
             for m in args.modes
         },
     }
@@ -90,9 +99,19 @@ def main() -> None:
         reached = next((i for i, v in enumerate(smoothed["rto"]) if v >= target), None)
         results["ppo_final_training_gt"] = target
         results["rto_steps_to_reach_ppo_final"] = None if reached is None else reached + 1
-        results["rto_rollout_fraction_to_reach_ppo_final"] = None if reached is None else (reached + 1) / len(smoothed["ppo"])
-        results["rto_final_minus_ppo_final_heldout"] = results["heldout_gt"]["rto"]["mean"] - results["heldout_gt"]["ppo"]["mean"]
-    settings = {"config": args.config, "seeds": args.seeds, "steps": args.steps, "overrides": overrides, "smooth": args.smooth}
+        results["rto_rollout_fraction_to_reach_ppo_final"] = (
+            None if reached is None else (reached + 1) / len(smoothed["ppo"])
+        )
+        results["rto_final_minus_ppo_final_heldout"] = (
+            results["heldout_gt"]["rto"]["mean"] - results["heldout_gt"]["ppo"]["mean"]
+        )
+    settings = {
+        "config": args.config,
+        "seeds": args.seeds,
+        "steps": args.steps,
+        "overrides": overrides,
+        "smooth": args.smooth,
+    }
     out = write_results("sample_efficiency", settings, results)
     plot(results, args.modes, RESULTS / "sample_efficiency.png")
 
@@ -103,7 +122,9 @@ def main() -> None:
         h = results["heldout_gt"][m]
         print(f"{m:<8} {h['mean']:>28.3f} ± {h['std']:.3f}")
     if "rto_rollout_fraction_to_reach_ppo_final" in results:
-        print(f"RTO reaches PPO's final training reward after {results['rto_rollout_fraction_to_reach_ppo_final']} of PPO's rollouts")
+        print(
+            f"RTO reaches PPO's final training reward after {results['rto_rollout_fraction_to_reach_ppo_final']} of PPO's rollouts"
+        )
     print(f"wrote {out}")
 
 
@@ -122,9 +143,17 @@ def plot(results: dict, modes: list[str], path: Path) -> None:
         x = [(i + 1) * per_step for i in range(len(mean))]
         spread = [statistics.pstdev(step) for step in zip(*runs, strict=True)]
         ax.plot(x, mean, label=f"{m.upper()} (mean of {len(runs)} seeds)", color=colors.get(m))
-        ax.fill_between(x, [a - s for a, s in zip(mean, spread, strict=True)], [a + s for a, s in zip(mean, spread, strict=True)], color=colors.get(m), alpha=0.15)
+        ax.fill_between(
+            x,
+            [a - s for a, s in zip(mean, spread, strict=True)],
+            [a + s for a, s in zip(mean, spread, strict=True)],
+            color=colors.get(m),
+            alpha=0.15,
+        )
     for name, value in results["reference_heldout_gt"].items():
-        ax.axhline(value, linestyle="--", color=colors.get(name, "gray"), label=f"{name.upper()} policy (held-out)")
+        ax.axhline(
+            value, linestyle="--", color=colors.get(name, "gray"), label=f"{name.upper()} policy (held-out)"
+        )
     ax.set_xlabel("rollouts")
     ax.set_ylabel("ground-truth reward")
     ax.set_title("Built-in text task: RTO vs sentence-level PPO vs DPO")

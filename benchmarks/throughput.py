@@ -37,16 +37,24 @@ def rto_iterations(cfg, work: Path, prepared, iterations: int) -> dict:
     started = time.perf_counter()
     run_ppo(
         PPOInputs(
-            cfg=cfg, run=run, out_dir=work / "rto-out", paths=paths,
-            prompts=[r["prompt"] for r in prepared.records("prompts")], ground_truth=prepared.ground_truth(),
-            rm_normalization=(0.0, 1.0), stage_hash="throughput", resume=False,
+            cfg=cfg,
+            run=run,
+            out_dir=work / "rto-out",
+            paths=paths,
+            prompts=[r["prompt"] for r in prepared.records("prompts")],
+            ground_truth=prepared.ground_truth(),
+            rm_normalization=(0.0, 1.0),
+            stage_hash="throughput",
+            resume=False,
         )  # fmt: skip
     )
     total = time.perf_counter() - started
     rows = run.read_metrics("ppo")
     return {
         "iteration_seconds": [r["time_step"] for r in rows],
-        "phase_seconds": {k: [r[k] for r in rows] for k in ("time_generate", "time_score", "time_train", "time_sync")},
+        "phase_seconds": {
+            k: [r[k] for r in rows] for k in ("time_generate", "time_score", "time_train", "time_sync")
+        },
         "response_length": [r["response_length"] for r in rows],
         "wall_seconds_including_startup": total,
     }
@@ -74,7 +82,9 @@ class StepTimer:
         self.callback = Callback()
 
 
-def trl_iterations(cfg, work: Path, prepared, iterations: int, batch: int, generations: int, threads: int) -> dict:
+def trl_iterations(
+    cfg, work: Path, prepared, iterations: int, batch: int, generations: int, threads: int
+) -> dict:
     import torch
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
@@ -88,7 +98,10 @@ def trl_iterations(cfg, work: Path, prepared, iterations: int, batch: int, gener
     gt = prepared.ground_truth()
 
     def ground_truth(prompts, completions, **kwargs):
-        return [gt(prompt_text(p), c[-1]["content"] if isinstance(c, list) else c) for p, c in zip(prompts, completions, strict=True)]
+        return [
+            gt(prompt_text(p), c[-1]["content"] if isinstance(c, list) else c)
+            for p, c in zip(prompts, completions, strict=True)
+        ]
 
     prompts = [{"prompt": r["prompt"]} for r in prepared.records("prompts")]
     timer = StepTimer()
@@ -107,7 +120,9 @@ def trl_iterations(cfg, work: Path, prepared, iterations: int, batch: int, gener
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", default=str(QUICKSTART))
     parser.add_argument("--iterations", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2, help="iterations left out of the figures")
@@ -131,7 +146,9 @@ def main() -> None:
         work = Path(tmp)
         prepared = prepare(cfg, RunDir(work / "base").create())
         ours = rto_iterations(cfg, work, prepared, args.iterations)
-        trl = trl_iterations(cfg, work, prepared, args.iterations, args.batch, args.generations, args.trl_threads)
+        trl = trl_iterations(
+            cfg, work, prepared, args.iterations, args.batch, args.generations, args.trl_threads
+        )
 
     def rate(seconds: list[float]) -> float:
         return args.batch / statistics.median(seconds[args.warmup :])
@@ -143,7 +160,9 @@ def main() -> None:
         "trl_grpo": trl,
     }
     results["ratio_rto_over_trl"] = results["rto_samples_per_s"] / results["trl_grpo_samples_per_s"]
-    results["rto_phase_median_seconds"] = {k: statistics.median(v[args.warmup :]) for k, v in ours["phase_seconds"].items()}
+    results["rto_phase_median_seconds"] = {
+        k: statistics.median(v[args.warmup :]) for k, v in ours["phase_seconds"].items()
+    }
     out = write_results("throughput", vars(args), results)
     print(f"{'':<10} {'samples/s':>10} {'s/iteration':>12} {'mean length':>12}")
     for name, key in (("rto", "rto"), ("TRL GRPO", "trl_grpo")):
@@ -151,7 +170,9 @@ def main() -> None:
         sec = statistics.median(r["iteration_seconds"][args.warmup :])
         length = statistics.fmean(r["response_length"]) if r["response_length"] else float("nan")
         print(f"{name:<10} {args.batch / sec:>10.1f} {sec:>12.2f} {length:>12.1f}")
-    print(f"ratio rto / TRL GRPO: {results['ratio_rto_over_trl']:.2f}x   (phases: {results['rto_phase_median_seconds']})")
+    print(
+        f"ratio rto / TRL GRPO: {results['ratio_rto_over_trl']:.2f}x   (phases: {results['rto_phase_median_seconds']})"
+    )
     print(f"wrote {out}")
 
 

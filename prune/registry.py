@@ -30,7 +30,7 @@ def ftp(model, path: str) -> Callable:
     from prune.ftp.router import load_router
 
     router, schedule, meta = load_router(path, model)
-    threshold = meta.get("decode_thresholds") or meta.get("decode_threshold", 0.5)
+    threshold = meta.get("decode_thresholds", meta.get("decode_threshold", 0.5))
     n_probes = int(meta.get("attention_probes", 8))
 
     def generate(input_ids, attention_mask, **gen_kwargs):

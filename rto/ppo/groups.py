@@ -90,7 +90,12 @@ def build_groups(
         spec: GroupResources = getattr(res, name)
         pg = shared.get(name, (None,))[0]
         return ActorGroup(
-            cls, spec.ranks, worker_kwargs=kwargs, resources=_resources(spec, gpu_share), placement_group=pg, name=name
+            cls,
+            spec.ranks,
+            worker_kwargs=kwargs,
+            resources=_resources(spec, gpu_share),
+            placement_group=pg,
+            name=name,
         )
 
     ppo = cfg.ppo
