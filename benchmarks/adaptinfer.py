@@ -148,8 +148,8 @@ def accuracy_part(args) -> dict:
 
     model_dir = Path(args.model)
     if not (model_dir / "config.json").exists():
-        print(f"training the tiny VLM into {model_dir} ({args.train_steps} steps)...", flush=True)
-        print(image_model.sft(model_dir, steps=args.train_steps), flush=True)
+        print(f"training the tiny VLM into {model_dir} (image_model.sft_recipe)...", flush=True)
+        print(image_model.sft_recipe(model_dir), flush=True)
     model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
     n_layers = model.config.text_config.num_hidden_layers
@@ -365,7 +365,6 @@ def main(argv: list[str] | None = None) -> dict:
         default=str(Path.home() / ".cache" / "rto" / "image-vlm"),
         help="trained tiny VLM dir (trained here when missing)",
     )
-    parser.add_argument("--train-steps", type=int, default=1000)
     parser.add_argument("--n-eval", type=int, default=512)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.25, 0.125])
     parser.add_argument("--reps", type=int, default=7)

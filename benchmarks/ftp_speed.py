@@ -105,6 +105,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = args.device, DTYPES[args.dtype]
+    machine_info = machine(device)  # before the run: the load average at the start
     sparsities = [float(s) for s in args.sparsities.split(",")]
 
     model = random_causal_lm("llama", args.size, vocab_size=32000, dtype=dtype).to(device)
@@ -170,7 +171,7 @@ def main() -> None:
     record = {
         "benchmark": "ftp_speed",
         "commit": git_commit(),
-        "machine": machine(device) | ({"load_average_end": os.getloadavg()} if device == "cpu" else {}),
+        "machine": machine_info | ({"load_average_end": os.getloadavg()} if device == "cpu" else {}),
         "settings": vars(args) | {"n_layers": n_layers, "shape": SIZES[args.size]},
         "prefill": prefill_result,
         "rollout": rollout_result,

@@ -7,6 +7,7 @@ to inspect (trace files appear atomically; temp files are ignored).
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -178,12 +179,17 @@ def diverging_color(value: float, scale: float) -> tuple[str, str]:
     saturating at ±scale; NaN is grey."""
     if value is None or not math.isfinite(value):
         return "#bdbdbd", "#000000"
-    from matplotlib import colormaps
-
     t = max(-1.0, min(1.0, value / scale))
-    r, g, b, _ = colormaps["RdBu"](0.5 + 0.5 * t)
+    r, g, b, _ = _red_blue()(0.5 + 0.5 * t)
     text = "#ffffff" if abs(t) > 0.65 else "#000000"
     return f"#{round(r * 255):02x}{round(g * 255):02x}{round(b * 255):02x}", text
+
+
+@functools.cache
+def _red_blue():
+    from matplotlib import colormaps
+
+    return colormaps["RdBu"]  # (the registry hands out a copy per lookup)
 
 
 def uses_space_markers(frame: pd.DataFrame) -> bool:

@@ -164,7 +164,8 @@ def _skip(directory: str, names: list[str]) -> set[str]:
 
 
 def stage_code(root: Path, target: Path) -> None:
-    """Copy the checkout at `root` into `target`, leaving out environments, caches and big files."""
+    """Copy the checkout at `root` into `target`, leaving out virtual environments, `.git`, `runs/`,
+    caches, build outputs, symlinks and files over `MAX_FILE_BYTES`."""
     shutil.copytree(root, target, ignore=_skip, dirs_exist_ok=True)
 
 

@@ -78,3 +78,29 @@ def make_run(root: Path, steps: list[int] = STEPS, cut_last_metrics_line: bool =
         write_step(run / "traces", step)
     (run / "traces" / f".step-{max(steps) + 1:06d}.parquet.tmp-1234-abcd").write_bytes(b"PAR1 partial")
     return run
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    """`rto ARGS` in this process, through the same `main()` (exit-code mapping included) as the
+    console script, without a new interpreter's start-up: (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+    import os
+    import sys
+
+    from rto.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_argv, saved_env = sys.argv, dict(os.environ)
+    sys.argv = ["rto", *args]
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return code, out.getvalue(), err.getvalue()

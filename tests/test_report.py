@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from _trace_run_fixtures import make_run
+from _trace_run_fixtures import make_run, run_cli
 from pipeline_helpers import rto
 
 from rto.report import build_report
@@ -76,10 +76,10 @@ def test_page_content(run):
 )
 def test_bad_input_is_one_line_exit_2(tmp_path, make, args, message):
     make(tmp_path / "run")
-    result = rto("report", str(tmp_path / "run"), "-o", str(tmp_path / "r.html"), *args)
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
-    assert message in result.stderr
+    code, _, stderr = run_cli("report", str(tmp_path / "run"), "-o", str(tmp_path / "r.html"), *args)
+    assert code == 2, stderr
+    assert stderr.startswith("error: ") and stderr.count("\n") == 1
+    assert message in stderr
     assert not (tmp_path / "r.html").exists()
 
 

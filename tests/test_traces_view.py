@@ -12,8 +12,7 @@ import threading
 import time
 
 import pytest
-from _trace_run_fixtures import make_run, metrics_record, sample_row, write_step
-from pipeline_helpers import rto
+from _trace_run_fixtures import make_run, metrics_record, run_cli, sample_row, write_step
 
 from reward.traces import read_traces
 from reward.views import (
@@ -115,14 +114,16 @@ def test_show_traces_output(run):
 
 
 def test_cli_sample_view(run):
-    result = rto("traces", str(run), "--step", "2", "--sample", "3", "--color", "dpo", "--sort", "gt")
-    assert result.returncode == 0, result.stderr
-    assert "step 2 · 4 samples" in result.stdout
-    assert "colour = dpo" in result.stdout
-    assert "ref logp" in result.stdout
+    code, stdout, stderr = run_cli(
+        "traces", str(run), "--step", "2", "--sample", "3", "--color", "dpo", "--sort", "gt"
+    )
+    assert code == 0, stderr
+    assert "step 2 · 4 samples" in stdout
+    assert "colour = dpo" in stdout
+    assert "ref logp" in stdout
     # the token table's last row: <eos> with reward 0 + (-0.01) + rm 1.0, dpo 0, kl -0.01
-    assert re.search(r"<eos>\s+\+0\.9900\s+\+0\.0000\s+-0\.0100", result.stdout)
-    assert "+1.3300" in result.stdout  # the sample's total in its breakdown row
+    assert re.search(r"<eos>\s+\+0\.9900\s+\+0\.0000\s+-0\.0100", stdout)
+    assert "+1.3300" in stdout  # the sample's total in its breakdown row
 
 
 @pytest.mark.parametrize(
@@ -139,11 +140,10 @@ def test_cli_sample_view(run):
 def test_bad_input_is_one_line_exit_2(run, tmp_path, args, message):
     (tmp_path / "empty").mkdir()
     paths = {"run": run, "empty": tmp_path / "empty", "missing": tmp_path / "missing"}
-    result = rto("traces", *[a.format(**paths) for a in args])
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr
+    code, _, stderr = run_cli("traces", *[a.format(**paths) for a in args])
+    assert code == 2, stderr
+    assert stderr.count("\n") == 1 and stderr.startswith("error: ")
+    assert message in stderr
 
 
 def _digest(directory):

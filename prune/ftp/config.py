@@ -63,9 +63,10 @@ class FTPConfig(_Section):
     router_hidden: int = Field(64, ge=1, description="Width of the router MLP (4 -> hidden -> 2)")
     decode_threshold: float | Literal["calibrated"] = Field(
         0.0,
-        description="Decode rule: the new token computes a block when p(keep) > threshold; a number in [0, 1) "
-        "(the paper uses 0.5; 0 computes every decoded token: prefill-only pruning) or 'calibrated' (per block, "
-        "so decoded tokens skip at about the block's target sparsity)",
+        description="Decode rule: a decoded token computes a block when p(keep) > threshold. 0 (default) computes "
+        "every decoded token (prefill-only pruning: the measured best quality, and batched decode gains no speed "
+        "from skipping); 0.5 is the paper's rule; 'calibrated' picks per-block thresholds so that greedily decoded "
+        "calibration tokens skip at the block's target sparsity (experimental: it can miss badly under sampling)",
     )
     calib_decode_tokens: int = Field(
         32, ge=1, description="Tokens decoded per calibration prompt for 'calibrated'"
