@@ -233,7 +233,7 @@ def main() -> None:
 
     quiet_libraries()
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # returns a typer.Exit's code instead of raising it
     except UserError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
@@ -244,14 +244,15 @@ def main() -> None:
         code = getattr(exc, "exit_code", None) if isinstance(exc, typer.Exit) else exc.code
         sys.exit(code or 0)
     except Exception as exc:
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+        # usage errors from (typer's vendored) click: print them like click does, exit 2
+        if hasattr(exc, "show") and isinstance(getattr(exc, "exit_code", None), int):
             exc.show()
             sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
+        if type(exc).__name__ == "Abort":
             sys.exit(1)
         raise
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":
