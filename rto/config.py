@@ -188,6 +188,7 @@ def _section(module: str, name: str):
 
 RewardConfig = _section("reward.config", "RewardConfig")
 PPOConfig = _section("rto.ppo.config", "PPOConfig")
+FTPConfig = _section("prune.ftp.config", "FTPConfig")
 
 
 class Config(Section):
@@ -218,6 +219,7 @@ class Config(Section):
     rm: RMConfig = Field(default_factory=RMConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)  # type: ignore[valid-type]
     ppo: PPOConfig = Field(default_factory=PPOConfig)  # type: ignore[valid-type]
+    ftp: FTPConfig = Field(default_factory=FTPConfig)  # type: ignore[valid-type]
     eval: EvalConfig = Field(default_factory=EvalConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
 

@@ -250,3 +250,18 @@ def test_reward_bad_inputs_exit_2(reward_run, tmp_path):
     result = rto("score", str(job), "--run-dir", str(run_dir), "--samples", "2")
     assert result.returncode == 2 and "tokenizer" in result.stderr and "dpo" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_ftp_pruned_rollouts_are_importance_weighted(reward_run, tmp_path):
+    """Rollouts sampled by the FTP-pruned policy; PPO recomputes dense log-probs and weights tokens
+    by the truncated ratio min(pi_dense / pi_sampler, C)."""
+    run_dir = fresh_copy(reward_run, tmp_path)
+    job = write_job(
+        tmp_path, stages=["ftp", "ppo"], ppo__steps=1, ppo__rollout_pruner="ftp", ppo__is_cap=2.0,
+        ftp={"search": {"population": 4, "generations": 2, "calib_samples": 8, "elite": 1}, "train": {"steps": 5, "batch_size": 4}},
+    )  # fmt: skip
+    result = rto("run", str(job), "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    (record,) = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"ppo"' in x]
+    assert 0.0 < record["is_weight_mean"] <= 2.0
+    assert (run_dir / "stages" / "ftp" / "router.safetensors").is_file()

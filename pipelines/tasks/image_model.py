@@ -76,6 +76,30 @@ def build_model(tokenizer, seed: int = 0, **overrides):
     return model
 
 
+def loss_with_dropped_vision_tokens(model, batch: dict, keep: int, generator: torch.Generator) -> torch.Tensor:
+    """SFT loss with only `keep` random image tokens per sample left in the sequence.
+
+    Token-drop augmentation: a tiny model trained densely reads the image partly through attention
+    *shares* (e.g. how much of the image is red), which any vision-token pruning distorts; large
+    VLMs park most attention on sink tokens and are far less sensitive. Training on randomly thinned
+    images removes that artefact for every pruning method alike. Kept tokens keep their positions.
+    """
+    from prune.adaptinfer.engine import image_embeddings, select_rows
+
+    embeds, vision = image_embeddings(model, batch["input_ids"], batch["pixel_values"])
+    scores = torch.rand(vision.shape, generator=generator).masked_fill(~vision, 2.0)  # text always kept
+    n_keep = int((~vision[0]).sum()) + keep
+    order = select_rows(torch.zeros_like(vision).scatter(1, scores.topk(n_keep, dim=-1).indices, True))[0]
+    positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    take = lambda t: t.gather(1, order if t.dim() == 2 else order[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
+    hidden = model.model.language_model(
+        inputs_embeds=take(embeds), attention_mask=take(batch["attention_mask"]), position_ids=take(positions)
+    ).last_hidden_state
+    logits = model.lm_head(hidden)[:, :-1].float()
+    labels = take(batch["labels"])[:, 1:]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
 def sft(
     out_dir: str | Path,
     steps: int = 1000,
@@ -87,6 +111,7 @@ def sft(
     log_every: int = 100,
     n_eval: int = 512,
     init: str | Path | None = None,
+    token_drop: float = 0.0,
 ) -> dict:
     """Supervised fine-tuning on the task (loss on the answer and EOS); saves model + processor.
 
@@ -116,7 +141,11 @@ def sft(
     for step in range(steps):
         idx = torch.randint(0, n_train, (batch_size,), generator=generator)
         batch = {k: v[idx] for k, v in data.items()}
-        loss = model(**batch).loss
+        if token_drop and torch.rand((), generator=generator) < token_drop:
+            keep = int(torch.randint(2, task.N_VISION_TOKENS, (), generator=generator))
+            loss = loss_with_dropped_vision_tokens(model, batch, keep, generator)
+        else:
+            loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
