@@ -7,10 +7,18 @@ from rich.table import Table
 from rto.progress import console
 
 
+def policy_label(name: str, ppo_mode: str | None) -> str:
+    """The ppo stage's policy is named by the reward it was trained with."""
+    labels = {"base": "random init", "sft": "SFT", "dpo": "DPO"}
+    if name == "ppo":
+        return {"rto": "RTO", "ppo": "PPO (sentence)"}.get(ppo_mode or "rto", f"PPO ({ppo_mode} reward)")
+    return labels.get(name, name)
+
+
 def print_summary(summary: dict, stages: list[str]) -> None:
     evals = summary.get("eval", {}).get("policies")
     if evals:
-        table = Table(title="Held-out evaluation")
+        table = Table(title="Held-out evaluation: mean ground-truth reward and more")
         table.add_column("policy")
         columns = [
             c
@@ -19,9 +27,11 @@ def print_summary(summary: dict, stages: list[str]) -> None:
         ]
         for c in columns:
             table.add_column(c, justify="right")
-        for name, row in evals.items():
+        order = {"base": 0, "sft": 1, "dpo": 2, "ppo": 3}
+        for name, row in sorted(evals.items(), key=lambda kv: order.get(kv[0], 9)):
             table.add_row(
-                name, *(f"{row[c]:.3f}" if isinstance(row.get(c), float | int) else "-" for c in columns)
+                policy_label(name, summary["eval"].get("ppo_reward_mode")),
+                *(f"{row[c]:.3f}" if isinstance(row.get(c), float | int) else "-" for c in columns),
             )
         console.print(table)
     table = Table(title="Stages")

@@ -32,6 +32,10 @@ def run_job(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
     run = RunDir(run_dir).create()
     atomic_write_text(run.config_path, dump_config(cfg))
     device = resolve_device(cfg.device)
+    if cfg.resources.torch_threads:
+        import torch
+
+        torch.set_num_threads(cfg.resources.torch_threads)
     prepared = prepare(cfg, run, log=console.log)
     for name in cfg.stages:
         if name not in STAGES:

@@ -65,3 +65,13 @@ def test_sft_runs_saves_and_evaluates(tmp_path):
     summary = image_model.sft(tmp_path, steps=3, batch_size=4, n_train=16, log_every=0, n_eval=8)
     assert (tmp_path / "config.json").exists() and (tmp_path / "processor_config.json").exists()
     assert 0.0 <= summary["accuracy"] <= 1.0
+
+
+def test_token_drop_loss_with_every_token_kept_is_the_plain_loss():
+    model, processor = image_model.tiny_random_vlm(seed=0, n_layers=2)
+    batch = task.encode(processor, task.make_examples(3, seed=2, describe_fraction=0.5), with_answer=True)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        full = image_model.loss_with_dropped_vision_tokens(model, batch, task.N_VISION_TOKENS, generator)
+        torch.testing.assert_close(full, model(**batch).loss)
+        assert torch.isfinite(image_model.loss_with_dropped_vision_tokens(model, batch, 5, generator))

@@ -98,4 +98,7 @@ def run_eval(ctx: StageContext) -> dict:
             progress.advance(task)
     for name, summary in results.items():
         ctx.log(f"{name}: " + ", ".join(f"{k}={v:.3f}" for k, v in summary.items()))
-    return {"policies": results, "prompts": len(prompts)}
+    summary = {"policies": results, "prompts": len(prompts)}
+    if "ppo" in results:
+        summary["ppo_reward_mode"] = ctx.run.read_summary().get("ppo", {}).get("reward_mode", ctx.cfg.reward.mode)
+    return summary

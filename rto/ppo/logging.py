@@ -14,6 +14,7 @@ from rto.rundir import RunDir
 class StepLogger:
     def __init__(self, run: RunDir, tensorboard: bool, wandb: bool, cfg: Config):
         self.run = run
+        self.mode = cfg.reward.mode
         self.records: list[dict] = []
         self.tb = None
         self.wandb = None
@@ -84,7 +85,7 @@ class StepLogger:
     def summary(self, state: dict) -> dict:
         rows = self.run.read_metrics("ppo")
         done = [r for r in rows if not r.get("skipped")]
-        out = {"steps": state["step"], "skipped_batches": state["skipped_batches"]}
+        out = {"steps": state["step"], "skipped_batches": state["skipped_batches"], "reward_mode": self.mode}
         for key in ("gt_reward", "rm_score", "kl", "reward_total"):
             values = [r[key] for r in done if key in r]
             if values:
