@@ -171,6 +171,7 @@ def test_reading_a_run_that_is_being_written(tmp_path):
             temp = run / "traces" / f".step-{step:06d}.parquet.tmp-99-{step}"
             temp.write_bytes(b"PAR1" + b"\0" * 512)  # a writer's half-written temp file
             write_step(run / "traces", step)
+            written.append(step)  # a step may be read as soon as its trace file exists
             temp.unlink()
             line = json.dumps(metrics_record("ppo", step)) + "\n"
             with open(run / "metrics.jsonl", "a") as f:  # a line that arrives in two writes
@@ -178,7 +179,6 @@ def test_reading_a_run_that_is_being_written(tmp_path):
                 f.flush()
                 time.sleep(0.05)
                 f.write(line[20:])
-            written.append(step)
             time.sleep(0.1)
         stop.set()
 

@@ -14,7 +14,7 @@ from rto.rundir import RunDir
 class StepLogger:
     def __init__(self, run: RunDir, tensorboard: bool, wandb: bool, cfg: Config):
         self.run = run
-        self.mode = cfg.reward.mode
+        self.mode = cfg.reward.mode if cfg is not None else None
         self.records: list[dict] = []
         self.tb = None
         self.wandb = None
