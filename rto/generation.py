@@ -52,16 +52,6 @@ def left_pad(prompt_ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
     return ids, mask
 
 
-def response_mask_from(responses: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
-    """1 up to and including the first EOS; 0 after it (and on padding of unfinished rows)."""
-    is_eos = responses == eos_id
-    after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
-    mask = ~after_eos
-    if pad_id != eos_id:
-        mask &= responses != pad_id
-    return mask.long()
-
-
 @torch.no_grad()
 def sample(
     model,
@@ -76,18 +66,18 @@ def sample(
     device = next(model.parameters()).device
     input_ids, attention_mask = left_pad(prompt_ids, pad_id)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    from rto.distributed.rollout import hf_generate
+    from rto.distributed.rollout import hf_generate, response_mask
 
     responses, logprobs = hf_generate(
         model, input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
         top_p=top_p, eos_token_id=eos_id, pad_token_id=pad_id,
     )  # fmt: skip
     prompt_len = input_ids.shape[1]
-    response_mask = response_mask_from(responses, eos_id, pad_id)
-    logprobs = torch.where(response_mask.bool(), logprobs, torch.zeros_like(logprobs))
-    full_mask = torch.cat([attention_mask, response_mask], dim=1)
+    mask = response_mask(responses, [eos_id])
+    logprobs = torch.where(mask.bool(), logprobs, torch.zeros_like(logprobs))
+    full_mask = torch.cat([attention_mask, mask], dim=1)
     sequences = torch.cat([input_ids, responses], dim=1)
-    return Samples(sequences, full_mask, prompt_len, response_mask, logprobs)
+    return Samples(sequences, full_mask, prompt_len, mask, logprobs)
 
 
 def decode_responses(tokenizer, samples: Samples) -> list[str]:
