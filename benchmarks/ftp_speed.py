@@ -15,11 +15,14 @@ import json
 import os
 import platform
 import statistics
-import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import commit as git_commit  # noqa: E402
 
 from prune.flops import dense_prefill_flops, token_sparsity_prefill_flops
 from prune.ftp.forward import skipping_forward
@@ -43,19 +46,6 @@ def machine(device: str) -> dict:
         )
         info.update(torch_threads=torch.get_num_threads(), load_average_start=os.getloadavg())
     return info
-
-
-def git_commit() -> str:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], capture_output=True, text=True
-        ).stdout.strip()
-        return commit + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def timed(fn, device: str) -> float:

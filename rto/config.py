@@ -166,7 +166,9 @@ class ResourcesConfig(Section):
     num_cpus: float | None = Field(None, gt=0, description="CPUs for an in-process Ray")
     num_gpus: float | None = Field(None, ge=0)
     torch_threads: int | None = Field(
-        None, ge=1, description="Torch threads of the driver process (sft/dpo/rm/eval); None keeps torch's default"
+        None,
+        ge=1,
+        description="Torch threads of the driver process (sft/dpo/rm/eval); None keeps torch's default",
     )
     policy: GroupResources = Field(default_factory=GroupResources)
     critic: GroupResources = Field(default_factory=GroupResources)

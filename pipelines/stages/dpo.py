@@ -12,7 +12,9 @@ from rto.models import load_tokenizer
 from rto.progress import ProgressCallback
 
 
-def preference_figures(policy_path: str, ref_path: str, tokenizer, pairs: list[dict], beta: float, device: str) -> dict:
+def preference_figures(
+    policy_path: str, ref_path: str, tokenizer, pairs: list[dict], beta: float, device: str
+) -> dict:
     """Held-out pairs: how often the reference (SFT) model and the DPO model prefer the chosen
     response, and how often DPO's implicit reward β·log π/π_ref ranks it first.
 

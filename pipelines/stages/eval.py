@@ -100,5 +100,7 @@ def run_eval(ctx: StageContext) -> dict:
         ctx.log(f"{name}: " + ", ".join(f"{k}={v:.3f}" for k, v in summary.items()))
     summary = {"policies": results, "prompts": len(prompts)}
     if "ppo" in results:
-        summary["ppo_reward_mode"] = ctx.run.read_summary().get("ppo", {}).get("reward_mode", ctx.cfg.reward.mode)
+        summary["ppo_reward_mode"] = (
+            ctx.run.read_summary().get("ppo", {}).get("reward_mode", ctx.cfg.reward.mode)
+        )
     return summary
