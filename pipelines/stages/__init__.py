@@ -22,19 +22,16 @@ class StageSpec:
     run: Callable[[StageContext], dict]
     sections: tuple[str, ...]
     uses: tuple[str, ...]
-    resumable: bool
 
 
 STAGES: dict[str, StageSpec] = {}
 
 
-def register_stage(
-    name: str, *, sections: tuple[str, ...] = (), uses: tuple[str, ...] = (), resumable: bool = False
-) -> Callable:
+def register_stage(name: str, *, sections: tuple[str, ...] = (), uses: tuple[str, ...] = ()) -> Callable:
     """`sections`: dotted config paths the output depends on; `uses`: earlier stages it may read."""
 
     def decorator(fn: Callable[[StageContext], dict]) -> Callable[[StageContext], dict]:
-        STAGES[name] = StageSpec(name, fn, sections, uses, resumable)
+        STAGES[name] = StageSpec(name, fn, sections, uses)
         return fn
 
     return decorator

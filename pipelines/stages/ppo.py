@@ -45,9 +45,7 @@ def pruned_sampler(ctx: StageContext):
     return make_generate_fn(ctx.stage_dir("ftp"))
 
 
-@register_stage(
-    "ppo", sections=("ppo", "reward", "resources"), uses=("sft", "dpo", "rm", "ftp"), resumable=True
-)
+@register_stage("ppo", sections=("ppo", "reward", "resources"), uses=("sft", "dpo", "rm", "ftp"))
 def run_ppo_stage(ctx: StageContext) -> dict:
     from pipelines.stages.rm import load_normalization
 
