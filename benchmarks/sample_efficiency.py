@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--work-dir", default="runs/bench-sample-efficiency")
     parser.add_argument("--smooth", type=int, default=5, help="moving-average window over steps")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra config overrides")
+    parser.add_argument("--name", default="sample_efficiency", help="results name (benchmarks/results/NAME.json/.png)")
     args = parser.parse_args()
 
     work = Path(args.work_dir)
@@ -112,8 +113,8 @@ def main() -> None:
         "overrides": overrides,
         "smooth": args.smooth,
     }
-    out = write_results("sample_efficiency", settings, results)
-    plot(results, args.modes, RESULTS / "sample_efficiency.png")
+    out = write_results(args.name, settings, results)
+    plot(results, args.modes, RESULTS / f"{args.name}.png")
 
     print(f"\n{'policy':<8} {'held-out gt (mean ± std over seeds)':>36}")
     for name, value in references.items():
