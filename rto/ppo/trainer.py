@@ -8,6 +8,7 @@ Ray decides where each group runs; the math lives in `rto.ppo.algo` and `reward.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ from reward.traces import list_trace_steps, remove_stale_temp_files, trace_colum
 from rto.config import Config
 from rto.distributed import concat_results, init_ray, push_weights
 from rto.errors import UserError
-from rto.generation import left_pad
+from rto.generation import encode_prompt, left_pad, prompt_text
+from rto.models import load_tokenizer
 from rto.ppo import checkpoint
 from rto.ppo.algo import gae_advantages, masked_mean, masked_whiten, truncated_is_weights
 from rto.ppo.groups import Groups, ModelPaths, build_groups
@@ -122,11 +124,7 @@ def train_on_batch(groups: Groups, cfg: Config, experience: dict, step: int) -> 
 def run_ppo(inputs: PPOInputs) -> dict:
     cfg, run, log = inputs.cfg, inputs.run, inputs.log
     ppo = cfg.ppo
-    from rto.models import load_tokenizer
-
     tokenizer = load_tokenizer(inputs.paths.policy)
-    from rto.generation import encode_prompt, prompt_text
-
     prompt_ids = [encode_prompt(tokenizer, p) for p in inputs.prompts]
     prompt_texts = [prompt_text(p) for p in inputs.prompts]
     ckpt_root = run.checkpoints_dir / f"ppo-{inputs.stage_hash}"
@@ -184,8 +182,6 @@ def run_ppo(inputs: PPOInputs) -> dict:
     finally:
         logger.close()
         groups.shutdown()
-    import shutil
-
     shutil.rmtree(ckpt_root, ignore_errors=True)  # the finished stage's output replaces them
     return logger.summary(state)
 
