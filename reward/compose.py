@@ -115,9 +115,8 @@ def _total(reward_dpo: Tensor, reward_kl: Tensor, reward_rm: Tensor, rm_score: T
     return TokenRewards(reward_dpo + reward_kl + reward_rm, reward_dpo, reward_kl, reward_rm, rm_score)
 
 
-@REWARD_MODES.register("rto")
-def rto_rewards(config: RewardConfig, inputs: RewardInputs) -> TokenRewards:
-    """DPO term at every token + KL + RM score at the last token."""
+def _dpo_and_kl(config: RewardConfig, inputs: RewardInputs) -> tuple[Tensor, Tensor]:
+    """The two per-token terms `rto` and `dpo` share: the scaled, clipped DPO term and the KL."""
     reward_dpo = dpo_term(
         inputs.dpo_logprobs,
         inputs.ref_logprobs,
@@ -127,6 +126,13 @@ def rto_rewards(config: RewardConfig, inputs: RewardInputs) -> TokenRewards:
         config.clip_scaled,
     )
     reward_kl = kl_term(inputs.logprobs, inputs.ref_logprobs, inputs.response_mask, config.beta2)
+    return reward_dpo, reward_kl
+
+
+@REWARD_MODES.register("rto")
+def rto_rewards(config: RewardConfig, inputs: RewardInputs) -> TokenRewards:
+    """DPO term at every token + KL + RM score at the last token."""
+    reward_dpo, reward_kl = _dpo_and_kl(config, inputs)
     reward_rm, rm_score = _rm_rewards(config, inputs)
     return _total(reward_dpo, reward_kl, reward_rm, rm_score)
 
@@ -142,15 +148,7 @@ def ppo_rewards(config: RewardConfig, inputs: RewardInputs) -> TokenRewards:
 @REWARD_MODES.register("dpo")
 def dpo_rewards(config: RewardConfig, inputs: RewardInputs) -> TokenRewards:
     """DPO term + KL, no RM."""
-    reward_dpo = dpo_term(
-        inputs.dpo_logprobs,
-        inputs.ref_logprobs,
-        inputs.response_mask,
-        config.beta1,
-        config.clip,
-        config.clip_scaled,
-    )
-    reward_kl = kl_term(inputs.logprobs, inputs.ref_logprobs, inputs.response_mask, config.beta2)
+    reward_dpo, reward_kl = _dpo_and_kl(config, inputs)
     rm_score = torch.zeros(reward_kl.size(0), dtype=reward_kl.dtype, device=reward_kl.device)
     return _total(reward_dpo, reward_kl, torch.zeros_like(reward_kl), rm_score)
 

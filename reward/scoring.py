@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import inspect
 import os
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from rto.errors import UserError
+from rto.models import check_model_path
 from rto.ppo.algo import entropy_from_logits
 
 
@@ -106,24 +106,8 @@ def sequence_scores(
 # ---------------------------------------------------------------- loading
 
 
-def _check_exists(path_or_name: str | os.PathLike) -> str:
-    """Local paths must exist; a bare `org/name` is left to the Hub unless `org` is a local folder."""
-    text = str(path_or_name)
-    path = Path(text).expanduser()
-    slashes = text.count("/")
-    looks_local = (
-        os.path.isabs(text)
-        or text.startswith((".", "~"))
-        or slashes > 1
-        or (slashes == 1 and path.parent.is_dir())
-    )
-    if looks_local and not path.exists():
-        raise UserError("model path does not exist", source=text)
-    return text
-
-
 def _load(auto_class, path_or_name: str | os.PathLike, **kwargs) -> nn.Module:
-    text = _check_exists(path_or_name)
+    text = check_model_path(path_or_name)
     try:
         model = auto_class.from_pretrained(text, **kwargs)
     except OSError as error:
@@ -199,7 +183,7 @@ def check_same_tokenizer(path_a: str | os.PathLike, path_b: str | os.PathLike) -
     """UserError unless the two models' tokenizers have the same vocabulary (π_dpo vs π_ref)."""
     vocabularies = []
     for path in (path_a, path_b):
-        text = _check_exists(path)
+        text = check_model_path(path)
         try:
             vocabularies.append(AutoTokenizer.from_pretrained(text).get_vocab())
         except OSError as error:

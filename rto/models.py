@@ -2,25 +2,32 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from rto.errors import UserError
 
 
-def _check(path: str, field: str) -> None:
-    local = Path(path)
-    if (
-        (path.startswith(("/", ".", "~")) or local.parent != Path("."))
-        and not local.exists()
-        and path.count("/") != 1
-    ):
-        raise UserError(f"model folder '{path}' does not exist", field=field)
+def check_model_path(path_or_name: str | os.PathLike, field: str | None = None) -> str:
+    """A local path must exist; a bare `org/name` is left to the Hub unless `org` is a local folder."""
+    text = str(path_or_name)
+    path = Path(text).expanduser()
+    slashes = text.count("/")
+    looks_local = (
+        os.path.isabs(text)
+        or text.startswith((".", "~"))
+        or slashes > 1
+        or (slashes == 1 and path.parent.is_dir())
+    )
+    if looks_local and not path.exists():
+        raise UserError(f"model folder '{text}' does not exist", source=None if field else text, field=field)
+    return text
 
 
 def load_tokenizer(path: str, field: str = "policy.path"):
     from transformers import AutoTokenizer
 
-    _check(path, field)
+    check_model_path(path, field)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
@@ -35,7 +42,7 @@ def load_tokenizer(path: str, field: str = "policy.path"):
 def load_causal_lm(path: str, field: str = "policy.path", dtype=None, device: str = "cpu"):
     from transformers import AutoModelForCausalLM
 
-    _check(path, field)
+    check_model_path(path, field)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as exc:
