@@ -33,6 +33,7 @@ class Prepared:
     models: dict[str, str]
     tokenizer: str | None
     has_task: bool
+    task_name: str | None = None
 
     def model(self, role: str) -> str:
         return self.models[role]
@@ -52,6 +53,24 @@ class Prepared:
         from pipelines.tasks.text import reward
 
         return reward
+
+    def record_ground_truth(self) -> Callable[[dict, str, bool], float] | None:
+        """`gt(record, response_text, terminated) -> reward` where the task has one; unlike
+        `ground_truth` it sees the whole prompt record (the image task's answer lives there)."""
+        if not self.has_task:
+            return None
+        if self.task_name == "image":
+            from pipelines.tasks.image_data import record_reward
+
+            return record_reward
+        from pipelines.tasks.text import reward
+        from rto.generation import prompt_text
+
+        return lambda record, response, terminated: reward(prompt_text(record["prompt"]), response, terminated)
+
+    @property
+    def is_image_task(self) -> bool:
+        return self.task_name == "image"
 
 
 def prepare(cfg: Config, run: RunDir, log: Callable[[str], None] = print) -> Prepared:
@@ -76,6 +95,7 @@ def prepare(cfg: Config, run: RunDir, log: Callable[[str], None] = print) -> Pre
         },
         tokenizer=info["tokenizer"],
         has_task=info["has_task"],
+        task_name=info.get("task_name", "text" if info["has_task"] else None),
     )
 
 
@@ -83,7 +103,9 @@ def _build(cfg: Config, tmp: Path, final: Path) -> None:
     data: dict[str, str] = {}
     models: dict[str, str] = {}
     tokenizer_ref = None
-    if cfg.task is not None:
+    if cfg.task is not None and cfg.task.name == "image":
+        tokenizer_ref = _build_image_task(cfg, tmp, data)
+    elif cfg.task is not None:
         from pipelines.tasks import text
 
         settings = text.TaskSettings(
@@ -114,12 +136,36 @@ def _build(cfg: Config, tmp: Path, final: Path) -> None:
             records = load_records(source, role)
             _write_jsonl(tmp / f"{role}.jsonl", records)
             data[role] = f"{role}.jsonl"
-    for role, spec in (("policy", cfg.policy), ("reward_model", cfg.reward_model)):
+            if cfg.task is not None and cfg.task.name == "image":
+                from pipelines.tasks.image_data import check_images
+
+                check_images(records, tmp, source.path)
+    roles = (("policy", cfg.policy),)
+    if cfg.task is None or cfg.task.name == "text":  # the image task has no reward-model stage
+        roles += (("reward_model", cfg.reward_model),)
+    for role, spec in roles:
         models[role] = _materialize(spec, role, cfg, tmp)
     atomic_write_json(
         tmp / "prepared.json",
-        {"data": data, "models": models, "tokenizer": tokenizer_ref, "has_task": cfg.task is not None},
+        {
+            "data": data,
+            "models": models,
+            "tokenizer": tokenizer_ref,
+            "has_task": cfg.task is not None,
+            "task_name": cfg.task.name if cfg.task is not None else None,
+        },
     )
+
+
+def _build_image_task(cfg: Config, tmp: Path, data: dict[str, str]) -> str:
+    """Pictures, records and the processor of the built-in image task; returns the tokenizer ref."""
+    from pipelines.tasks import image, image_data, text
+
+    for role, records in image_data.build_records(cfg.task, tmp).items():
+        text.write_jsonl(tmp / f"{role}.jsonl", records)
+        data[role] = f"{role}.jsonl"
+    image.build_processor().save_pretrained(tmp / "tokenizer")
+    return "local:tokenizer"
 
 
 def _materialize(spec: ModelSpec, role: str, cfg: Config, tmp: Path) -> str:
@@ -135,6 +181,15 @@ def _materialize(spec: ModelSpec, role: str, cfg: Config, tmp: Path) -> str:
 
     from pipelines.tasks import text
 
+    if (spec.builtin == "tiny-llava") != (cfg.task.name == "image"):
+        raise UserError(
+            f"builtin '{spec.builtin}' does not fit task '{cfg.task.name}' "
+            "(tiny-llama is for the text task, tiny-llava for the image task)",
+            field=f"{role}.builtin",
+        )
+    if spec.builtin == "tiny-llava":
+        return _materialize_vlm(spec, role, cfg, tmp)
+
     tokenizer = text.build_tokenizer()
     try:
         config = text.llama_config(tokenizer, spec.arch)
@@ -149,6 +204,23 @@ def _materialize(spec: ModelSpec, role: str, cfg: Config, tmp: Path) -> str:
     out = tmp / "models" / role
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    return f"local:models/{role}"
+
+
+def _materialize_vlm(spec: ModelSpec, role: str, cfg: Config, tmp: Path) -> str:
+    from pipelines.tasks import image, image_model
+
+    processor = image.build_processor()
+    text_arch = {k: v for k, v in spec.arch.items() if k != "vision"}
+    try:
+        model = image_model.build_model(
+            processor.tokenizer, seed=cfg.seed, text=text_arch, vision=spec.arch.get("vision")
+        )
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"invalid architecture override: {exc}", field=f"{role}.arch") from None
+    out = tmp / "models" / role
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
     return f"local:models/{role}"
 
 

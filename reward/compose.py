@@ -104,9 +104,8 @@ def rm_term(
 
 def _rm_rewards(config: RewardConfig, inputs: RewardInputs) -> tuple[Tensor, Tensor]:
     has_response = (inputs.response_mask > 0).any(dim=1)
-    score = rm_term(
-        inputs.rm_scores, config.beta3, config.rm_normalize, inputs.rm_mean, inputs.rm_std, config.rm_clamp
-    )
+    normalize = config.rm_normalize and config.sentence_reward == "rm"  # a rule reward is used as is
+    score = rm_term(inputs.rm_scores, config.beta3, normalize, inputs.rm_mean, inputs.rm_std, config.rm_clamp)
     score = score.to(inputs.logprobs.dtype) * has_response
     return at_last_token(score, inputs.response_mask), score
 
@@ -204,12 +203,12 @@ def _validate(config: RewardConfig, inputs: RewardInputs) -> None:
             raise ValueError(f"reward mode '{config.mode}' needs {name}")
         if tuple(tensor.shape) != shape:
             raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {shape} like response_mask")
-    if config.needs_rm:
+    if config.uses_sentence_score:
         if inputs.rm_scores is None:
-            raise ValueError(f"reward mode '{config.mode}' needs rm_scores")
+            raise ValueError(f"reward mode '{config.mode}' needs rm_scores (RM or ground-truth scores)")
         if tuple(inputs.rm_scores.shape) != shape[:1]:
             raise ValueError(f"rm_scores has shape {tuple(inputs.rm_scores.shape)}, expected ({shape[0]},)")
-        if config.rm_normalize:
+        if config.rm_normalize and config.sentence_reward == "rm":
             if inputs.rm_mean is None or inputs.rm_std is None:
                 raise ValueError(
                     "rm_normalize is set but rm_mean/rm_std were not given (saved by the rm stage)"

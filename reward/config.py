@@ -43,6 +43,11 @@ class RewardConfig(BaseModel):
     beta3: float = Field(
         1.0, description="β3, scale of the reward-model score added at the last token ('rto', 'ppo')."
     )
+    sentence_reward: Literal["rm", "ground_truth"] = Field(
+        "rm",
+        description="Source of the sentence-level score at the last token: 'rm' (the trained reward "
+        "model) or 'ground_truth' (the built-in task's rule reward; no RM stage needed).",
+    )
     rm_normalize: bool = Field(
         True, description="Normalise the RM score as (s − mean)/std with the mean/std saved by the RM stage."
     )
@@ -81,6 +86,11 @@ class RewardConfig(BaseModel):
     @property
     def needs_rm(self) -> bool:
         """Whether this mode uses a reward model score."""
+        return self.mode in ("rto", "ppo") and self.sentence_reward == "rm"
+
+    @property
+    def uses_sentence_score(self) -> bool:
+        """Whether a sentence-level score (RM or ground truth) is added at the last token."""
         return self.mode in ("rto", "ppo")
 
     @property

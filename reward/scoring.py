@@ -26,6 +26,14 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(dim=1) - 1).clamp_min(0)
 
 
+def image_inputs(model: nn.Module, pixel_values: Tensor | None, start: int, size: int) -> dict:
+    """``{"pixel_values": rows start…start+size}`` in the model's dtype, or {} for a text-only batch."""
+    if pixel_values is None:
+        return {}
+    dtype = next(model.parameters()).dtype
+    return {"pixel_values": pixel_values[start : start + size].to(dtype)}
+
+
 def _accepts(model: nn.Module, argument: str) -> bool:
     return argument in inspect.signature(model.forward).parameters
 
@@ -37,9 +45,11 @@ def response_logprobs(
     prompt_len: int,
     micro_batch_size: int = 8,
     return_entropy: bool = False,
+    pixel_values: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Log-probs `[B, R]` of the response tokens `sequences[:, prompt_len:]` under `model`
     (and their per-token entropy `[B, R]` when `return_entropy`), zero on response padding.
+    `pixel_values [B, 3, H, W]` (one picture per row) go to a vision-language model.
 
     Differentiable when called with grad enabled (the policy's training pass uses it too)."""
     if sequences.shape != attention_mask.shape or sequences.dim() != 2:
@@ -63,6 +73,7 @@ def response_logprobs(
             position_ids=position_ids_from_mask(mask),
             use_cache=False,
             **keep,
+            **image_inputs(model, pixel_values, start, micro_batch_size),
         ).logits
         logits = logits[:, -(response_len + 1) : -1].float()  # [b, R, V]
         targets = ids[:, prompt_len:]

@@ -12,10 +12,19 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from rto.errors import UserError
 
@@ -23,6 +32,14 @@ STAGE_ORDER = ("sft", "dpo", "rm", "ftp", "ppo", "eval")
 """Stages always run in this order, whatever order the job lists them in."""
 
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class FieldError(ValueError):
+    """A cross-field check's failure that names the field to blame (shown instead of '(top level)')."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
 
 
 class Section(BaseModel):
@@ -52,8 +69,10 @@ class ModelSpec(Section):
     """Where a model comes from: a Hub name or local folder, or a built-in tiny architecture."""
 
     path: str | None = Field(None, description="Hub name (org/name) or local folder with a saved HF model")
-    builtin: Literal["tiny-llama"] | None = Field(
-        None, description="Build a small random model from a config"
+    builtin: Literal["tiny-llama", "tiny-llava"] | None = Field(
+        None,
+        description="Build a small random model from a config: tiny-llama (text task), "
+        "tiny-llava (image task: CLIP-style vision tower + Llama)",
     )
     arch: dict[str, Any] = Field(
         default_factory=dict, description="Overrides of the built-in shape (LlamaConfig fields)"
@@ -67,7 +86,9 @@ class ModelSpec(Section):
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
         if (self.path is None) == (self.builtin is None):
-            raise ValueError("set exactly one of 'path' (Hub name or folder) and 'builtin' (tiny-llama)")
+            raise ValueError(
+                "set exactly one of 'path' (Hub name or folder) and 'builtin' (tiny-llama, tiny-llava)"
+            )
         if self.arch and self.builtin is None:
             raise ValueError("'arch' overrides only apply to a 'builtin' model")
         return self
@@ -98,6 +119,32 @@ class TextTaskConfig(Section):
     n_eval: int = Field(128, gt=0, description="Held-out evaluation prompts")
     label_temperature: float = Field(0.5, gt=0, description="Bradley-Terry annotator temperature (noise)")
     max_sentences: int = Field(4, ge=1, le=8)
+
+
+class ImageTaskConfig(Section):
+    """The built-in image task (design §8): generated pictures, questions with known answers."""
+
+    name: Literal["image"] = "image"
+    seed: int = 0
+    n_sft: int = Field(16000, gt=0, description="SFT examples")
+    n_prompts: int = Field(1024, gt=0, description="PPO training prompts")
+    n_eval: int = Field(256, gt=0, description="Held-out evaluation prompts")
+    describe_fraction: float = Field(
+        0.5,
+        ge=0,
+        lt=1,
+        description="Share of SFT examples that ask for a full description of the picture (dense "
+        "supervision that teaches a tiny model to read the image much sooner)",
+    )
+
+
+def _task_name(value: Any) -> str:
+    """Which built-in task a `task` section means (text when it does not say)."""
+    return value.get("name", "text") if isinstance(value, dict) else getattr(value, "name", "text")
+
+
+IMAGE_TASK_STAGES = ("sft", "ppo", "eval")
+"""Stages the image task supports (there are no image preference pairs, so no dpo/rm, and FTP is text-only)."""
 
 
 class DataConfig(Section):
@@ -194,6 +241,7 @@ def _section(module: str, name: str):
 RewardConfig = _section("reward.config", "RewardConfig")
 PPOConfig = _section("rto.ppo.config", "PPOConfig")
 FTPConfig = _section("prune.ftp.config", "FTPConfig")
+AdaptInferConfig = _section("prune.adaptinfer.config", "AdaptInferConfig")
 
 
 class Config(Section):
@@ -201,8 +249,15 @@ class Config(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     stages: list[str] = Field(description=f"Stages to run, from {list(STAGE_ORDER)}")
-    task: TextTaskConfig | None = Field(
-        default_factory=TextTaskConfig, description="Built-in task; null for external data"
+    task: (
+        Annotated[
+            Annotated[TextTaskConfig, Tag("text")] | Annotated[ImageTaskConfig, Tag("image")],
+            Discriminator(_task_name),
+        ]
+        | None
+    ) = Field(
+        default_factory=TextTaskConfig,
+        description="Built-in task (name: text or image); null for external data",
     )
     data: DataConfig = Field(default_factory=DataConfig)
     policy: ModelSpec = Field(default_factory=lambda: ModelSpec(builtin="tiny-llama"))
@@ -225,6 +280,10 @@ class Config(Section):
     reward: RewardConfig = Field(default_factory=RewardConfig)  # type: ignore[valid-type]
     ppo: PPOConfig = Field(default_factory=PPOConfig)  # type: ignore[valid-type]
     ftp: FTPConfig = Field(default_factory=FTPConfig)  # type: ignore[valid-type]
+    adaptinfer: AdaptInferConfig = Field(  # type: ignore[valid-type]
+        default_factory=lambda: AdaptInferConfig(enabled=False),
+        description="Vision-token pruning of image-task rollouts (used when ppo.rollout_pruner is adaptinfer)",
+    )
     eval: EvalConfig = Field(default_factory=EvalConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
 
@@ -246,10 +305,69 @@ class Config(Section):
             needs = {"sft": "sft", "dpo": "pairs", "rm": "pairs", "ppo": "prompts", "eval": "eval_prompts"}
             for stage, source in needs.items():
                 if stage in self.stages and getattr(self.data, source) is None:
-                    raise ValueError(f"stage '{stage}' needs data.{source} when there is no built-in task")
+                    raise FieldError(
+                        "stages", f"stage '{stage}' needs data.{source} when there is no built-in task"
+                    )
+        if isinstance(self.task, ImageTaskConfig):
+            self._check_image_task()
+        elif self.policy.builtin == "tiny-llava":
+            raise FieldError("policy.builtin", "'tiny-llava' is the image task's model; set task.name: image")
+        elif self.ppo.rollout_pruner == "adaptinfer":
+            raise FieldError(
+                "ppo.rollout_pruner",
+                "'adaptinfer' prunes vision tokens: it needs a vision-language policy (task.name: image)",
+            )
+        if self.reward.sentence_reward == "ground_truth" and self.task is None:
+            raise FieldError("reward.sentence_reward", "'ground_truth' needs a built-in task (task.name)")
         if self.dtype == "float16" and self.device == "cpu":
-            raise ValueError("dtype float16 is not supported on the CPU; use float32 or bfloat16")
+            raise FieldError("dtype", "float16 is not supported on the CPU; use float32 or bfloat16")
         return self
+
+    def _check_image_task(self) -> None:
+        unsupported = [s for s in self.stages if s not in IMAGE_TASK_STAGES]
+        if unsupported:
+            raise FieldError(
+                "stages",
+                f"stage '{unsupported[0]}' does not support task 'image' (supported: {list(IMAGE_TASK_STAGES)})",
+            )
+        if "policy" not in self.model_fields_set:  # the image task's default policy is the tiny VLM
+            self.policy = ModelSpec(builtin="tiny-llava")
+        elif self.policy.builtin == "tiny-llama":
+            raise FieldError(
+                "policy.builtin", "task 'image' needs a vision-language policy: tiny-llava or a path"
+            )
+        # the image task has no preference pairs: its defaults are the rule reward and a policy critic
+        unset = {k: v for k, v in (("mode", "ppo"), ("sentence_reward", "ground_truth"))
+                 if k not in self.reward.model_fields_set}  # fmt: skip
+        if unset:
+            self.reward = type(self.reward).model_validate({**self.reward.model_dump(), **unset})
+        if "critic_init" not in self.ppo.model_fields_set:
+            self.ppo.critic_init = "policy"
+        if self.ppo.critic_init == "rm":
+            raise FieldError(
+                "ppo.critic_init",
+                "'rm' needs a reward model, which task 'image' has no stage for; use 'policy'",
+            )
+        if self.reward.needs_dpo:
+            raise FieldError(
+                "reward.mode",
+                f"'{self.reward.mode}' needs a DPO model, which task 'image' has no stage for; "
+                "use reward.mode ppo",
+            )
+        if "ppo" in self.stages and self.reward.needs_rm:
+            raise FieldError(
+                "reward.sentence_reward",
+                "'rm' needs a reward model, which task 'image' has no stage for; use 'ground_truth'",
+            )
+        if self.ppo.rollout_pruner == "ftp":
+            raise FieldError(
+                "ppo.rollout_pruner", "'ftp' is for text policies; use 'adaptinfer' for task 'image'"
+            )
+        if self.ppo.rollout_pruner == "adaptinfer" and not self.adaptinfer.enabled:
+            raise FieldError(
+                "adaptinfer",
+                "ppo.rollout_pruner 'adaptinfer' needs a schedule: set adaptinfer.keep_ratio, .preset or .schedule",
+            )
 
     def section_hash(self, *paths: str) -> str:
         """Hash of the named (dotted) sections, to tell whether a stage's output is still valid."""
@@ -315,6 +433,9 @@ def format_validation_error(exc: ValidationError, source: str, overridden: set[s
     errors = exc.errors()
     first = errors[0]
     field = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    cause = (first.get("ctx") or {}).get("error")
+    if isinstance(cause, FieldError):
+        field = ".".join(p for p in (field if first["loc"] else "", cause.field) if p)
     origin = source
     for key in overridden:
         if field == key or field.startswith(key + ".") or key.startswith(field + "."):

@@ -50,3 +50,44 @@ def load_causal_lm(path: str, field: str = "policy.path", dtype=None, device: st
             f"cannot load a causal LM from '{path}': {str(exc).splitlines()[0]}", field=field
         ) from None
     return model.to(device)
+
+
+def is_vision_language(path: str, field: str = "policy.path") -> bool:
+    """Whether the model folder / Hub name holds a vision-language model (its config has a vision tower)."""
+    from transformers import AutoConfig
+
+    check_model_path(path, field)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read the model config of '{path}': {str(exc).splitlines()[0]}", field=field) from None
+    return getattr(config, "vision_config", None) is not None
+
+
+def load_processor(path: str, field: str = "policy.path"):
+    """The processor (image processor + tokenizer) saved with a vision-language model."""
+    from transformers import AutoProcessor
+
+    check_model_path(path, field)
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as exc:
+        raise UserError(f"cannot load a processor from '{path}': {str(exc).splitlines()[0]}", field=field) from None
+    if not hasattr(processor, "image_processor"):
+        raise UserError(f"'{path}' has a tokenizer but no image processor (not a vision-language model)", field=field)
+    return processor
+
+
+def load_vision_lm(path: str, field: str = "policy.path", dtype=None, device: str = "cpu"):
+    """A vision-language model (Llava family: vision tower + projector + causal LM)."""
+    from transformers import AutoModelForImageTextToText
+
+    if not is_vision_language(path, field):
+        raise UserError(f"'{path}' has no vision tower: the image task needs a vision-language model", field=field)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"cannot load a vision-language model from '{path}': {str(exc).splitlines()[0]}", field=field
+        ) from None
+    return model.to(device)

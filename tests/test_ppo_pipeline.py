@@ -54,10 +54,9 @@ def test_rollout_workers_receive_updated_weights(reward_run, tmp_path):
     from pipelines.stages.rm import load_normalization
     from rto.config import load_config
     from rto.distributed import init_ray
-    from rto.generation import encode_prompt, prompt_text
     from rto.models import load_tokenizer
     from rto.ppo.groups import ModelPaths, build_groups
-    from rto.ppo.trainer import PPOInputs, one_step
+    from rto.ppo.trainer import PPOInputs, TextPrompts, one_step
     from rto.rundir import RunDir
 
     run_dir = fresh_copy(reward_run, tmp_path)
@@ -78,11 +77,11 @@ def test_rollout_workers_receive_updated_weights(reward_run, tmp_path):
         assert groups.policy.num_actors == 2
         before = groups.rollout.run_all("weights_checksum")
         assert before == groups.policy.run_all("weights_checksum")[:1]
-        prompts = [r["prompt"] for r in prepared.records("prompts")]
+        prompts = prepared.records("prompts")
         tokenizer = load_tokenizer(paths.policy)
         inputs = PPOInputs(
             cfg=cfg, run=run, out_dir=tmp_path / "out", paths=paths, prompts=prompts,
-            ground_truth=prepared.ground_truth(), rm_normalization=load_normalization(stages / "rm"),
+            ground_truth=prepared.record_ground_truth(), rm_normalization=load_normalization(stages / "rm"),
             stage_hash="test", resume=False,
         )  # fmt: skip
         run.traces_dir.mkdir(exist_ok=True)
@@ -91,8 +90,7 @@ def test_rollout_workers_receive_updated_weights(reward_run, tmp_path):
             inputs,
             groups,
             tokenizer,
-            [encode_prompt(tokenizer, p) for p in prompts],
-            [prompt_text(p) for p in prompts],
+            TextPrompts(tokenizer, prompts),
             state,
             1,
         )

@@ -77,10 +77,71 @@ def rm_scorer_for(ctx: StageContext, policy_tokenizer_path: str):
     return score
 
 
-@register_stage("eval", sections=("eval",), uses=("sft", "dpo", "rm", "ppo"))
+@torch.no_grad()
+def evaluate_vision_policy(ctx: StageContext, path: str, records: list[dict], prune_schedule=None) -> dict:
+    """Image task: answer each held-out question about its picture; ground truth per record.
+    With `prune_schedule`, generation runs with the configured vision-token pruning instead."""
+    from pipelines.tasks.image_data import encode_prompt, prompt_label, record_reward
+    from prune.adaptinfer import generate_pruned
+    from rto.generation import left_pad
+    from rto.models import load_processor, load_vision_lm
+
+    cfg = ctx.cfg.eval
+    processor = load_processor(path)
+    model = load_vision_lm(path, device=ctx.device).eval()
+    tokenizer = processor.tokenizer
+    rows = []
+    for start in range(0, len(records), cfg.batch_size):
+        chunk = records[start : start + cfg.batch_size]
+        encoded = [encode_prompt(processor, r, ctx.prepared.root) for r in chunk]
+        ids, mask = left_pad([e[0] for e in encoded], tokenizer.pad_token_id)
+        inputs = {
+            "input_ids": ids.to(ctx.device),
+            "attention_mask": mask.to(ctx.device),
+            "pixel_values": torch.stack([e[1] for e in encoded]).to(ctx.device, model.dtype),
+        }
+        sampling = cfg.temperature > 0
+        out = generate_pruned(
+            model, inputs, prune_schedule or {}, ctx.cfg.adaptinfer.method,
+            max_new_tokens=cfg.max_new_tokens, do_sample=sampling,
+            temperature=cfg.temperature if sampling else 1.0, top_p=cfg.top_p,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            suppress_token_ids=[model.config.image_token_id],
+        )  # fmt: skip
+        new = out.sequences[:, ids.shape[1] :].cpu()
+        for record, row_ids, row_mask in zip(chunk, new.tolist(), out.response_mask.tolist(), strict=True):
+            kept = [t for t, m in zip(row_ids, row_mask, strict=True) if m]
+            done = bool(kept) and kept[-1] == tokenizer.eos_token_id
+            text = tokenizer.decode(kept[:-1] if done else kept, skip_special_tokens=True).strip()
+            rows.append(
+                {
+                    "prompt": prompt_label(record),
+                    "response": text,
+                    "terminated": done,
+                    "length": len(text.split()),
+                    "gt_reward": record_reward(record, text, done),
+                }
+            )
+    summary = {k: statistics.fmean(float(r[k]) for r in rows) for k in ("gt_reward", "terminated", "length")}
+    summary["samples"] = len(rows)
+    return {"summary": summary, "rows": rows}
+
+
+def pruning_schedule(ctx: StageContext, path: str) -> dict[int, int] | None:
+    """The configured AdaptInfer schedule resolved for the policy at `path` (None when disabled)."""
+    if not ctx.cfg.adaptinfer.enabled:
+        return None
+    from prune.adaptinfer.rollout import resolve_for_model
+
+    return resolve_for_model(ctx.cfg.adaptinfer, path, field="adaptinfer")
+
+
+@register_stage("eval", sections=("eval", "adaptinfer"), uses=("sft", "dpo", "rm", "ppo"))
 def run_eval(ctx: StageContext) -> dict:
     import json
 
+    if ctx.prepared.is_image_task:
+        return run_image_eval(ctx)
     prompts = [r["prompt"] for r in ctx.prepared.records("eval_prompts")]
     prompts = [p for p in prompts for _ in range(ctx.cfg.eval.samples_per_prompt)]
     results = {}
@@ -103,4 +164,36 @@ def run_eval(ctx: StageContext) -> dict:
         summary["ppo_reward_mode"] = (
             ctx.run.read_summary().get("ppo", {}).get("reward_mode", ctx.cfg.reward.mode)
         )
+    return summary
+
+
+def run_image_eval(ctx: StageContext) -> dict:
+    """Held-out accuracy of each policy, dense and (when the adaptinfer section is enabled) with
+    the rollouts' vision-token pruning, which tells how much of the policy's skill survives it."""
+    import json
+
+    records = [r for r in ctx.prepared.records("eval_prompts") for _ in range(ctx.cfg.eval.samples_per_prompt)]
+    paths = {k: v for k, v in policy_paths(ctx).items() if k != "dpo"}
+    results: dict[str, dict] = {}
+    with make_progress() as progress:
+        task = progress.add_task("eval", total=len(paths), info="")
+        for name, path in paths.items():
+            progress.update(task, info=name)
+            variants = {name: None}
+            schedule = pruning_schedule(ctx, path)
+            if schedule:
+                variants[f"{name}+{ctx.cfg.adaptinfer.method}"] = schedule
+            for label, prune in variants.items():
+                torch.manual_seed(ctx.cfg.seed)
+                result = evaluate_vision_policy(ctx, path, records, prune)
+                results[label] = result["summary"]
+                with open(ctx.out_dir / f"samples-{label}.jsonl", "w") as f:
+                    for row in result["rows"]:
+                        f.write(json.dumps(row) + "\n")
+            progress.advance(task)
+    for name, summary in results.items():
+        ctx.log(f"{name}: " + ", ".join(f"{k}={v:.3f}" for k, v in summary.items()))
+    summary = {"policies": results, "prompts": len(records)}
+    if ctx.has_stage("ppo"):
+        summary["ppo_reward_mode"] = ctx.run.read_summary().get("ppo", {}).get("reward_mode", ctx.cfg.reward.mode)
     return summary

@@ -37,15 +37,22 @@ def model_paths(ctx: StageContext) -> ModelPaths:
     )
 
 
-def pruned_sampler(ctx: StageContext):
-    if ctx.cfg.ppo.rollout_pruner == "none":
+def pruned_sampler(ctx: StageContext, policy: str):
+    pruner = ctx.cfg.ppo.rollout_pruner
+    if pruner == "none":
         return None
+    if pruner == "adaptinfer":
+        from prune.adaptinfer.rollout import make_generate_fn as adaptinfer_generate_fn
+
+        return adaptinfer_generate_fn(ctx.cfg.adaptinfer, policy)
     from prune.ftp.rollout import make_generate_fn  # provided by the ftp package
 
     return make_generate_fn(ctx.stage_dir("ftp"))
 
 
-@register_stage("ppo", sections=("ppo", "reward", "resources"), uses=("sft", "dpo", "rm", "ftp"))
+@register_stage(
+    "ppo", sections=("ppo", "reward", "resources", "adaptinfer"), uses=("sft", "dpo", "rm", "ftp")
+)
 def run_ppo_stage(ctx: StageContext) -> dict:
     from pipelines.stages.rm import load_normalization
 
@@ -60,14 +67,15 @@ def run_ppo_stage(ctx: StageContext) -> dict:
             run=ctx.run,
             out_dir=ctx.out_dir,
             paths=paths,
-            prompts=[r["prompt"] for r in ctx.prepared.records("prompts")],
-            ground_truth=ctx.prepared.ground_truth(),
+            prompts=ctx.prepared.records("prompts"),
+            ground_truth=ctx.prepared.record_ground_truth(),
             rm_normalization=normalization,
             stage_hash=stage_hash,
             resume=ctx.resume,
             dtype=ctx.cfg.dtype,
             device=ctx.device,
-            generate_fn=pruned_sampler(ctx),
+            generate_fn=pruned_sampler(ctx, paths.policy),
             log=ctx.log,
+            image_root=ctx.prepared.root,
         )
     )

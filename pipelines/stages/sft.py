@@ -1,4 +1,4 @@
-"""`sft`: supervised fine-tuning of the base policy with TRL's SFTTrainer."""
+"""`sft`: supervised fine-tuning of the base policy with TRL's SFTTrainer (text or vision-language)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ def run_sft(ctx: StageContext) -> dict:
 
     cfg = ctx.cfg
     base = ctx.prepared.model("policy")
+    if ctx.prepared.is_image_task:
+        return run_image_sft(ctx, base)
     tokenizer = load_tokenizer(base, field="policy.path")
     records = ctx.prepared.records("sft")
     args = SFTConfig(**trainer_kwargs(cfg, cfg.sft, ctx.out_dir, ctx.device), packing=False)
@@ -28,6 +30,42 @@ def run_sft(ctx: StageContext) -> dict:
     )
     result = quiet(trainer).train()
     save_model(trainer, tokenizer, ctx.out_dir)
+    return {
+        "train_loss": float(result.training_loss),
+        "examples": len(records),
+        "steps": int(result.global_step),
+    }
+
+
+def run_image_sft(ctx: StageContext, base: str) -> dict:
+    """SFT of a vision-language policy: TRL's SFTTrainer with the image task's collator (pictures
+    through the processor, loss on the answer and EOS)."""
+    from trl import SFTConfig, SFTTrainer
+
+    from pipelines.tasks.image_data import SFTCollator
+    from rto.models import load_processor, load_vision_lm
+
+    cfg = ctx.cfg
+    processor = load_processor(base, field="policy.path")
+    model = load_vision_lm(base, field="policy.path")
+    records = ctx.prepared.records("sft")
+    args = SFTConfig(
+        **trainer_kwargs(cfg, cfg.sft, ctx.out_dir, ctx.device),
+        packing=False,
+        remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+    )
+    args.max_length = None  # the collator builds whole examples (image tokens must not be cut)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(records),
+        processing_class=processor,
+        data_collator=SFTCollator(processor, ctx.prepared.root),
+        callbacks=[ProgressCallback("sft", ctx.metrics)],
+    )
+    result = quiet(trainer).train()
+    save_model(trainer, processor, ctx.out_dir)
     return {
         "train_loss": float(result.training_loss),
         "examples": len(records),

@@ -29,8 +29,12 @@ def hf_generate(
     top_k: int = 0,
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
+    pixel_values: torch.Tensor | None = None,
+    suppress_token_ids: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The default generate function: HF ``generate`` with sampling (greedy if ``temperature == 0``).
+    ``pixel_values`` (one picture per prompt) go to a vision-language policy;
+    ``suppress_token_ids`` (its image token) are never sampled.
 
     Returns ``response_ids [B, R']`` (R' <= max_new_tokens) and the sampler's log-probs of those
     tokens ``[B, R']``: the distribution actually sampled from (after temperature and top-p/top-k,
@@ -50,6 +54,8 @@ def hf_generate(
         pad_token_id=pad_token_id,
         return_dict_in_generate=True,
         output_scores=True,
+        **({"pixel_values": pixel_values} if pixel_values is not None else {}),
+        **({"suppress_tokens": list(suppress_token_ids)} if suppress_token_ids else {}),
     )
     response_ids = out.sequences[:, input_ids.shape[1] :]
     scores = torch.stack(out.scores, dim=1).float()  # [B, R', V], after temperature / top-p / top-k
@@ -105,9 +111,15 @@ class RolloutWorker(Worker):
 
     def generate(self, batch: dict[str, torch.Tensor], **sampling: Any) -> dict[str, torch.Tensor]:
         """Generate responses for ``batch = {"input_ids": [B, P], "attention_mask": [B, P]}``
-        (prompts left-padded). ``sampling`` overrides the constructor's settings for this call.
-        Returns CPU tensors in the layout of the module docstring."""
+        (prompts left-padded; plus ``pixel_values [B, 3, H, W]`` for a vision-language policy).
+        ``sampling`` overrides the constructor's settings for this call. Returns CPU tensors in the
+        layout of the module docstring."""
         settings = {**self.sampling, **sampling}
+        if "pixel_values" in batch:
+            settings["pixel_values"] = batch["pixel_values"].to(self.device, self.model.dtype)
+            # a vision-language policy must not emit image placeholders (the scorers' forward would
+            # look for a picture for each of them)
+            settings["suppress_token_ids"] = [self.model.config.image_token_id]
         max_new_tokens = settings["max_new_tokens"]
         input_ids = batch["input_ids"].to(self.device)
         prompt_mask = batch["attention_mask"].to(self.device)

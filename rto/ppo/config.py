@@ -38,8 +38,10 @@ class PPOConfig(BaseModel):
     zero_stage: Literal[0, 1, 2, 3] = 2
     checkpoint_every: int = Field(5, gt=0, description="Save a resumable checkpoint every N steps")
     keep_checkpoints: int = Field(2, gt=0)
-    rollout_pruner: Literal["none", "ftp"] = Field(
-        "none", description="Generate rollouts with a pruned policy"
+    rollout_pruner: Literal["none", "ftp", "adaptinfer"] = Field(
+        "none",
+        description="Generate rollouts with a pruned policy: ftp (text; needs the ftp stage) or "
+        "adaptinfer (vision-language policies; settings in the adaptinfer section)",
     )
     is_cap: float = Field(
         2.0, gt=0, description="Truncation C of importance weights min(pi_dense/pi_sampler, C)"

@@ -9,32 +9,45 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from reward.scoring import position_ids_from_mask, response_logprobs
+from reward.scoring import image_inputs, position_ids_from_mask, response_logprobs
 from rto.ppo.algo import clipped_policy_loss, clipped_value_loss, entropy_bonus, masked_mean
 
 
 def critic_values(
-    model, sequences: Tensor, attention_mask: Tensor, prompt_len: int, micro_batch_size: int = 64
+    model,
+    sequences: Tensor,
+    attention_mask: Tensor,
+    prompt_len: int,
+    micro_batch_size: int = 64,
+    pixel_values: Tensor | None = None,
 ) -> Tensor:
     """V(s_h) `[B, R]` for each response token h: the critic's output at the position that precedes
-    the token (the state the token was chosen in), zero on response padding."""
+    the token (the state the token was chosen in), zero on response padding. `pixel_values`: one
+    picture per row for a vision-language critic."""
     chunks = []
     response_len = sequences.size(1) - prompt_len
     for start in range(0, sequences.size(0), micro_batch_size):
         ids = sequences[start : start + micro_batch_size]
         mask = attention_mask[start : start + micro_batch_size]
         out = model(
-            input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position_ids_from_mask(mask),
+            use_cache=False,
+            **image_inputs(model, pixel_values, start, micro_batch_size),
         )
         values = out.logits[:, prompt_len - 1 : prompt_len - 1 + response_len, 0].float()
         chunks.append(values * mask[:, prompt_len:].to(values.dtype))
     return torch.cat(chunks)
 
 
-def policy_scores(model, sequences: Tensor, attention_mask: Tensor, prompt_len: int) -> dict[str, Tensor]:
-    """Dense log-probs and entropies of the response tokens under the current policy."""
+def policy_scores(
+    model, sequences: Tensor, attention_mask: Tensor, prompt_len: int, pixel_values: Tensor | None = None
+) -> dict[str, Tensor]:
+    """Dense log-probs and entropies of the response tokens under the current policy (the whole
+    picture, unpruned, for a vision-language policy: PPO's log-probs are always the dense model's)."""
     logprobs, entropy = response_logprobs(
-        model, sequences, attention_mask, prompt_len, 64, return_entropy=True
+        model, sequences, attention_mask, prompt_len, 64, return_entropy=True, pixel_values=pixel_values
     )
     return {"logprobs": logprobs, "entropy": entropy}
 
@@ -50,10 +63,12 @@ def policy_loss(
     is_weights: Tensor | None = None,
     clip_eps: float = 0.2,
     entropy_coef: float = 0.0,
+    pixel_values: Tensor | None = None,
 ):
     logprobs, entropy = response_logprobs(
-        model, sequences, attention_mask, prompt_len, sequences.size(0), return_entropy=True
-    )
+        model, sequences, attention_mask, prompt_len, sequences.size(0), return_entropy=True,
+        pixel_values=pixel_values,
+    )  # fmt: skip
     loss, stats = clipped_policy_loss(
         logprobs, old_logprobs, advantages, response_mask, clip_eps=clip_eps, is_weights=is_weights
     )
@@ -73,8 +88,9 @@ def value_loss(
     old_values: Tensor,
     returns: Tensor,
     value_clip: float = 0.2,
+    pixel_values: Tensor | None = None,
 ):
-    values = critic_values(model, sequences, attention_mask, prompt_len, sequences.size(0))
+    values = critic_values(model, sequences, attention_mask, prompt_len, sequences.size(0), pixel_values)
     loss, stats = clipped_value_loss(values, old_values, returns, response_mask, clip_eps=value_clip)
     stats["value_loss"] = float(loss.detach())
     return loss, stats

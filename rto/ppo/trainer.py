@@ -23,7 +23,7 @@ from rto.config import Config
 from rto.distributed import concat_results, init_ray, push_weights
 from rto.errors import UserError
 from rto.generation import encode_prompt, left_pad, prompt_text
-from rto.models import load_tokenizer
+from rto.models import is_vision_language, load_processor, load_tokenizer
 from rto.ppo import checkpoint
 from rto.ppo.algo import gae_advantages, masked_mean, masked_whiten, truncated_is_weights
 from rto.ppo.groups import Groups, ModelPaths, build_groups
@@ -38,15 +38,56 @@ class PPOInputs:
     run: RunDir
     out_dir: Path
     paths: ModelPaths
-    prompts: list  # TRL prompts (strings or conversations)
-    ground_truth: object  # gt(prompt_text, response_text, terminated) -> float, or None
+    prompts: list[dict]  # prompt records: {"prompt": TRL prompt (string or conversation), ["image": ...]}
+    ground_truth: object  # gt(record, response_text, terminated) -> float, or None
     rm_normalization: tuple[float, float] | None
     stage_hash: str
     resume: bool
     dtype: str = "float32"
     device: str = "cpu"
-    generate_fn: object = None  # a pruned sampler (FTP) or None for the dense policy
+    generate_fn: object = None  # a pruned sampler (FTP, AdaptInfer) or None for the dense policy
     log: object = print
+    image_root: Path | None = None  # where relative image paths of the records are looked up
+
+
+class TextPrompts:
+    """Prompt records of a text policy, tokenised once."""
+
+    def __init__(self, tokenizer, records: list[dict]):
+        self.pad_token_id = tokenizer.pad_token_id
+        self.ids = [encode_prompt(tokenizer, r["prompt"]) for r in records]
+        self.labels = [prompt_text(r["prompt"]) for r in records]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def batch(self, indices: list[int]) -> dict:
+        input_ids, attention_mask = left_pad([self.ids[i] for i in indices], self.pad_token_id)
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+class ImagePrompts:
+    """Prompt records of a vision-language policy: one picture each, encoded by the processor when a
+    step draws them (pixel tensors of a whole prompt set would not fit in memory at real sizes)."""
+
+    def __init__(self, processor, records: list[dict], image_root: Path | None):
+        from pipelines.tasks.image_data import check_images, prompt_label
+
+        check_images(records, image_root, source="prompts")
+        self.processor, self.records, self.root = processor, records, image_root
+        self.pad_token_id = processor.tokenizer.pad_token_id
+        self.labels = [prompt_label(r) for r in records]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def batch(self, indices: list[int]) -> dict:
+        from pipelines.tasks.image_data import encode_prompt
+
+        encoded = [encode_prompt(self.processor, self.records[i], self.root) for i in indices]
+        input_ids, attention_mask = left_pad([e[0] for e in encoded], self.pad_token_id)
+        pixel_values = torch.stack([e[1] for e in encoded])
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
 
 
 def prompt_indices(consumed: int, count: int, n_prompts: int, seed: int) -> list[int]:
@@ -62,6 +103,8 @@ def prompt_indices(consumed: int, count: int, n_prompts: int, seed: int) -> list
 def score_concurrently(groups: Groups, samples: dict, prompt_len: int, micro: int) -> dict:
     """Every scorer sees the same sequences; their passes run at the same time on their own actors."""
     batch = {"sequences": samples["sequences"], "attention_mask": samples["attention_mask"]}
+    if "pixel_values" in samples:
+        batch["pixel_values"] = samples["pixel_values"]
     refs = {
         "policy": groups.policy.async_run_sharded(
             "score", batch, fn="rto.ppo.losses:policy_scores", prompt_len=prompt_len
@@ -124,9 +167,14 @@ def train_on_batch(groups: Groups, cfg: Config, experience: dict, step: int) -> 
 def run_ppo(inputs: PPOInputs) -> dict:
     cfg, run, log = inputs.cfg, inputs.run, inputs.log
     ppo = cfg.ppo
-    tokenizer = load_tokenizer(inputs.paths.policy)
-    prompt_ids = [encode_prompt(tokenizer, p) for p in inputs.prompts]
-    prompt_texts = [prompt_text(p) for p in inputs.prompts]
+    processor = None
+    if is_vision_language(inputs.paths.policy):
+        processor = load_processor(inputs.paths.policy)
+        tokenizer = processor.tokenizer
+        prompts = ImagePrompts(processor, inputs.prompts, inputs.image_root)
+    else:
+        tokenizer = load_tokenizer(inputs.paths.policy)
+        prompts = TextPrompts(tokenizer, inputs.prompts)
     ckpt_root = run.checkpoints_dir / f"ppo-{inputs.stage_hash}"
     latest = checkpoint.latest_checkpoint(ckpt_root)
     if latest is not None and not inputs.resume:
@@ -158,7 +206,7 @@ def run_ppo(inputs: PPOInputs) -> dict:
         with make_progress() as progress:
             task = progress.add_task("ppo", total=ppo.steps, completed=state["step"], info="")
             for step in range(state["step"] + 1, ppo.steps + 1):
-                record = one_step(inputs, groups, tokenizer, prompt_ids, prompt_texts, state, step)
+                record = one_step(inputs, groups, tokenizer, prompts, state, step)
                 logger.log(step, record)
                 state["step"] = step
                 if step % ppo.checkpoint_every == 0 and step < ppo.steps:
@@ -177,8 +225,8 @@ def run_ppo(inputs: PPOInputs) -> dict:
                 progress.update(task, completed=step, info=info)
         groups.policy.run_all("save_hf", str(inputs.out_dir / "policy"))
         groups.critic.run_all("save_hf", str(inputs.out_dir / "critic"))
-        tokenizer.save_pretrained(inputs.out_dir / "policy")
-        tokenizer.save_pretrained(inputs.out_dir / "critic")
+        for folder in ("policy", "critic"):
+            (processor or tokenizer).save_pretrained(inputs.out_dir / folder)
     finally:
         logger.close()
         groups.shutdown()
@@ -187,28 +235,40 @@ def run_ppo(inputs: PPOInputs) -> dict:
 
 
 def one_step(
-    inputs: PPOInputs, groups: Groups, tokenizer, prompt_ids, prompt_texts, state: dict, step: int
+    inputs: PPOInputs, groups: Groups, tokenizer, prompts: TextPrompts | ImagePrompts, state: dict, step: int
 ) -> dict:
     cfg = inputs.cfg
     ppo = cfg.ppo
     times = {}
     t0 = time.perf_counter()
-    chosen = prompt_indices(state["prompts_consumed"], ppo.rollout_batch_size, len(prompt_ids), cfg.seed)
+    chosen = prompt_indices(state["prompts_consumed"], ppo.rollout_batch_size, len(prompts), cfg.seed)
     chosen = [i for i in chosen for _ in range(ppo.samples_per_prompt)]
     state["prompts_consumed"] += ppo.rollout_batch_size
-    input_ids, attention_mask = left_pad([prompt_ids[i] for i in chosen], tokenizer.pad_token_id)
-    prompt_len = input_ids.size(1)
+    prompt_batch = prompts.batch(chosen)
+    prompt_len = prompt_batch["input_ids"].size(1)
 
     groups.rollout.run_all("call", "rto.ppo.losses:reseed", cfg.seed * 100_003 + step)
-    samples = groups.rollout.run_sharded(
-        "generate", {"input_ids": input_ids, "attention_mask": attention_mask}
-    )
+    samples = groups.rollout.run_sharded("generate", prompt_batch)
+    if "pixel_values" in prompt_batch:  # scorers and trainers see the whole picture (dense)
+        samples["pixel_values"] = prompt_batch["pixel_values"]
     times["time_generate"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
     scores = score_concurrently(groups, samples, prompt_len, ppo.micro_batch_size)
     mask = samples["response_mask"].float()
     times["time_score"] = time.perf_counter() - t1
+    responses, terminated, tokens = decode(tokenizer, samples, mask)
+    record: dict = {"samples": len(chosen)}
+    if inputs.ground_truth is not None:
+        gts = [
+            inputs.ground_truth(inputs.prompts[i], r, t)
+            for i, r, t in zip(chosen, responses, terminated, strict=True)
+        ]
+        record["gt_reward"] = sum(gts) / len(gts)
+    else:
+        gts = None
+    if cfg.reward.uses_sentence_score and cfg.reward.sentence_reward == "ground_truth":
+        scores["rm_scores"] = torch.tensor(gts, dtype=torch.float32)  # the rule reward as the sentence score
 
     rewards = compose_token_rewards(
         cfg.reward,
@@ -220,16 +280,6 @@ def one_step(
         rm_mean=inputs.rm_normalization[0] if inputs.rm_normalization else None,
         rm_std=inputs.rm_normalization[1] if inputs.rm_normalization else None,
     )
-    responses, terminated, tokens = decode(tokenizer, samples, mask)
-    record: dict = {"samples": len(chosen)}
-    if inputs.ground_truth is not None:
-        gts = [
-            inputs.ground_truth(prompt_texts[i], r, t)
-            for i, r, t in zip(chosen, responses, terminated, strict=True)
-        ]
-        record["gt_reward"] = sum(gts) / len(gts)
-    else:
-        gts = None
     if not all_finite(mask, rewards.reward, scores["values"], scores["logprobs"]):
         state["skipped_batches"] += 1
         inputs.log(
@@ -248,12 +298,12 @@ def one_step(
         trace_path(inputs.run.traces_dir, step),
         trace_columns(
             step=step,
-            prompts=[prompt_texts[i] for i in chosen][keep],
+            prompts=[prompts.labels[i] for i in chosen][keep],
             responses=responses[keep],
             tokens=tokens[keep],
             token_ids=samples["sequences"][:, prompt_len:][keep],
             response_mask=mask[keep],
-            rm_score=rewards.rm_score[keep] if cfg.reward.needs_rm else None,
+            rm_score=rewards.rm_score[keep] if cfg.reward.uses_sentence_score else None,
             gt_reward=gts[keep] if gts is not None else None,
             logprob=scores["logprobs"][keep],
             ref_logprob=scores["ref_logprobs"][keep],
@@ -282,6 +332,8 @@ def one_step(
         "entropy_coef": ppo.entropy_coef,
         "value_clip": ppo.value_clip,
     }
+    if "pixel_values" in samples:
+        experience["pixel_values"] = samples["pixel_values"]
     train_stats = train_on_batch(groups, cfg, experience, step)
     times["time_train"] = time.perf_counter() - t2
     t3 = time.perf_counter()

@@ -1,0 +1,118 @@
+"""The image task inside the staged pipeline: records on disk, prompt encoding, the SFT collator.
+
+Records are TRL-style rows with one picture each; the picture is a PNG beside the JSONL files (its
+path relative to the prepared folder) or, for external data, a path or the bytes of any format PIL
+reads (a Hugging Face `Image` column arrives as ``{"bytes": ..., "path": ...}``):
+
+* ``sft``:          ``{"prompt": question, "completion": answer, "image": ...}``
+* ``prompts`` and ``eval_prompts``: ``{"prompt": question, "image": ..., "answer": answer}``
+
+The ground truth of the built-in task needs the answer, which the question alone does not give, so
+it is read from the record (:func:`record_reward`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pipelines.tasks import image as task
+from rto.errors import UserError
+
+
+def build_records(settings, root: Path) -> dict[str, list[dict]]:
+    """Generate the task's examples, write their pictures under ``root/images`` and return the
+    records of every role (the SFT set includes the description examples)."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    splits = {
+        "sft": task.make_examples(settings.n_sft, settings.seed + 1, settings.describe_fraction),
+        "prompts": task.make_examples(settings.n_prompts, settings.seed + 2),
+        "eval_prompts": task.make_examples(settings.n_eval, settings.seed + 3),
+    }
+    out: dict[str, list[dict]] = {}
+    for role, examples in splits.items():
+        records = []
+        for n, example in enumerate(examples):
+            name = f"images/{role}-{n:06d}.png"
+            task.render(example.items, example.seed).save(root / name)
+            if role == "sft":
+                records.append({"prompt": example.question, "completion": example.answer, "image": name})
+            else:
+                records.append({"prompt": example.question, "image": name, "answer": example.answer})
+        out[role] = records
+    return out
+
+
+def load_image(value, base: Path | None = None, source: str = "image"):
+    """The RGB picture of a record's ``image`` field (a path, bytes or ``{"bytes", "path"}``);
+    a relative path is looked up under ``base`` first. Undecodable input is a `UserError`."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, str | Path):
+        path = Path(value)
+        if not path.is_absolute() and base is not None and (base / path).exists():
+            path = base / path
+        if not path.exists():
+            raise UserError(f"image file '{value}' does not exist", source=source)
+        value = path
+    if not isinstance(value, bytes | bytearray | Path):
+        raise UserError(f"expected an image path or bytes, got {type(value).__name__}", source=source)
+    return task.decode_image(value, source=source)
+
+
+def check_images(records: list[dict], base: Path, source: str) -> None:
+    """Every record has a decodable ``image`` (bad input fails at prepare time, not mid-PPO)."""
+    for n, record in enumerate(records, 1):
+        if "image" not in record:
+            raise UserError(f"row {n} has no 'image' column (the image task needs one per row)", source=source)
+        load_image(record["image"], base, source=f"{source}: row {n} 'image'")
+
+
+def question_of(record: dict) -> str:
+    prompt = record["prompt"]
+    if isinstance(prompt, str):
+        return prompt
+    return " ".join(m["content"] for m in prompt if m.get("role") == "user")
+
+
+def prompt_label(record: dict) -> str:
+    """How a record reads in traces and reports: its picture's name, then the question."""
+    image = record.get("image")
+    name = Path(image).name if isinstance(image, str) else "image"
+    return f"[{name}] {question_of(record)}"
+
+
+def encode_prompt(processor, record: dict, base: Path | None = None) -> tuple[list[int], torch.Tensor]:
+    """(prompt token ids with the image tokens expanded, pixel_values [3, H, W]) of one record."""
+    image = load_image(record["image"], base, source="prompt image")
+    batch = processor(images=[image], text=[task.prompt_text(question_of(record))], return_tensors="pt")
+    return batch["input_ids"][0].tolist(), batch["pixel_values"][0]
+
+
+def record_reward(record: dict, response: str, terminated: bool = True) -> float:
+    """Ground truth of the built-in task: 1 for exactly the answer word (then EOS), else 0."""
+    del terminated  # the answer is one word; `task.reward` already rejects anything after it
+    return task.reward(response, record["answer"])
+
+
+class SFTCollator:
+    """Batches ``sft`` records for TRL's `SFTTrainer` (custom collator, as TRL documents for VLMs):
+    pictures through the processor, the answer and EOS after the prompt, loss on those only."""
+
+    def __init__(self, processor, base: Path | None = None):
+        self.processor = processor
+        self.base = base
+
+    def __call__(self, rows: list[dict]) -> dict:
+        images = [load_image(r["image"], self.base, source="sft image") for r in rows]
+        eos = task.SPECIAL["eos"]
+        prompts = [task.prompt_text(question_of(r)) for r in rows]
+        texts = [f"{p} {r['completion']} {eos}" for p, r in zip(prompts, rows, strict=True)]
+        batch = dict(self.processor(images=images, text=texts, return_tensors="pt", padding=True))
+        labels = batch["input_ids"].clone()
+        n_answer = torch.tensor([len(self.processor.tokenizer(f"{r['completion']} {eos}")["input_ids"]) for r in rows])
+        width = labels.shape[1]
+        labels[torch.arange(width)[None, :] < width - n_answer[:, None]] = -100  # left padding
+        batch["labels"] = labels
+        return batch
