@@ -49,11 +49,14 @@ def generate_pruned(
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
+    suppress_token_ids: list[int] | None = None,
 ) -> PrunedGeneration:
     """Generate from `inputs` (processor output: input_ids, attention_mask, pixel_values) with pruning.
 
     `schedule` maps a decoder layer to the number of vision tokens kept after it (None or {} =
     dense). `method` names a registered scorer: adaptinfer, adaptinfer_no_prior, fastv, random.
+    `suppress_token_ids` are never generated (a policy must not emit image tokens); the sampler's
+    log-probs are those of the distribution without them.
     Sampling: temperature, then top-k / top-p; `sampler_logprobs` are log-softmax(logits /
     temperature) of the chosen tokens, before top-k/top-p truncation (what vLLM reports too).
     """
@@ -74,6 +77,8 @@ def generate_pruned(
     tokens, logprobs, masks = [], [], []
     for step in range(max_new_tokens):
         scaled = logits.float() / (temperature if do_sample else 1.0)
+        if suppress_token_ids:
+            scaled[:, suppress_token_ids] = float("-inf")
         logp = torch.log_softmax(scaled, dim=-1)
         if do_sample:
             warped = scaled
