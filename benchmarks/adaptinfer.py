@@ -33,7 +33,14 @@ sys.path.insert(0, str(ROOT))
 
 from pipelines.tasks import image as task  # noqa: E402
 from pipelines.tasks import image_model  # noqa: E402
-from prune.adaptinfer import PRESETS, generate_pruned, mean_vision_tokens, prefill, proportional_schedule  # noqa: E402
+from prune.adaptinfer import (  # noqa: E402
+    PRESETS,
+    decode,
+    generate_pruned,
+    mean_vision_tokens,
+    prefill,
+    proportional_schedule,
+)
 from prune.adaptinfer.analysis import inflection_layers, text_to_vision_profile  # noqa: E402
 from prune.fastv import fastv_schedule_for_budget  # noqa: E402
 from prune.flops import attention_rows_flops, lm_head_flops, prefill_flops_per_layer  # noqa: E402
@@ -157,21 +164,37 @@ def accuracy_part(args) -> dict:
     examples = task.make_examples(args.n_eval, seed=12345)
     batches = [task.encode(processor, examples[i : i + 64]) for i in range(0, len(examples), 64)]
 
-    def run(method: str, schedule: dict) -> tuple[float, float]:
-        correct, flops = 0.0, 0.0
-        generator = generator_for(method)
-        for start, batch in zip(range(0, len(examples), 64), batches, strict=True):
-            out = generate_pruned(model, batch, schedule, method, max_new_tokens=2, generator=generator)
-            texts = processor.tokenizer.batch_decode(out.sequences[:, batch["input_ids"].shape[1] :])
-            chunk = examples[start : start + 64]
-            correct += sum(
-                task.reward(t.replace(task.SPECIAL["pad"], " "), e.answer)
-                for t, e in zip(texts, chunk, strict=True)
-            )
-            flops += prefill_flops(model.config, out.trace)
-        return correct / len(examples), flops
+    objects = [image_model.object_tokens(batch["pixel_values"]) for batch in batches]
 
-    dense_acc, dense_flops = run("adaptinfer", {})
+    def run(method: str, schedule: dict, positions: str = "original") -> dict:
+        """Accuracy (all, per question kind), prefill FLOPs and object recall per cut layer."""
+        correct, flops, kinds, recall = [], 0.0, {}, {}
+        generator = generator_for(method)
+        for start, batch, shown in zip(range(0, len(examples), 64), batches, objects, strict=True):
+            chunk = examples[start : start + 64]
+            if positions == "original":
+                out = generate_pruned(model, batch, schedule, method, max_new_tokens=2, generator=generator)
+                new, trace = out.sequences[:, batch["input_ids"].shape[1] :], out.trace
+            else:
+                new, trace = greedy_two_tokens(model, batch, schedule, method, generator, positions)
+            texts = processor.tokenizer.batch_decode(new)
+            for text, example in zip(texts, chunk, strict=True):
+                ok = task.reward(text.replace(task.SPECIAL["pad"], " "), example.answer)
+                correct.append(ok)
+                kinds.setdefault(question_kind(example), []).append(ok)
+            for layer, kept in trace.kept_vision.items():
+                hit = shown.gather(1, kept).sum(-1).float() / shown.sum(-1)
+                recall.setdefault(int(layer), []).extend(hit.tolist())
+            flops += prefill_flops(model.config, trace)
+        return dict(
+            accuracy=statistics.mean(correct),
+            accuracy_by_kind={k: statistics.mean(v) for k, v in sorted(kinds.items())},
+            object_recall={layer: statistics.mean(v) for layer, v in sorted(recall.items())},
+            flops=flops,
+        )
+
+    dense = run("adaptinfer", {})
+    dense_acc, dense_flops = dense["accuracy"], dense["flops"]
     with torch.no_grad():
         hf_acc = image_model.evaluate(model, processor, examples)
     rows, timing_configs = [], {"dense": ("adaptinfer", {})}
@@ -179,29 +202,40 @@ def accuracy_part(args) -> dict:
     profile = text_to_vision_profile(model, [task.encode(processor, task.make_examples(64, seed=999))])
     profiled_layers = inflection_layers(profile, 3)
     for ratio in args.ratios:
-        schedules = schedules_for(n_layers, n_vision, ratio)
+        schedules = {
+            name: (name, s, "original") for name, s in schedules_for(n_layers, n_vision, ratio).items()
+        }
+        schedules["adaptinfer_contiguous"] = ("adaptinfer", schedules["adaptinfer"][1], "contiguous")
         try:
             profiled = proportional_schedule(n_layers, n_vision, ratio * n_vision, layers=profiled_layers)
-            schedules["adaptinfer_profiled"] = profiled
+            schedules["adaptinfer_profiled"] = ("adaptinfer", profiled, "original")
+            schedules["random_profiled"] = ("random", profiled, "original")
         except UserError as error:
             print(f"  adaptinfer_profiled keep {ratio}: skipped ({error})")
-        for name, schedule in schedules.items():
-            method = name.removesuffix("_profiled")
-            acc, flops = run(method, schedule)
+        for name, (method, schedule, positions) in schedules.items():
+            result = run(method, schedule, positions)
+            acc = result["accuracy"]
             rows.append(
                 dict(
                     method=name,
+                    scorer=method,
+                    positions=positions,
                     keep_ratio=ratio,
                     schedule=schedule,
                     mean_vision_tokens=mean_vision_tokens(schedule, n_layers, n_vision),
                     accuracy=acc,
                     retention=acc / dense_acc,
-                    flops_ratio=flops / dense_flops,
+                    accuracy_by_kind=result["accuracy_by_kind"],
+                    object_recall=result["object_recall"],
+                    flops_ratio=result["flops"] / dense_flops,
                 )
             )
             timing_configs[f"{name}@{ratio}"] = (method, schedule)
+            recall = " ".join(f"L{k}:{v:.2f}" for k, v in result["object_recall"].items())
             print(
-                f"  {name:20s} keep {ratio:6.3f}: acc {acc:.3f} retention {acc / dense_acc:.3f}", flush=True
+                f"  {name:22s} keep {ratio:6.3f}: acc {acc:.3f} retention {acc / dense_acc:.3f} "
+                f"object recall {recall}",
+                flush=True,
             )
     latency = time_prefills(model, batches[0], timing_configs, args.reps, "cpu")
     for row in rows:
@@ -213,6 +247,7 @@ def accuracy_part(args) -> dict:
         n_eval=len(examples),
         dense_accuracy=dense_acc,
         dense_accuracy_hf_generate=hf_acc,
+        dense_accuracy_by_kind=dense["accuracy_by_kind"],
         text_to_vision_profile=profile,
         profiled_cut_layers=profiled_layers,
         chance_accuracy=chance(examples),
@@ -220,6 +255,35 @@ def accuracy_part(args) -> dict:
         batch_size_latency=64,
         rows=rows,
     )
+
+
+def question_kind(example) -> str:
+    """color (what color is the SHAPE), shape (what shape is at the PLACE) or count (how many)."""
+    words = example.question.split()
+    return {"color": "color", "shape": "shape", "many": "count"}.get(words[1], words[1])
+
+
+@torch.no_grad()
+def greedy_two_tokens(model, batch, schedule, method, generator, positions):
+    """Greedy answer word + EOS with `prefill(positions=...)` and one `decode` step.
+
+    What `generate_pruned(..., max_new_tokens=2)` does, for position conventions it does not take.
+    """
+    logits, state, trace = prefill(
+        model,
+        batch["input_ids"],
+        batch["pixel_values"],
+        batch["attention_mask"],
+        schedule,
+        method,
+        generator,
+        positions=positions,
+    )
+    first = logits.argmax(-1)
+    second = decode(model, first, state).argmax(-1)
+    eos, pad = model.generation_config.eos_token_id, model.generation_config.pad_token_id
+    second = torch.where(first == eos, torch.full_like(second, pad), second)
+    return torch.stack([first, second], dim=1), trace
 
 
 def chance(examples) -> float:
@@ -336,13 +400,20 @@ def print_tables(result: dict) -> None:
             f"\nTiny VLM ({acc['n_layers']} layers, {acc['n_vision']} vision tokens), {acc['n_eval']} questions: "
             f"dense accuracy {acc['dense_accuracy']:.3f} (chance {acc['chance_accuracy']:.3f})"
         )
+        kinds = acc.get("dense_accuracy_by_kind", {})
+        print("dense accuracy by question kind: " + ", ".join(f"{k} {v:.3f}" for k, v in kinds.items()))
         print(
             f"{'keep':>6} {'method':22} {'mean vis':>8} {'acc':>6} {'retention':>9} {'FLOPs':>6} {'latency':>7}"
+            f"  {'color/shape/count':>17}  object recall per cut"
         )
         for r in acc["rows"]:
+            by_kind = "/".join(
+                f"{r['accuracy_by_kind'].get(k, 0.0):.2f}" for k in ("color", "shape", "count")
+            )
+            recall = " ".join(f"L{k}:{v:.2f}" for k, v in r.get("object_recall", {}).items())
             print(
                 f"{r['keep_ratio']:6.3f} {r['method']:22} {r['mean_vision_tokens']:8.2f} {r['accuracy']:6.3f} "
-                f"{r['retention']:9.3f} {r['flops_ratio']:6.3f} {r['latency_ratio']:7.3f}"
+                f"{r['retention']:9.3f} {r['flops_ratio']:6.3f} {r['latency_ratio']:7.3f}  {by_kind:>17}  {recall}"
             )
     lat = result.get("latency")
     if lat:
@@ -362,7 +433,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--model",
-        default=str(Path.home() / ".cache" / "rto" / "image-vlm"),
+        default=str(Path.home() / ".cache" / "rto" / "image-vlm-v2"),
         help="trained tiny VLM dir (trained here when missing)",
     )
     parser.add_argument("--n-eval", type=int, default=512)

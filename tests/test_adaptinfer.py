@@ -7,8 +7,9 @@ import torch
 
 from pipelines.tasks import image as task
 from pipelines.tasks import image_model
-from prune.adaptinfer import generate_pruned, prefill, text_prior_weights, vlm_token_logprobs
+from prune.adaptinfer import decode, generate_pruned, prefill, text_prior_weights, vlm_token_logprobs
 from prune.flops import dense_prefill_flops, prefill_flops_per_layer
+from rto.errors import UserError
 
 N_VISION = task.N_VISION_TOKENS
 
@@ -165,3 +166,57 @@ def test_attention_profile_and_inflection_layers(tiny, batch):
     profile = text_to_vision_profile(model, [batch])
     assert len(profile) == 4 and all(0.0 <= share <= 1.0 for share in profile)
     assert inflection_layers([0.9, 0.5, 0.45, 0.1, 0.05], n_cuts=2) == [0, 2]
+
+
+@pytest.mark.parametrize("positions", ["original", "contiguous"])
+def test_decode_continues_the_pruned_prefill(tiny, batch, positions):
+    """One decode step equals a pruned prefill of the prompt plus that token (same kept tokens: the
+    seeded random scorer draws the same scores), under either position-id convention."""
+    model, _ = tiny
+    schedule = {0: 20, 2: 5}
+    ids, pixels, mask = batch["input_ids"], batch["pixel_values"], batch["attention_mask"]
+    with torch.no_grad():
+        logits, state, trace = prefill(
+            model,
+            ids,
+            pixels,
+            mask,
+            schedule,
+            "random",
+            torch.Generator().manual_seed(3),
+            positions=positions,
+        )
+        token = logits.argmax(-1)
+        step = decode(model, token, state)
+        longer = torch.cat([ids, token[:, None]], dim=1)
+        again, _, trace2 = prefill(
+            model,
+            longer,
+            pixels,
+            torch.cat([mask, torch.ones_like(token)[:, None]], dim=1),
+            schedule,
+            "random",
+            torch.Generator().manual_seed(3),
+            positions=positions,
+        )
+    for layer in schedule:
+        assert torch.equal(trace.kept_vision[layer], trace2.kept_vision[layer])
+    torch.testing.assert_close(step, again, atol=1e-5, rtol=1e-5)
+
+
+def test_contiguous_positions_renumber_the_kept_tokens(tiny, batch):
+    """Keep-all: both conventions are the dense model; with a cut they differ (the text moves)."""
+    model, _ = tiny
+    ids, pixels, mask = batch["input_ids"], batch["pixel_values"], batch["attention_mask"]
+    with torch.no_grad():
+        dense, _, _ = prefill(model, ids, pixels, mask, {1: N_VISION}, positions="contiguous")
+        reference, _, _ = prefill(model, ids, pixels, mask, {})
+        assert torch.equal(dense, reference)
+        original, state_o, _ = prefill(model, ids, pixels, mask, {1: 8})
+        renumbered, state_c, _ = prefill(model, ids, pixels, mask, {1: 8}, positions="contiguous")
+    assert not torch.allclose(original, renumbered)
+    assert state_o.layer_next_position is None
+    before, after = state_c.layer_next_position[1], state_c.layer_next_position[2]
+    assert torch.equal(before - after, torch.full_like(before, N_VISION - 8))
+    with pytest.raises(UserError):
+        prefill(model, ids, pixels, mask, {}, positions="shifted")

@@ -75,3 +75,37 @@ def test_token_drop_loss_with_every_token_kept_is_the_plain_loss():
         full = image_model.loss_with_dropped_vision_tokens(model, batch, task.N_VISION_TOKENS, generator)
         torch.testing.assert_close(full, model(**batch).loss)
         assert torch.isfinite(image_model.loss_with_dropped_vision_tokens(model, batch, 5, generator))
+
+
+def test_object_tokens_are_the_patches_that_show_a_shape():
+    processor = task.build_processor()
+    examples = task.make_examples(40, seed=5)
+    pixels = task.encode(processor, examples)["pixel_values"]
+    shown = image_model.object_tokens(pixels)
+    assert shown.shape == (40, task.N_VISION_TOKENS)
+    assert shown.sum(-1).tolist() == [len(e.items) for e in examples]  # one patch per object
+    cells = task.IMAGE_SIZE // task.PATCH_SIZE
+    for example, row in zip(examples, shown, strict=True):
+        image = np.array(task.render(example.items, example.seed))
+        for index in row.nonzero()[:, 0].tolist():
+            r, c = divmod(index, cells)
+            patch = image[
+                r * task.PATCH_SIZE : (r + 1) * task.PATCH_SIZE,
+                c * task.PATCH_SIZE : (c + 1) * task.PATCH_SIZE,
+            ]
+            assert (patch != np.array(task.BACKGROUND)).any()
+
+
+def test_token_drop_with_keep_objects_drops_background_only():
+    """With keep = number of objects, the loss equals a forward on the object tokens alone."""
+    model, processor = image_model.tiny_random_vlm(seed=0, n_layers=2)
+    examples = [e for e in task.make_examples(20, seed=4) if len(e.items) == 3][:3]
+    batch = task.encode(processor, examples, with_answer=True)
+    with torch.no_grad():
+        loss = image_model.loss_with_dropped_vision_tokens(
+            model, batch, 3, torch.Generator().manual_seed(0), keep_objects=True
+        )
+        again = image_model.loss_with_dropped_vision_tokens(
+            model, batch, 3, torch.Generator().manual_seed(1), keep_objects=True
+        )
+    torch.testing.assert_close(loss, again)  # the random part picks nothing: objects only

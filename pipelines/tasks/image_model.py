@@ -76,20 +76,42 @@ def build_model(tokenizer, seed: int = 0, **overrides):
     return model
 
 
+def object_tokens(pixel_values: torch.Tensor) -> torch.Tensor:
+    """(B, N_VISION_TOKENS) bool: the patches that show part of an object (not plain background).
+
+    The background is the most common colour of each picture (it covers > 95 % of the pixels).
+    """
+    b = pixel_values.shape[0]
+    flat = pixel_values.flatten(2)  # (B, 3, H*W)
+    background = flat.median(dim=-1).values[..., None, None]  # (B, 3, 1, 1)
+    differs = (pixel_values - background).abs().amax(1) > 1e-4  # (B, H, W)
+    g = task.IMAGE_SIZE // task.PATCH_SIZE
+    patches = differs.view(b, g, task.PATCH_SIZE, g, task.PATCH_SIZE).any(dim=(2, 4))
+    return patches.reshape(b, g * g)
+
+
 def loss_with_dropped_vision_tokens(
-    model, batch: dict, keep: int, generator: torch.Generator
+    model, batch: dict, keep: int, generator: torch.Generator, keep_objects: bool = False
 ) -> torch.Tensor:
-    """SFT loss with only `keep` random image tokens per sample left in the sequence.
+    """SFT loss with only `keep` image tokens per sample left in the sequence.
 
     Token-drop augmentation: a tiny model trained densely reads the image partly through attention
-    *shares* (e.g. how much of the image is red), which any vision-token pruning distorts; large
-    VLMs park most attention on sink tokens and are far less sensitive. Training on randomly thinned
-    images removes that artefact for every pruning method alike. Kept tokens keep their positions.
+    *shares* (e.g. how much of the image is red, or how much attention the object gets against
+    the background), which any vision-token pruning distorts; large VLMs park most attention on
+    sink tokens and are far less sensitive. Training on thinned images removes that artefact for
+    every pruning method alike. With `keep_objects` the dropped tokens are background only (the
+    object patches, at most `keep` of them, are always kept), so the answer stays determined by
+    the picture and the model is not taught to guess; otherwise the `keep` are uniformly random.
+    Kept tokens keep their positions.
     """
     from prune.adaptinfer.engine import image_embeddings, select_rows
 
     embeds, vision = image_embeddings(model, batch["input_ids"], batch["pixel_values"])
-    scores = torch.rand(vision.shape, generator=generator).masked_fill(~vision, 2.0)  # text always kept
+    scores = torch.rand(vision.shape, generator=generator)
+    if keep_objects:
+        bonus = torch.zeros(vision.shape).masked_scatter(vision, object_tokens(batch["pixel_values"]).float())
+        scores = scores + bonus  # objects first, then random background
+    scores = scores.masked_fill(~vision, 3.0)  # text always kept
     n_keep = int((~vision[0]).sum()) + keep
     order = select_rows(torch.zeros_like(vision).scatter(1, scores.topk(n_keep, dim=-1).indices, True))[0]
     positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
@@ -116,6 +138,8 @@ def sft(
     n_eval: int = 512,
     init: str | Path | None = None,
     token_drop: float = 0.0,
+    keep_objects: bool = False,
+    model_shape: dict | None = None,
 ) -> dict:
     """Supervised fine-tuning on the task (loss on the answer and EOS); saves model + processor.
 
@@ -131,7 +155,7 @@ def sft(
 
         model = LlavaForConditionalGeneration.from_pretrained(init)
     else:
-        model = build_model(processor.tokenizer, seed=seed)
+        model = build_model(processor.tokenizer, seed=seed, **(model_shape or {}))
     data = task.encode(processor, task.make_examples(n_train, seed + 1, describe_fraction), with_answer=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
@@ -146,8 +170,9 @@ def sft(
         idx = torch.randint(0, n_train, (batch_size,), generator=generator)
         batch = {k: v[idx] for k, v in data.items()}
         if token_drop and torch.rand((), generator=generator) < token_drop:
-            keep = int(torch.randint(2, task.N_VISION_TOKENS, (), generator=generator))
-            loss = loss_with_dropped_vision_tokens(model, batch, keep, generator)
+            low = 3 if keep_objects else 2  # at most three objects per picture
+            keep = int(torch.randint(low, task.N_VISION_TOKENS, (), generator=generator))
+            loss = loss_with_dropped_vision_tokens(model, batch, keep, generator, keep_objects=keep_objects)
         else:
             loss = model(**batch).loss
         loss.backward()

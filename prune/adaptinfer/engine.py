@@ -7,13 +7,19 @@ but the top-k from the sequence. Attention probabilities are computed explicitly
 only for the query rows the scorer needs (the text after the image for AdaptInfer).
 
 Bookkeeping, per sample b and sequence index j (all samples keep the same number of tokens):
-original position ids (RoPE keeps them, so relative distances are the dense model's), a padding
-flag, and the original ordinal of each vision token (-1 for text). Layer l's KV cache holds the
+position ids, a padding flag, and the original ordinal of each vision token (-1 for text). Layer l's KV cache holds the
 tokens present at layer l: a pruned token writes no key/value in any later layer, and each layer
 keeps its own key-padding mask for decoding.
 
+Position ids of the kept tokens (`positions=`): ``"original"`` (default) keeps each token's dense
+position id, so RoPE sees the dense model's relative distances (as FastV's official code does);
+``"contiguous"`` renumbers the tokens present after every cut 0..n-1, as the official AdaptInfer
+code does (it inherits SparseVLM's ``position_ids[:, :n_kept]``). With contiguous ids a text token
+has a different position in the layers before and after a cut, and decoding continues each
+layer's numbering from that layer's own cache length, as the official decode path does.
+
 With an empty schedule this is exactly the dense model (the tests check it against HF `forward`
-and `generate`).
+and `generate`), whatever `positions` says.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ class PrunedCache:
     cache: object
     key_valid: list[torch.Tensor]  # per layer (B, kv_len) bool
     next_position: torch.Tensor  # (B,) position id of the next token
+    layer_next_position: list[torch.Tensor] | None = None  # contiguous ids: per layer (B,), else None
 
 
 # ---------------------------------------------------------------- model access and validation
@@ -170,6 +177,8 @@ def prefill(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     probe: bool = False,
+    *,
+    positions: str = "original",
 ) -> tuple[torch.Tensor, PrunedCache | None, PruneTrace]:
     """Pruned prefill. Returns the last position's logits (B, vocab), the cache and a `PruneTrace`.
 
@@ -177,7 +186,11 @@ def prefill(
     queries' attention that goes to vision tokens (mean over samples, heads and text rows), the
     profile that `prune.adaptinfer.analysis` reads cut layers from. The cache is always built (the
     scorers read the pruning layer's keys from it); `use_cache=False` only drops it at the end.
+    `positions`: ``"original"`` or ``"contiguous"`` position ids for the kept tokens (module doc).
     """
+    if positions not in ("original", "contiguous"):
+        raise UserError(f"positions must be 'original' or 'contiguous', got {positions!r}", field="positions")
+    contiguous = positions == "contiguous"  # `positions` is reused below for the id tensor
     inner, lm = parts(model)
     scorer = SCORERS.get(method)
     if attention_mask is None:
@@ -198,7 +211,9 @@ def prefill(
     cache = DynamicCache(config=lm.config)
     trace, key_valid = PruneTrace(), []
     position_embeddings = lm.rotary_emb(hidden, position_ids=positions)
+    layer_next = []
     for index, layer in enumerate(lm.layers):
+        layer_next.append(positions.amax(-1) + 1)
         trace.tokens_per_layer.append(hidden.shape[1])
         trace.vision_per_layer.append(int(vision[0].sum()))
         mask = attention_mask_for(lm.config, valid, hidden.shape[1], hidden.dtype)
@@ -239,11 +254,16 @@ def prefill(
         positions, valid, vision, text, ordinal = (
             t.gather(1, order) for t in (positions, valid, vision, text, ordinal)
         )
-        position_embeddings = tuple(
-            t.gather(1, order[..., None].expand(b, n_keep, t.shape[-1])) for t in position_embeddings
-        )
+        if contiguous:
+            positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+            position_embeddings = lm.rotary_emb(hidden, position_ids=positions)
+        else:
+            position_embeddings = tuple(
+                t.gather(1, order[..., None].expand(b, n_keep, t.shape[-1])) for t in position_embeddings
+            )
     logits = model.lm_head(lm.norm(hidden[:, -1:]))[:, 0]
-    state = PrunedCache(cache, key_valid, positions.amax(-1) + 1) if use_cache else None
+    per_layer = layer_next if contiguous else None
+    state = PrunedCache(cache, key_valid, positions.amax(-1) + 1, per_layer) if use_cache else None
     return logits, state, trace
 
 
@@ -255,6 +275,10 @@ def decode(model, token_ids: torch.Tensor, state: PrunedCache) -> torch.Tensor:
     position_embeddings = lm.rotary_emb(hidden, position_ids=positions)
     ones = torch.ones_like(token_ids, dtype=torch.bool)[:, None]
     for index, layer in enumerate(lm.layers):
+        if state.layer_next_position is not None:  # contiguous ids: this layer's own numbering
+            positions = state.layer_next_position[index][:, None]
+            position_embeddings = lm.rotary_emb(hidden, position_ids=positions)
+            state.layer_next_position[index] = state.layer_next_position[index] + 1
         state.key_valid[index] = torch.cat([state.key_valid[index], ones], dim=1)
         mask = attention_mask_for(lm.config, state.key_valid[index], 1, hidden.dtype)
         hidden = layer(
