@@ -60,7 +60,9 @@ def is_vision_language(path: str, field: str = "policy.path") -> bool:
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read the model config of '{path}': {str(exc).splitlines()[0]}", field=field) from None
+        raise UserError(
+            f"cannot read the model config of '{path}': {str(exc).splitlines()[0]}", field=field
+        ) from None
     return getattr(config, "vision_config", None) is not None
 
 
@@ -72,9 +74,13 @@ def load_processor(path: str, field: str = "policy.path"):
     try:
         processor = AutoProcessor.from_pretrained(path)
     except (OSError, ValueError, TypeError) as exc:
-        raise UserError(f"cannot load a processor from '{path}': {str(exc).splitlines()[0]}", field=field) from None
+        raise UserError(
+            f"cannot load a processor from '{path}': {str(exc).splitlines()[0]}", field=field
+        ) from None
     if not hasattr(processor, "image_processor"):
-        raise UserError(f"'{path}' has a tokenizer but no image processor (not a vision-language model)", field=field)
+        raise UserError(
+            f"'{path}' has a tokenizer but no image processor (not a vision-language model)", field=field
+        )
     return processor
 
 
@@ -83,7 +89,9 @@ def load_vision_lm(path: str, field: str = "policy.path", dtype=None, device: st
     from transformers import AutoModelForImageTextToText
 
     if not is_vision_language(path, field):
-        raise UserError(f"'{path}' has no vision tower: the image task needs a vision-language model", field=field)
+        raise UserError(
+            f"'{path}' has no vision tower: the image task needs a vision-language model", field=field
+        )
     try:
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as exc:

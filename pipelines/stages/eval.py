@@ -172,7 +172,9 @@ def run_image_eval(ctx: StageContext) -> dict:
     the rollouts' vision-token pruning, which tells how much of the policy's skill survives it."""
     import json
 
-    records = [r for r in ctx.prepared.records("eval_prompts") for _ in range(ctx.cfg.eval.samples_per_prompt)]
+    records = [
+        r for r in ctx.prepared.records("eval_prompts") for _ in range(ctx.cfg.eval.samples_per_prompt)
+    ]
     paths = {k: v for k, v in policy_paths(ctx).items() if k != "dpo"}
     results: dict[str, dict] = {}
     with make_progress() as progress:
@@ -195,5 +197,7 @@ def run_image_eval(ctx: StageContext) -> dict:
         ctx.log(f"{name}: " + ", ".join(f"{k}={v:.3f}" for k, v in summary.items()))
     summary = {"policies": results, "prompts": len(records)}
     if ctx.has_stage("ppo"):
-        summary["ppo_reward_mode"] = ctx.run.read_summary().get("ppo", {}).get("reward_mode", ctx.cfg.reward.mode)
+        summary["ppo_reward_mode"] = (
+            ctx.run.read_summary().get("ppo", {}).get("reward_mode", ctx.cfg.reward.mode)
+        )
     return summary

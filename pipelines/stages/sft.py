@@ -46,8 +46,8 @@ def run_image_sft(ctx: StageContext, base: str) -> dict:
     from rto.models import load_processor, load_vision_lm
 
     cfg = ctx.cfg
-    processor = load_processor(base, field="policy.path")
     model = load_vision_lm(base, field="policy.path")
+    processor = load_processor(base, field="policy.path")
     records = ctx.prepared.records("sft")
     args = SFTConfig(
         **trainer_kwargs(cfg, cfg.sft, ctx.out_dir, ctx.device),

@@ -58,14 +58,22 @@ def load_image(value, base: Path | None = None, source: str = "image"):
         value = path
     if not isinstance(value, bytes | bytearray | Path):
         raise UserError(f"expected an image path or bytes, got {type(value).__name__}", source=source)
-    return task.decode_image(value, source=source)
+    try:
+        return task.decode_image(value, source=source)
+    except UserError as error:
+        what = f"'{value}'" if isinstance(value, Path) else "bytes"
+        raise UserError(
+            f"cannot decode image {what} ({str(error).rsplit('(', 1)[-1]}", source=source
+        ) from None
 
 
 def check_images(records: list[dict], base: Path, source: str) -> None:
     """Every record has a decodable ``image`` (bad input fails at prepare time, not mid-PPO)."""
     for n, record in enumerate(records, 1):
         if "image" not in record:
-            raise UserError(f"row {n} has no 'image' column (the image task needs one per row)", source=source)
+            raise UserError(
+                f"row {n} has no 'image' column (the image task needs one per row)", source=source
+            )
         load_image(record["image"], base, source=f"{source}: row {n} 'image'")
 
 
@@ -111,7 +119,9 @@ class SFTCollator:
         texts = [f"{p} {r['completion']} {eos}" for p, r in zip(prompts, rows, strict=True)]
         batch = dict(self.processor(images=images, text=texts, return_tensors="pt", padding=True))
         labels = batch["input_ids"].clone()
-        n_answer = torch.tensor([len(self.processor.tokenizer(f"{r['completion']} {eos}")["input_ids"]) for r in rows])
+        n_answer = torch.tensor(
+            [len(self.processor.tokenizer(f"{r['completion']} {eos}")["input_ids"]) for r in rows]
+        )
         width = labels.shape[1]
         labels[torch.arange(width)[None, :] < width - n_answer[:, None]] = -100  # left padding
         batch["labels"] = labels

@@ -22,7 +22,9 @@ def vision_shape(config) -> tuple[int, int]:
     """(decoder layers, vision tokens per picture) of a Llava-family config."""
     vision = getattr(config, "vision_config", None)
     if vision is None:
-        raise UserError(f"{type(config).__name__} has no vision tower; vision-token pruning needs a vision-language model")
+        raise UserError(
+            f"{type(config).__name__} has no vision tower; vision-token pruning needs a vision-language model"
+        )
     n_patches = (vision.image_size // vision.patch_size) ** 2
     strategy = getattr(config, "vision_feature_select_strategy", "default")
     n_vision = n_patches + (1 if strategy == "full" else 0)
@@ -41,7 +43,9 @@ def resolve_for_model(settings, model_path: str, field: str = "adaptinfer") -> d
         n_layers, n_vision = vision_shape(config)
         return settings.resolve(n_layers, n_vision)
     except UserError as error:
-        raise UserError(str(error).removeprefix("schedule: "), field=f"{field}.{error.field or 'schedule'}") from None
+        raise UserError(
+            str(error).removeprefix("schedule: "), field=f"{field}.{error.field or 'schedule'}"
+        ) from None
 
 
 class AdaptInferGenerate:
