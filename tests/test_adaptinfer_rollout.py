@@ -1,0 +1,147 @@
+"""AdaptInfer as a rollout worker's generate function, the VLM scoring path PPO uses, and the
+image-task pieces of the pipeline (collator, records, ground-truth sentence reward)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipelines.tasks import image, image_data, image_model
+from prune.adaptinfer.rollout import AdaptInferGenerate, vision_shape
+from reward.scoring import response_logprobs
+from rto.distributed.rollout import RolloutWorker
+from rto.generation import left_pad
+
+
+@pytest.fixture(scope="module")
+def vlm_dir(tmp_path_factory):
+    model, processor = image_model.tiny_random_vlm(seed=3)
+    folder = tmp_path_factory.mktemp("vlm")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def prompt_batch(processor, n: int = 6, seed: int = 0) -> dict:
+    examples = image.make_examples(n, seed)
+    records = [{"prompt": e.question, "image": None, "answer": e.answer} for e in examples]
+    pictures = [image.render(e.items, e.seed) for e in examples]
+    encoded = []
+    for record, picture in zip(records, pictures, strict=True):
+        out = processor(images=[picture], text=[image.prompt_text(record["prompt"])], return_tensors="pt")
+        encoded.append((out["input_ids"][0].tolist(), out["pixel_values"][0]))
+    ids, mask = left_pad([e[0] for e in encoded], processor.tokenizer.pad_token_id)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.stack([e[1] for e in encoded])}
+
+
+def test_keep_all_rollouts_equal_dense_generation(vlm_dir):
+    """With a keep-all schedule the pruned sampler is the dense policy: same tokens, same log-probs."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(vlm_dir)
+    batch = prompt_batch(processor)
+    dense = RolloutWorker(str(vlm_dir), max_new_tokens=5, temperature=0)
+    pruned = RolloutWorker(str(vlm_dir), AdaptInferGenerate({}), max_new_tokens=5, temperature=0)
+    a, b = dense.generate(batch), pruned.generate(batch)
+    assert torch.equal(a["sequences"], b["sequences"])
+    assert torch.equal(a["response_mask"], b["response_mask"])
+    torch.testing.assert_close(a["sampler_logprobs"], b["sampler_logprobs"], atol=1e-5, rtol=0)
+
+
+def test_pruned_rollouts_are_rescored_densely(vlm_dir):
+    """Sampler log-probs of a pruned rollout are its own; the dense re-score (what PPO trains on) is
+    the policy's log-prob of the same tokens with the whole picture; they differ, IS corrects it."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(vlm_dir)
+    batch = prompt_batch(processor, n=8)
+    worker = RolloutWorker(str(vlm_dir), AdaptInferGenerate({0: 8, 2: 2}), max_new_tokens=4, temperature=1.0)
+    torch.manual_seed(0)
+    out = worker.generate(batch)
+    mask = out["response_mask"].bool()
+    prompt_len = batch["input_ids"].shape[1]
+    dense = response_logprobs(
+        worker.model, out["sequences"], out["attention_mask"], prompt_len, pixel_values=batch["pixel_values"]
+    )
+    assert mask.any() and bool((dense[~mask] == 0).all())
+    assert not torch.allclose(dense[mask], out["sampler_logprobs"][mask], atol=1e-3)
+    # ... and equal to a plain transformers forward of the dense model on those tokens
+    from prune.adaptinfer import vlm_token_logprobs
+
+    reference = vlm_token_logprobs(
+        worker.model, out["sequences"], batch["pixel_values"], out["attention_mask"]
+    )[:, prompt_len - 1 :]
+    torch.testing.assert_close(dense[mask], reference[mask], atol=1e-5, rtol=0)
+
+
+def test_rollouts_never_emit_the_image_token(vlm_dir):
+    """Even a policy that prefers its image placeholder never samples it (scorers would then look
+    for a picture it has not got)."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(vlm_dir)
+    batch = prompt_batch(processor, n=4)
+    for fn in (None, AdaptInferGenerate({0: 16})):
+        worker = RolloutWorker(str(vlm_dir), **({"generate_fn": fn} if fn else {}), max_new_tokens=4)
+        image_token = worker.model.config.image_token_id
+        with torch.no_grad():
+            worker.model.lm_head.weight[image_token] *= 50.0  # tied: embeddings too; still a valid model
+        torch.manual_seed(0)
+        out = worker.generate(batch)
+        assert not bool((out["sequences"][:, batch["input_ids"].shape[1] :] == image_token).any())
+        assert bool(torch.isfinite(out["sampler_logprobs"]).all())
+
+
+def test_vision_shape_and_missing_tower(vlm_dir):
+    from transformers import AutoConfig, LlamaConfig
+
+    from rto.errors import UserError
+
+    assert vision_shape(AutoConfig.from_pretrained(vlm_dir)) == (4, image.N_VISION_TOKENS)
+    with pytest.raises(UserError, match="no vision tower"):
+        vision_shape(LlamaConfig())
+
+
+def test_sft_collator_supervises_only_the_answer(tmp_path):
+    processor = image.build_processor()
+    picture = image.render((image.Item("square", "blue", "top right"),), 1)
+    picture.save(tmp_path / "p.png")
+    rows = [
+        {"prompt": "what color is the square ?", "completion": "blue", "image": "p.png"},
+        {"prompt": "describe the picture .", "completion": "blue square top right", "image": "p.png"},
+    ]
+    batch = image_data.SFTCollator(processor, tmp_path)(rows)
+    tokenizer = processor.tokenizer
+    for row, ids, labels in zip(rows, batch["input_ids"], batch["labels"], strict=True):
+        supervised = ids[labels != -100].tolist()
+        assert tokenizer.convert_ids_to_tokens(supervised) == [*row["completion"].split(), "</s>"]
+        assert int((ids == processor.tokenizer.convert_tokens_to_ids("<image>")).sum()) == image.N_VISION_TOKENS
+    assert batch["pixel_values"].shape == (2, 3, image.IMAGE_SIZE, image.IMAGE_SIZE)
+
+
+def test_image_records_round_trip(tmp_path):
+    from rto.config import ImageTaskConfig
+
+    records = image_data.build_records(ImageTaskConfig(n_sft=6, n_prompts=4, n_eval=3, seed=5), tmp_path)
+    assert {k: len(v) for k, v in records.items()} == {"sft": 6, "prompts": 4, "eval_prompts": 3}
+    record = records["prompts"][0]
+    assert image_data.load_image(record["image"], tmp_path).size == (image.IMAGE_SIZE, image.IMAGE_SIZE)
+    assert image_data.record_reward(record, record["answer"]) == 1.0
+    assert image_data.record_reward(record, f"{record['answer']} {record['answer']}") == 0.0
+    assert image_data.prompt_label(record).startswith("[prompts-000000.png] ")
+
+
+def test_ground_truth_sentence_reward_is_added_unnormalised():
+    from reward.compose import compose_token_rewards
+    from reward.config import RewardConfig
+
+    config = RewardConfig(mode="ppo", sentence_reward="ground_truth", beta2=0.1)
+    assert not config.needs_rm and config.uses_sentence_score
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    logprobs = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0]])
+    ref = torch.tensor([[-1.5, -2.0, 0.0], [-0.5, 0.0, 0.0]])
+    rewards = compose_token_rewards(
+        config, response_mask=mask, logprobs=logprobs, ref_logprobs=ref, rm_scores=torch.tensor([1.0, 0.0])
+    )
+    expected = -0.1 * (logprobs - ref) * mask + torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    torch.testing.assert_close(rewards.reward, expected)
