@@ -7,13 +7,15 @@ from rich.table import Table
 from rto.progress import console
 
 
-def policy_label(name: str, ppo_mode: str | None) -> str:
+def policy_label(name: str, ppo_mode: str | None, sentence_reward: str | None = None) -> str:
     """The ppo stage's policy is named by the reward it was trained with; `X+method` is policy X
     generating with vision-token pruning."""
     if "+" in name:
         policy, method = name.split("+", 1)
-        return f"{policy_label(policy, ppo_mode)} + {method}"
+        return f"{policy_label(policy, ppo_mode, sentence_reward)} + {method}"
     labels = {"base": "random init", "sft": "SFT", "dpo": "DPO"}
+    if name == "ppo" and sentence_reward == "ground_truth":
+        return {"rto": "RTO (ground truth)", "ppo": "PPO (ground truth)"}.get(ppo_mode or "rto", "PPO")
     if name == "ppo":
         return {"rto": "RTO", "ppo": "PPO (sentence)"}.get(ppo_mode or "rto", f"PPO ({ppo_mode} reward)")
     return labels.get(name, name)
@@ -34,7 +36,9 @@ def print_summary(summary: dict, stages: list[str]) -> None:
         order = {"base": 0, "sft": 1, "dpo": 2, "ppo": 3}
         for name, row in sorted(evals.items(), key=lambda kv: (order.get(kv[0].split("+")[0], 9), kv[0])):
             table.add_row(
-                policy_label(name, summary["eval"].get("ppo_reward_mode")),
+                policy_label(
+                    name, summary["eval"].get("ppo_reward_mode"), summary.get("ppo", {}).get("sentence_reward")
+                ),
                 *(f"{row[c]:.3f}" if isinstance(row.get(c), float | int) else "-" for c in columns),
             )
         console.print(table)

@@ -15,6 +15,7 @@ class StepLogger:
     def __init__(self, run: RunDir, tensorboard: bool, wandb: bool, cfg: Config):
         self.run = run
         self.mode = cfg.reward.mode if cfg is not None else None
+        self.sentence_reward = cfg.reward.sentence_reward if cfg is not None else "rm"
         self.records: list[dict] = []
         self.tb = None
         self.wandb = None
@@ -86,6 +87,8 @@ class StepLogger:
         rows = self.run.read_metrics("ppo")
         done = [r for r in rows if not r.get("skipped")]
         out = {"steps": state["step"], "skipped_batches": state["skipped_batches"], "reward_mode": self.mode}
+        if self.sentence_reward != "rm":
+            out["sentence_reward"] = self.sentence_reward
         for key in ("gt_reward", "rm_score", "kl", "reward_total"):
             values = [r[key] for r in done if key in r]
             if values:
