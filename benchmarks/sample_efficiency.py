@@ -44,7 +44,9 @@ def main() -> None:
     parser.add_argument("--work-dir", default="runs/bench-sample-efficiency")
     parser.add_argument("--smooth", type=int, default=5, help="moving-average window over steps")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra config overrides")
-    parser.add_argument("--name", default="sample_efficiency", help="results name (benchmarks/results/NAME.json/.png)")
+    parser.add_argument(
+        "--name", default="sample_efficiency", help="results name (benchmarks/results/NAME.json/.png)"
+    )
     args = parser.parse_args()
 
     work = Path(args.work_dir)

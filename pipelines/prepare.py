@@ -66,7 +66,9 @@ class Prepared:
         from pipelines.tasks.text import reward
         from rto.generation import prompt_text
 
-        return lambda record, response, terminated: reward(prompt_text(record["prompt"]), response, terminated)
+        return lambda record, response, terminated: reward(
+            prompt_text(record["prompt"]), response, terminated
+        )
 
     @property
     def is_image_task(self) -> bool:

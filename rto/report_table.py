@@ -37,7 +37,9 @@ def print_summary(summary: dict, stages: list[str]) -> None:
         for name, row in sorted(evals.items(), key=lambda kv: (order.get(kv[0].split("+")[0], 9), kv[0])):
             table.add_row(
                 policy_label(
-                    name, summary["eval"].get("ppo_reward_mode"), summary.get("ppo", {}).get("sentence_reward")
+                    name,
+                    summary["eval"].get("ppo_reward_mode"),
+                    summary.get("ppo", {}).get("sentence_reward"),
                 ),
                 *(f"{row[c]:.3f}" if isinstance(row.get(c), float | int) else "-" for c in columns),
             )

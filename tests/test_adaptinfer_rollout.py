@@ -115,7 +115,9 @@ def test_sft_collator_supervises_only_the_answer(tmp_path):
     for row, ids, labels in zip(rows, batch["input_ids"], batch["labels"], strict=True):
         supervised = ids[labels != -100].tolist()
         assert tokenizer.convert_ids_to_tokens(supervised) == [*row["completion"].split(), "</s>"]
-        assert int((ids == processor.tokenizer.convert_tokens_to_ids("<image>")).sum()) == image.N_VISION_TOKENS
+        assert (
+            int((ids == processor.tokenizer.convert_tokens_to_ids("<image>")).sum()) == image.N_VISION_TOKENS
+        )
     assert batch["pixel_values"].shape == (2, 3, image.IMAGE_SIZE, image.IMAGE_SIZE)
 
 
