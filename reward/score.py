@@ -68,6 +68,13 @@ def score_responses(
     run = RunDir(run_dir)
     device = resolve_device(cfg.device)
     prepared = prepare(cfg, run.create())
+    if prepared.is_image_task:
+        raise UserError(
+            "`rto score` scores text policies; an image-task run's rewards are in its PPO traces "
+            "(rto traces RUN_DIR)",
+            source=str(run.config_path),
+            field="task.name",
+        )
     policy = str(run.stage_dir("sft")) if run.is_done("sft") else prepared.model("policy")
     dpo = str(run.stage_dir("dpo")) if run.is_done("dpo") else None
     rm = str(run.stage_dir("rm")) if run.is_done("rm") else None

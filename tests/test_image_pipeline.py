@@ -194,3 +194,10 @@ def test_text_job_cannot_use_adaptinfer(tmp_path):
     result = rto("validate", str(job), timeout=60)
     assert result.returncode == 2
     assert "field 'ppo.rollout_pruner'" in result.stderr and "vision-language" in result.stderr
+
+
+def test_score_command_refuses_an_image_run(image_run, tmp_path):
+    run = copy_run(image_run, tmp_path)
+    result = rto("score", str(write_image_job(tmp_path)), "--run-dir", str(run), timeout=120)
+    assert result.returncode == 2
+    assert "task.name" in result.stderr and "rto traces" in result.stderr
