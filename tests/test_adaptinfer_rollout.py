@@ -147,3 +147,15 @@ def test_ground_truth_sentence_reward_is_added_unnormalised():
     )
     expected = -0.1 * (logprobs - ref) * mask + torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
     torch.testing.assert_close(rewards.reward, expected)
+
+
+def test_rollout_worker_reads_a_vlms_token_ids_from_its_text_config(tmp_path):
+    """A Llava config keeps eos/pad in its text config; a generation config without them is fine."""
+    model, processor = image_model.tiny_random_vlm(seed=1)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = None
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    worker = RolloutWorker(str(tmp_path), AdaptInferGenerate({0: 8}), max_new_tokens=2)
+    assert worker.eos_token_ids == [processor.tokenizer.eos_token_id]
+    assert worker.pad_token_id == processor.tokenizer.pad_token_id

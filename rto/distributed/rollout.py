@@ -104,9 +104,18 @@ class RolloutWorker(Worker):
         self.generator_seed = seed + rank
         torch.manual_seed(self.generator_seed)
         config = self.model.generation_config
-        eos = config.eos_token_id if config.eos_token_id is not None else self.model.config.eos_token_id
+        model_config = self.model.config.get_text_config()  # a VLM keeps its token ids there
+        eos = (
+            config.eos_token_id
+            if config.eos_token_id is not None
+            else getattr(model_config, "eos_token_id", None)
+        )
         self.eos_token_ids = [eos] if isinstance(eos, int) else list(eos or [])
-        pad = config.pad_token_id if config.pad_token_id is not None else self.model.config.pad_token_id
+        pad = (
+            config.pad_token_id
+            if config.pad_token_id is not None
+            else getattr(model_config, "pad_token_id", None)
+        )
         self.pad_token_id = pad if pad is not None else (self.eos_token_ids[0] if self.eos_token_ids else 0)
 
     def generate(self, batch: dict[str, torch.Tensor], **sampling: Any) -> dict[str, torch.Tensor]:
