@@ -109,3 +109,32 @@ def test_token_drop_with_keep_objects_drops_background_only():
             model, batch, 3, torch.Generator().manual_seed(1), keep_objects=True
         )
     torch.testing.assert_close(loss, again)  # the random part picks nothing: objects only
+
+
+def test_sft_with_fresh_examples_and_background_token_drop(tmp_path):
+    summary = image_model.sft(
+        tmp_path, steps=3, batch_size=4, n_train=0, log_every=0, n_eval=8, token_drop=1.0, keep_objects=True
+    )
+    assert 0.0 <= summary["accuracy"] <= 1.0 and summary["final_loss"] > 0
+
+
+def test_patch_labels_name_the_object_drawn_in_each_patch():
+    processor = task.build_processor()
+    examples = task.make_examples(30, seed=9)
+    pixels = task.encode(processor, examples)["pixel_values"]
+    labels = image_model.patch_labels(processor.tokenizer, examples)
+    assert torch.equal(labels[..., 0] >= 0, image_model.object_tokens(pixels))
+    vocab = processor.tokenizer.convert_ids_to_tokens
+    for example, row in zip(examples, labels, strict=True):
+        named = {(vocab(int(s)), vocab(int(c))) for s, c in row[row[:, 0] >= 0].tolist()}
+        assert named == {(i.shape, i.color) for i in example.items}
+
+
+def test_patch_loss_is_finite_and_trains_the_image_token_positions():
+    model, processor = image_model.tiny_random_vlm(seed=0, n_layers=2)
+    examples = task.make_examples(3, seed=1)
+    batch = task.encode(processor, examples)
+    labels = image_model.patch_labels(processor.tokenizer, examples)
+    loss = image_model.patch_loss(model, model(**batch).logits, batch["input_ids"], labels)
+    loss.backward()
+    assert torch.isfinite(loss) and model.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0

@@ -71,17 +71,32 @@ GLYPHS = {  # one shape fills exactly one 4x4 patch: every object is a single vi
 }
 
 
+def object_cells(items: tuple[Item, ...], seed: int) -> list[tuple[int, int]]:
+    """(column, row) patch cell of each item as `render` draws it (a random cell of its quadrant)."""
+    rng = random.Random(seed)
+    cells = IMAGE_SIZE // PATCH_SIZE // 2  # patch cells per quadrant side
+    out = []
+    for item in items:
+        col, row = POSITIONS[item.position]
+        x = col * cells + rng.randrange(cells)
+        out.append((x, row * cells + rng.randrange(cells)))
+    return out
+
+
+def object_tokens_of(example: Example) -> dict[int, Item]:
+    """Vision-token ordinal (row-major patch index) -> the item drawn in that patch."""
+    grid = IMAGE_SIZE // PATCH_SIZE
+    cells = object_cells(example.items, example.seed)
+    return {row * grid + col: item for (col, row), item in zip(cells, example.items, strict=True)}
+
+
 def render(items: tuple[Item, ...], seed: int):
     """Draw `items` on a dark background, each as a 4x4 glyph in a random patch cell of its quadrant."""
     from PIL import Image
 
-    rng = random.Random(seed)
     image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
-    cells = IMAGE_SIZE // PATCH_SIZE // 2  # patch cells per quadrant side
-    for item in items:
-        col, row = POSITIONS[item.position]
-        x0 = (col * cells + rng.randrange(cells)) * PATCH_SIZE
-        y0 = (row * cells + rng.randrange(cells)) * PATCH_SIZE
+    for item, (col, row) in zip(items, object_cells(items, seed), strict=True):
+        x0, y0 = col * PATCH_SIZE, row * PATCH_SIZE
         for dy, line in enumerate(GLYPHS[item.shape]):
             for dx, bit in enumerate(line):
                 if bit == "1":

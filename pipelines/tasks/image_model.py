@@ -90,6 +90,27 @@ def object_tokens(pixel_values: torch.Tensor) -> torch.Tensor:
     return patches.reshape(b, g * g)
 
 
+def patch_labels(tokenizer, examples: list[task.Example]) -> torch.Tensor:
+    """(B, N_VISION_TOKENS, 2) word ids (shape, colour) of the object in each patch; -100 elsewhere."""
+    labels = torch.full((len(examples), task.N_VISION_TOKENS, 2), -100, dtype=torch.long)
+    for b, example in enumerate(examples):
+        for index, item in task.object_tokens_of(example).items():
+            labels[b, index] = torch.tensor(tokenizer.convert_tokens_to_ids([item.shape, item.color]))
+    return labels
+
+
+def patch_loss(model, logits: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Auxiliary grounding loss: the LM head at each object's image token names its shape and colour
+    (half the target mass each); background tokens are not supervised."""
+    vision = input_ids == model.config.image_token_id
+    picked = logits[vision].float().log_softmax(-1)  # (B * N, V), row-major like `labels`
+    flat = labels.reshape(-1, 2)
+    rows = flat[:, 0] >= 0
+    if not bool(rows.any()):
+        return logits.sum() * 0.0
+    return -0.5 * picked[rows].gather(1, flat[rows]).sum(-1).mean()
+
+
 def loss_with_dropped_vision_tokens(
     model, batch: dict, keep: int, generator: torch.Generator, keep_objects: bool = False
 ) -> torch.Tensor:
@@ -140,6 +161,7 @@ def sft(
     token_drop: float = 0.0,
     keep_objects: bool = False,
     model_shape: dict | None = None,
+    patch_loss_weight: float = 0.0,
 ) -> dict:
     """Supervised fine-tuning on the task (loss on the answer and EOS); saves model + processor.
 
@@ -156,7 +178,10 @@ def sft(
         model = LlavaForConditionalGeneration.from_pretrained(init)
     else:
         model = build_model(processor.tokenizer, seed=seed, **(model_shape or {}))
-    data = task.encode(processor, task.make_examples(n_train, seed + 1, describe_fraction), with_answer=True)
+    fresh = not n_train  # 0 / None: new examples every step (no fixed training set to overfit)
+    if not fresh:
+        train_examples = task.make_examples(n_train, seed + 1, describe_fraction)
+        data = task.encode(processor, train_examples, with_answer=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -167,14 +192,26 @@ def sft(
     model.train()
     start, losses = time.perf_counter(), []
     for step in range(steps):
-        idx = torch.randint(0, n_train, (batch_size,), generator=generator)
-        batch = {k: v[idx] for k, v in data.items()}
+        if fresh:
+            examples = task.make_examples(batch_size, (seed + 1) * 1_000_003 + step, describe_fraction)
+            batch = task.encode(processor, examples, with_answer=True)
+        else:
+            idx = torch.randint(0, n_train, (batch_size,), generator=generator)
+            batch = {k: v[idx] for k, v in data.items()}
+            examples = [train_examples[i] for i in idx.tolist()]
         if token_drop and torch.rand((), generator=generator) < token_drop:
-            low = 3 if keep_objects else 2  # at most three objects per picture
-            keep = int(torch.randint(low, task.N_VISION_TOKENS, (), generator=generator))
+            if keep_objects:  # log-uniform in [3, 64): small budgets as often as large ones
+                u = float(torch.rand((), generator=generator))
+                keep = min(int(3 * (task.N_VISION_TOKENS / 3) ** u), task.N_VISION_TOKENS - 1)
+            else:
+                keep = int(torch.randint(2, task.N_VISION_TOKENS, (), generator=generator))
             loss = loss_with_dropped_vision_tokens(model, batch, keep, generator, keep_objects=keep_objects)
         else:
-            loss = model(**batch).loss
+            out = model(**batch)
+            loss = out.loss
+            if patch_loss_weight:
+                labels = patch_labels(processor.tokenizer, examples)
+                loss = loss + patch_loss_weight * patch_loss(model, out.logits, batch["input_ids"], labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
