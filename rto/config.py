@@ -107,27 +107,30 @@ class DataSource(Section):
         return check_path_or_hub(v, "data file")
 
 
-class TextTaskConfig(Section):
+class BuiltinTaskConfig(Section):
+    """What every built-in task has: a seed and the sizes of its generated data sets."""
+
+    seed: int = 0
+    n_sft: int = Field(4000, gt=0, description="SFT examples")
+    n_prompts: int = Field(1024, gt=0, description="PPO training prompts")
+    n_eval: int = Field(128, gt=0, description="Held-out evaluation prompts")
+
+
+class TextTaskConfig(BuiltinTaskConfig):
     """The built-in synthetic text task (design §8)."""
 
     name: Literal["text"] = "text"
-    seed: int = 0
-    n_sft: int = Field(4000, gt=0, description="SFT examples")
     n_pairs: int = Field(3000, gt=0, description="Training preference pairs")
     n_eval_pairs: int = Field(400, gt=0, description="Held-out preference pairs")
-    n_prompts: int = Field(1024, gt=0, description="PPO training prompts")
-    n_eval: int = Field(128, gt=0, description="Held-out evaluation prompts")
     label_temperature: float = Field(0.5, gt=0, description="Bradley-Terry annotator temperature (noise)")
     max_sentences: int = Field(4, ge=1, le=8)
 
 
-class ImageTaskConfig(Section):
+class ImageTaskConfig(BuiltinTaskConfig):
     """The built-in image task (design §8): generated pictures, questions with known answers."""
 
     name: Literal["image"] = "image"
-    seed: int = 0
     n_sft: int = Field(16000, gt=0, description="SFT examples")
-    n_prompts: int = Field(1024, gt=0, description="PPO training prompts")
     n_eval: int = Field(256, gt=0, description="Held-out evaluation prompts")
     describe_fraction: float = Field(
         0.5,

@@ -36,8 +36,9 @@ TINY_JOB = {
 }  # fmt: skip
 
 
-def write_job(directory: Path, **changes) -> Path:
-    job = yaml.safe_load(yaml.safe_dump(TINY_JOB))
+def write_job(directory: Path, base: dict | None = None, **changes) -> Path:
+    """`base` (default `TINY_JOB`) with `section__field=value` changes, written to directory/job.yaml."""
+    job = yaml.safe_load(yaml.safe_dump(base or TINY_JOB))
     for dotted, value in changes.items():
         node = job
         *parents, leaf = dotted.split("__")

@@ -11,8 +11,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-import yaml
-from pipeline_helpers import rto
+from pipeline_helpers import rto, write_job
 
 TINY_VLM_ARCH = {
     "hidden_size": 32,
@@ -42,16 +41,7 @@ IMAGE_JOB = {
 
 
 def write_image_job(directory: Path, **changes) -> Path:
-    job = yaml.safe_load(yaml.safe_dump(IMAGE_JOB))
-    for dotted, value in changes.items():
-        node = job
-        *parents, leaf = dotted.split("__")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    path = directory / "job.yaml"
-    path.write_text(yaml.safe_dump(job))
-    return path
+    return write_job(directory, base=IMAGE_JOB, **changes)
 
 
 @pytest.fixture(scope="module")
@@ -188,8 +178,6 @@ def test_image_job_config_errors_name_the_field(tmp_path, changes, field):
 
 
 def test_text_job_cannot_use_adaptinfer(tmp_path):
-    from pipeline_helpers import write_job
-
     job = write_job(tmp_path, ppo__rollout_pruner="adaptinfer")
     result = rto("validate", str(job), timeout=60)
     assert result.returncode == 2

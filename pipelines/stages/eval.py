@@ -138,8 +138,6 @@ def pruning_schedule(ctx: StageContext, path: str) -> dict[int, int] | None:
 
 @register_stage("eval", sections=("eval", "adaptinfer"), uses=("sft", "dpo", "rm", "ppo"))
 def run_eval(ctx: StageContext) -> dict:
-    import json
-
     if ctx.prepared.is_image_task:
         return run_image_eval(ctx)
     prompts = [r["prompt"] for r in ctx.prepared.records("eval_prompts")]
@@ -151,16 +149,28 @@ def run_eval(ctx: StageContext) -> dict:
         for name, path in paths.items():
             torch.manual_seed(ctx.cfg.seed)
             progress.update(task, info=name)
-            result = evaluate_policy(ctx, path, prompts, rm_scorer_for(ctx, path))
-            results[name] = result["summary"]
-            with open(ctx.out_dir / f"samples-{name}.jsonl", "w") as f:
-                for row in result["rows"]:
-                    f.write(json.dumps(row) + "\n")
+            results[name] = keep_result(
+                ctx, name, evaluate_policy(ctx, path, prompts, rm_scorer_for(ctx, path))
+            )
             progress.advance(task)
+    return finish(ctx, results, len(prompts))
+
+
+def keep_result(ctx: StageContext, name: str, result: dict) -> dict:
+    """Write one policy's samples to `samples-<name>.jsonl`; return its summary."""
+    import json
+
+    with open(ctx.out_dir / f"samples-{name}.jsonl", "w") as f:
+        for row in result["rows"]:
+            f.write(json.dumps(row) + "\n")
+    return result["summary"]
+
+
+def finish(ctx: StageContext, results: dict[str, dict], n_prompts: int) -> dict:
     for name, summary in results.items():
         ctx.log(f"{name}: " + ", ".join(f"{k}={v:.3f}" for k, v in summary.items()))
-    summary = {"policies": results, "prompts": len(prompts)}
-    if "ppo" in results:
+    summary = {"policies": results, "prompts": n_prompts}
+    if ctx.has_stage("ppo"):
         summary["ppo_reward_mode"] = (
             ctx.run.read_summary().get("ppo", {}).get("reward_mode", ctx.cfg.reward.mode)
         )
@@ -170,8 +180,6 @@ def run_eval(ctx: StageContext) -> dict:
 def run_image_eval(ctx: StageContext) -> dict:
     """Held-out accuracy of each policy, dense and (when the adaptinfer section is enabled) with
     the rollouts' vision-token pruning, which tells how much of the policy's skill survives it."""
-    import json
-
     records = [
         r for r in ctx.prepared.records("eval_prompts") for _ in range(ctx.cfg.eval.samples_per_prompt)
     ]
@@ -187,17 +195,6 @@ def run_image_eval(ctx: StageContext) -> dict:
                 variants[f"{name}+{ctx.cfg.adaptinfer.method}"] = schedule
             for label, prune in variants.items():
                 torch.manual_seed(ctx.cfg.seed)
-                result = evaluate_vision_policy(ctx, path, records, prune)
-                results[label] = result["summary"]
-                with open(ctx.out_dir / f"samples-{label}.jsonl", "w") as f:
-                    for row in result["rows"]:
-                        f.write(json.dumps(row) + "\n")
+                results[label] = keep_result(ctx, label, evaluate_vision_policy(ctx, path, records, prune))
             progress.advance(task)
-    for name, summary in results.items():
-        ctx.log(f"{name}: " + ", ".join(f"{k}={v:.3f}" for k, v in summary.items()))
-    summary = {"policies": results, "prompts": len(records)}
-    if ctx.has_stage("ppo"):
-        summary["ppo_reward_mode"] = (
-            ctx.run.read_summary().get("ppo", {}).get("reward_mode", ctx.cfg.reward.mode)
-        )
-    return summary
+    return finish(ctx, results, len(records))

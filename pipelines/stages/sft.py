@@ -28,13 +28,7 @@ def run_sft(ctx: StageContext) -> dict:
         processing_class=tokenizer,
         callbacks=[ProgressCallback("sft", ctx.metrics)],
     )
-    result = quiet(trainer).train()
-    save_model(trainer, tokenizer, ctx.out_dir)
-    return {
-        "train_loss": float(result.training_loss),
-        "examples": len(records),
-        "steps": int(result.global_step),
-    }
+    return train_and_save(trainer, tokenizer, ctx, len(records))
 
 
 def run_image_sft(ctx: StageContext, base: str) -> dict:
@@ -64,10 +58,14 @@ def run_image_sft(ctx: StageContext, base: str) -> dict:
         data_collator=SFTCollator(processor, ctx.prepared.root),
         callbacks=[ProgressCallback("sft", ctx.metrics)],
     )
+    return train_and_save(trainer, processor, ctx, len(records))
+
+
+def train_and_save(trainer, processing_class, ctx: StageContext, n_examples: int) -> dict:
     result = quiet(trainer).train()
-    save_model(trainer, processor, ctx.out_dir)
+    save_model(trainer, processing_class, ctx.out_dir)
     return {
         "train_loss": float(result.training_loss),
-        "examples": len(records),
+        "examples": n_examples,
         "steps": int(result.global_step),
     }
