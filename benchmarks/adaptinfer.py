@@ -446,8 +446,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--skip-accuracy", action="store_true", help="latency part only (default on CUDA)")
     parser.add_argument("--skip-latency", action="store_true", help="accuracy part only")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "adaptinfer.json"))
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1: steadier timings on a shared machine)"
+    )
     args = parser.parse_args(argv)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     result = dict(
         benchmark="adaptinfer",
         machine=machine(),

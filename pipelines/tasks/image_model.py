@@ -170,6 +170,12 @@ def sft(
     at the answer prior for many hundred steps. A plain loop: TRL's SFTTrainer adds nothing here
     (single-turn, fixed-format data) and a hand-written loop keeps CPU runs short. Returns a
     summary dict with the held-out QA accuracy.
+
+    `n_train=0` draws fresh examples every step instead of sampling a fixed set of `n_train`.
+    `token_drop`: the share of batches trained with only some image tokens
+    (`loss_with_dropped_vision_tokens`; `keep_objects`: background patches only, a log-uniform
+    number kept). `model_shape`: `build_model` overrides (``vision=``, ``text=``).
+    `patch_loss_weight`: weight of the auxiliary `patch_loss` (0: off).
     """
     processor = task.build_processor()
     if init is not None:  # continue from a saved model (same processor)
@@ -278,35 +284,29 @@ def tiny_random_vlm(seed: int = 0, n_layers: int = 4, attn_implementation: str =
     return model.eval(), processor
 
 
-def sft_recipe(out_dir: str | Path, log_every: int = 250) -> dict:
-    """The recipe of the benchmark model, three phases of `sft` (about 3500 x 32 examples in all):
+RECIPE = dict(
+    steps=3000,
+    batch_size=32,
+    lr=3e-3,
+    describe_fraction=0.6,
+    n_train=0,
+    seed=5,
+    token_drop=0.3,
+    keep_objects=True,
+    model_shape=dict(vision=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3)),
+    patch_loss_weight=0.0,
+)
+"""The benchmark model's recipe (`sft_recipe`): fresh examples every step (a fixed set of 16 000
+pictures was memorised: training loss fell while held-out accuracy stayed at ~0.5), 60 %
+descriptions, background-only token drop on 30 % of the batches, a 3-layer 128-wide vision tower."""
 
-    1000 steps with half descriptions, 1500 with 30 %, then 1000 with 30 % and token-drop
-    augmentation on half the batches. 10-40 minutes on 2 CPU cores depending on what else runs.
+
+def sft_recipe(out_dir: str | Path, log_every: int = 250) -> dict:
+    """Train the benchmark model into `out_dir`: one `sft` run with `RECIPE` (3000 steps of 32).
+
+    About 20 minutes on one free CPU core (0.4 s a step), 40 on a loaded machine.
     """
-    out_dir = Path(out_dir)
-    first = sft(
-        out_dir / "phase1", steps=1000, describe_fraction=0.5, seed=0, log_every=log_every, n_eval=128
-    )
-    second = sft(
-        out_dir / "phase2",
-        steps=1500,
-        describe_fraction=0.3,
-        seed=2,
-        init=out_dir / "phase1",
-        log_every=log_every,
-        n_eval=128,
-    )
-    third = sft(
-        out_dir,
-        steps=1000,
-        describe_fraction=0.3,
-        seed=3,
-        init=out_dir / "phase2",
-        token_drop=0.5,
-        log_every=log_every,
-    )
-    return {"phase1": first, "phase2": second, **third}
+    return sft(out_dir, log_every=log_every, **RECIPE)
 
 
 if __name__ == "__main__":  # python -m pipelines.tasks.image_model OUT_DIR
