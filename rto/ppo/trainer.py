@@ -68,12 +68,12 @@ class TextPrompts:
 
 class ImagePrompts:
     """Prompt records of a vision-language policy: one picture each, encoded by the processor when a
-    step draws them (pixel tensors of a whole prompt set would not fit in memory at real sizes)."""
+    step draws them (pixel tensors of a whole prompt set would not fit in memory at real sizes).
+    The pictures were checked when the data was prepared (`pipelines.prepare`)."""
 
     def __init__(self, processor, records: list[dict], image_root: Path | None):
-        from pipelines.tasks.image_data import check_images, prompt_label
+        from pipelines.tasks.image_data import prompt_label
 
-        check_images(records, image_root, source="prompts")
         self.processor, self.records, self.root = processor, records, image_root
         self.pad_token_id = processor.tokenizer.pad_token_id
         self.labels = [prompt_label(r) for r in records]
