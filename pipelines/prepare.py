@@ -136,12 +136,13 @@ def _build(cfg: Config, tmp: Path, final: Path) -> None:
         source: DataSource | None = getattr(cfg.data, role)
         if source is not None:
             records = load_records(source, role)
+            if cfg.task is not None and cfg.task.name == "image":
+                from pipelines.tasks.image_data import check_images, pin_images
+
+                records = pin_images(records, Path(source.path).parent, tmp, role)
+                check_images(records, tmp, source.path)
             _write_jsonl(tmp / f"{role}.jsonl", records)
             data[role] = f"{role}.jsonl"
-            if cfg.task is not None and cfg.task.name == "image":
-                from pipelines.tasks.image_data import check_images
-
-                check_images(records, tmp, source.path)
     roles = (("policy", cfg.policy),)
     if cfg.task is None or cfg.task.name == "text":  # the image task has no reward-model stage
         roles += (("reward_model", cfg.reward_model),)

@@ -159,3 +159,48 @@ def test_rollout_worker_reads_a_vlms_token_ids_from_its_text_config(tmp_path):
     worker = RolloutWorker(str(tmp_path), AdaptInferGenerate({0: 8}), max_new_tokens=2)
     assert worker.eos_token_ids == [processor.tokenizer.eos_token_id]
     assert worker.pad_token_id == processor.tokenizer.pad_token_id
+
+
+def test_external_image_data_is_pinned_at_prepare_time(tmp_path, monkeypatch):
+    """Pictures given as bytes (a Hub `Image` column, Parquet) are written beside the prepared data;
+    relative paths are resolved against the data file's folder, whatever the working directory."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.prepare import prepare
+    from rto.config import config_from_dict
+    from rto.rundir import RunDir
+
+    picture = image.render((image.Item("circle", "green", "bottom left"),), 2)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    pq.write_table(
+        pa.table(
+            {"prompt": ["what color is the circle ?"], "image": [{"bytes": buffer.getvalue(), "path": None}]}
+        ),
+        tmp_path / "prompts.parquet",
+    )
+    (tmp_path / "data").mkdir()
+    picture.save(tmp_path / "data" / "p.png")
+    (tmp_path / "data" / "eval.jsonl").write_text(
+        '{"prompt": "what color is the circle ?", "image": "p.png"}\n'
+    )
+    cfg = config_from_dict(
+        {
+            "stages": ["sft", "ppo", "eval"],
+            "task": {"name": "image", "n_sft": 4, "n_prompts": 2, "n_eval": 2},
+            "policy": {"builtin": "tiny-llava", "arch": {"num_hidden_layers": 2}},
+            "data": {
+                "prompts": {"path": str(tmp_path / "prompts.parquet")},
+                "eval_prompts": {"path": str(tmp_path / "data" / "eval.jsonl")},
+            },
+        }
+    )
+    prepared = prepare(cfg, RunDir(tmp_path / "run").create(), log=lambda *_: None)
+    monkeypatch.chdir(tmp_path / "run")  # somewhere else than the data
+    for role in ("prompts", "eval_prompts"):
+        (record,) = prepared.records(role)
+        loaded = image_data.load_image(record["image"], prepared.root)
+        assert loaded.tobytes() == picture.convert("RGB").tobytes()

@@ -67,6 +67,30 @@ def load_image(value, base: Path | None = None, source: str = "image"):
         ) from None
 
 
+def pin_images(records: list[dict], data_dir: Path, root: Path, role: str) -> list[dict]:
+    """External records, made independent of where the run starts: a relative image path becomes
+    absolute (relative to the data file's folder when the picture is there, else to the working
+    directory), and image bytes (a Hugging Face `Image` column) are written under ``root/images``
+    and referred to by that relative path (JSONL cannot hold bytes)."""
+    out = []
+    for n, record in enumerate(records):
+        image = record.get("image")
+        if isinstance(image, dict) and image.get("bytes"):
+            image = image["bytes"]
+        elif isinstance(image, dict):
+            image = image.get("path")
+        if isinstance(image, bytes | bytearray):
+            name = f"images/{role}-{n:06d}.img"
+            (root / "images").mkdir(parents=True, exist_ok=True)
+            (root / name).write_bytes(image)
+            image = name
+        elif isinstance(image, str) and not Path(image).is_absolute():
+            beside = data_dir / image
+            image = str((beside if beside.exists() else Path(image)).resolve())
+        out.append({**record, "image": image} if "image" in record else record)
+    return out
+
+
 def check_images(records: list[dict], base: Path, source: str) -> None:
     """Every record has a decodable ``image`` (bad input fails at prepare time, not mid-PPO)."""
     for n, record in enumerate(records, 1):
