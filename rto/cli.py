@@ -110,6 +110,12 @@ def submit(
     job_id: str = typer.Option(
         None, "--job-id", help="Submission id (default: rto-<config>-<time>-<random>)"
     ),
+    follow: bool = typer.Option(
+        False,
+        "--follow",
+        "-f",
+        help="Stream the job's output until it ends; exit 0 if it succeeded, 1 if it failed or was stopped",
+    ),
 ) -> None:
     """Submit a job to a Ray cluster: the project's code and the resolved job file travel with it."""
     from rto import jobs
@@ -118,8 +124,15 @@ def submit(
     addr = jobs.resolve_address(address)
     typer.echo(f"submitted {submitted} to {addr}")
     typer.echo(f"run directory on the cluster: {where}")
-    typer.echo(f"watch: rto jobs status {submitted} --wait --address {addr}")
-    typer.echo(f"logs:  rto jobs logs {submitted} --follow --address {addr}")
+    if not follow:
+        typer.echo(f"watch: rto jobs status {submitted} --wait --address {addr}")
+        typer.echo(f"logs:  rto jobs logs {submitted} --follow --address {addr}")
+        return
+    jobs.follow_logs(address, submitted, lambda chunk: typer.echo(chunk, nl=False))
+    info = jobs.wait_for(address, submitted, None)
+    typer.echo(f"{submitted}: {info.status}")
+    if str(info.status) != "SUCCEEDED":
+        raise SystemExit(1)  # (typer.Exit's code is swallowed by standalone_mode=False in main())
 
 
 jobs_app = typer.Typer(help="Jobs on a Ray cluster: list, status, logs, stop.", no_args_is_help=True)

@@ -205,11 +205,19 @@ def inspect_finished_run(run_dir: Path, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_stop_a_running_job(cluster, tmp_path):
+    """`rto submit --follow` streams a job until it ends; stopping it ends the follow with exit 1."""
     job = tiny_job(tmp_path, stages=["sft"], sft__max_steps=100_000)
-    job_id = submitted_id(
-        rto("submit", str(job), "--address", cluster, "--run-dir", str(tmp_path / "run"), *JOB_ENV)
-    )
+    job_id = "rto-test-stop-" + str(os.getpid())
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "rto.cli", "submit", str(job), "--address", cluster, "--job-id", job_id,
+         "--run-dir", str(tmp_path / "run"), "--follow", *JOB_ENV],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
     deadline = time.monotonic() + 120
+    while follower.poll() is None and not jobs_known(cluster, job_id):
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
     while (state := job_status(cluster, job_id)) != "RUNNING":
         assert state == "PENDING" and time.monotonic() < deadline, state
         time.sleep(1)
@@ -222,6 +230,14 @@ def test_stop_a_running_job(cluster, tmp_path):
     assert re.search(r"^status:\s+STOPPED$", status.stdout, re.MULTILINE)
     again = rto("jobs", "stop", job_id, "--address", cluster)
     assert again.returncode == 0 and "is not running (STOPPED)" in again.stdout
+    out, err = follower.communicate(timeout=120)
+    assert follower.returncode == 1, out[-2000:] + err[-2000:]
+    assert f"submitted {job_id}" in out and "stage sft" in out and out.rstrip().endswith("STOPPED")
+
+
+def jobs_known(address: str, job_id: str) -> bool:
+    """Through the CLI, like `job_status`."""
+    return job_id in rto("jobs", "list", "--address", address).stdout
 
 
 @pytest.mark.parametrize("command", [["status"], ["logs"], ["logs", "--follow"], ["stop"]])
