@@ -141,6 +141,8 @@ def _build(cfg: Config, tmp: Path, final: Path) -> None:
 
                 records = pin_images(records, Path(source.path).parent, tmp, role)
                 check_images(records, tmp, source.path)
+                if role in ("prompts", "eval_prompts"):
+                    check_answers(records, source.path, f"data.{role}.path")
             _write_jsonl(tmp / f"{role}.jsonl", records)
             data[role] = f"{role}.jsonl"
     roles = (("policy", cfg.policy),)
@@ -158,6 +160,17 @@ def _build(cfg: Config, tmp: Path, final: Path) -> None:
             "task_name": cfg.task.name if cfg.task is not None else None,
         },
     )
+
+
+def check_answers(records: list[dict], source: str, field: str) -> None:
+    """The image task's ground truth reads each prompt's `answer`."""
+    for n, record in enumerate(records, 1):
+        if not str(record.get("answer") or "").strip():
+            raise UserError(
+                f"row {n} has no 'answer' (the image task's ground truth compares the response with it)",
+                source=source,
+                field=field,
+            )
 
 
 def _build_image_task(cfg: Config, tmp: Path, data: dict[str, str]) -> str:

@@ -178,14 +178,18 @@ def test_external_image_data_is_pinned_at_prepare_time(tmp_path, monkeypatch):
     picture.save(buffer, format="PNG")
     pq.write_table(
         pa.table(
-            {"prompt": ["what color is the circle ?"], "image": [{"bytes": buffer.getvalue(), "path": None}]}
+            {
+                "prompt": ["what color is the circle ?"],
+                "image": [{"bytes": buffer.getvalue(), "path": None}],
+                "answer": ["green"],
+            }
         ),
         tmp_path / "prompts.parquet",
     )
     (tmp_path / "data").mkdir()
     picture.save(tmp_path / "data" / "p.png")
     (tmp_path / "data" / "eval.jsonl").write_text(
-        '{"prompt": "what color is the circle ?", "image": "p.png"}\n'
+        '{"prompt": "what color is the circle ?", "image": "p.png", "answer": "green"}\n'
     )
     cfg = config_from_dict(
         {
@@ -204,3 +208,23 @@ def test_external_image_data_is_pinned_at_prepare_time(tmp_path, monkeypatch):
         (record,) = prepared.records(role)
         loaded = image_data.load_image(record["image"], prepared.root)
         assert loaded.tobytes() == picture.convert("RGB").tobytes()
+
+
+def test_external_image_prompts_need_answers(tmp_path):
+    from pipelines.prepare import prepare
+    from rto.config import config_from_dict
+    from rto.errors import UserError
+    from rto.rundir import RunDir
+
+    image.render((image.Item("circle", "red", "top left"),), 0).save(tmp_path / "p.png")
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "what color is the circle ?", "image": "p.png"}\n')
+    cfg = config_from_dict(
+        {
+            "stages": ["sft", "ppo"],
+            "task": {"name": "image", "n_sft": 4, "n_prompts": 2, "n_eval": 2},
+            "policy": {"builtin": "tiny-llava", "arch": {"num_hidden_layers": 2}},
+            "data": {"prompts": {"path": str(tmp_path / "prompts.jsonl")}},
+        }
+    )
+    with pytest.raises(UserError, match=r"prompts.jsonl: data.prompts.path: row 1 has no 'answer'"):
+        prepare(cfg, RunDir(tmp_path / "run").create(), log=lambda *_: None)
