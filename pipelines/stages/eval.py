@@ -8,7 +8,7 @@ import statistics
 import torch
 
 from pipelines.stages import StageContext, register_stage
-from rto.generation import decode_responses, encode_prompt, prompt_text, sample
+from rto.generation import Samples, decode_responses, encode_prompt, prompt_text, sample
 from rto.models import load_causal_lm, load_tokenizer
 from rto.progress import make_progress
 
@@ -78,53 +78,62 @@ def rm_scorer_for(ctx: StageContext, policy_tokenizer_path: str):
 
 
 @torch.no_grad()
-def evaluate_vision_policy(ctx: StageContext, path: str, records: list[dict], prune_schedule=None) -> dict:
-    """Image task: answer each held-out question about its picture; ground truth per record.
-    With `prune_schedule`, generation runs with the configured vision-token pruning instead."""
-    from pipelines.tasks.image_data import encode_prompt, prompt_label, record_reward
+def evaluate_vision_policy(
+    ctx: StageContext, path: str, records: list[dict], schedules: dict[str, dict[int, int]]
+) -> dict[str, dict]:
+    """Image task: answer each held-out question about its picture, once per entry of `schedules`
+    (label -> vision-token pruning schedule, {} = dense); ground truth per record. The model is
+    loaded and each batch of pictures encoded once for all of them."""
+    from pipelines.tasks.image_data import encode_prompts, prompt_label, record_reward
     from prune.adaptinfer import generate_pruned
-    from rto.generation import left_pad
     from rto.models import load_processor, load_vision_lm
 
     cfg = ctx.cfg.eval
     processor = load_processor(path)
     model = load_vision_lm(path, device=ctx.device).eval()
     tokenizer = processor.tokenizer
-    rows = []
+    sampling = cfg.temperature > 0
+    rows: dict[str, list[dict]] = {label: [] for label in schedules}
+    generators = {label: torch.Generator(device=ctx.device).manual_seed(ctx.cfg.seed) for label in schedules}
     for start in range(0, len(records), cfg.batch_size):
         chunk = records[start : start + cfg.batch_size]
-        encoded = [encode_prompt(processor, r, ctx.prepared.root) for r in chunk]
-        ids, mask = left_pad([e[0] for e in encoded], tokenizer.pad_token_id)
-        inputs = {
-            "input_ids": ids.to(ctx.device),
-            "attention_mask": mask.to(ctx.device),
-            "pixel_values": torch.stack([e[1] for e in encoded]).to(ctx.device, model.dtype),
+        inputs = encode_prompts(processor, chunk, ctx.prepared.root)
+        inputs = {k: v.to(ctx.device) for k, v in inputs.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        prompt_len = inputs["input_ids"].shape[1]
+        for label, schedule in schedules.items():
+            out = generate_pruned(
+                model, inputs, schedule, ctx.cfg.adaptinfer.method,
+                max_new_tokens=cfg.max_new_tokens, do_sample=sampling,
+                temperature=cfg.temperature if sampling else 1.0, top_p=cfg.top_p,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                generator=generators[label], suppress_token_ids=[model.config.image_token_id],
+            )  # fmt: skip
+            samples = Samples(
+                out.sequences.cpu(), torch.cat([inputs["attention_mask"].cpu(), out.response_mask.cpu()], 1),
+                prompt_len, out.response_mask.cpu(), out.sampler_logprobs.cpu(),
+            )  # fmt: skip
+            texts = decode_responses(tokenizer, samples)
+            terminated = samples.terminated(tokenizer.eos_token_id).tolist()
+            for record, text, done in zip(chunk, texts, terminated, strict=True):
+                rows[label].append(
+                    {
+                        "prompt": prompt_label(record),
+                        "response": text,
+                        "terminated": done,
+                        "length": len(text.split()),
+                        "gt_reward": record_reward(record, text, done),
+                    }
+                )
+    results = {}
+    for label, label_rows in rows.items():
+        summary = {
+            k: statistics.fmean(float(r[k]) for r in label_rows)
+            for k in ("gt_reward", "terminated", "length")
         }
-        sampling = cfg.temperature > 0
-        out = generate_pruned(
-            model, inputs, prune_schedule or {}, ctx.cfg.adaptinfer.method,
-            max_new_tokens=cfg.max_new_tokens, do_sample=sampling,
-            temperature=cfg.temperature if sampling else 1.0, top_p=cfg.top_p,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-            suppress_token_ids=[model.config.image_token_id],
-        )  # fmt: skip
-        new = out.sequences[:, ids.shape[1] :].cpu()
-        for record, row_ids, row_mask in zip(chunk, new.tolist(), out.response_mask.tolist(), strict=True):
-            kept = [t for t, m in zip(row_ids, row_mask, strict=True) if m]
-            done = bool(kept) and kept[-1] == tokenizer.eos_token_id
-            text = tokenizer.decode(kept[:-1] if done else kept, skip_special_tokens=True).strip()
-            rows.append(
-                {
-                    "prompt": prompt_label(record),
-                    "response": text,
-                    "terminated": done,
-                    "length": len(text.split()),
-                    "gt_reward": record_reward(record, text, done),
-                }
-            )
-    summary = {k: statistics.fmean(float(r[k]) for r in rows) for k in ("gt_reward", "terminated", "length")}
-    summary["samples"] = len(rows)
-    return {"summary": summary, "rows": rows}
+        summary["samples"] = len(label_rows)
+        results[label] = {"summary": summary, "rows": label_rows}
+    return results
 
 
 def pruning_schedule(ctx: StageContext, path: str) -> dict[int, int] | None:
@@ -183,18 +192,17 @@ def run_image_eval(ctx: StageContext) -> dict:
     records = [
         r for r in ctx.prepared.records("eval_prompts") for _ in range(ctx.cfg.eval.samples_per_prompt)
     ]
-    paths = {k: v for k, v in policy_paths(ctx).items() if k != "dpo"}
+    paths = policy_paths(ctx)  # no dpo stage exists for the image task
     results: dict[str, dict] = {}
     with make_progress() as progress:
         task = progress.add_task("eval", total=len(paths), info="")
         for name, path in paths.items():
             progress.update(task, info=name)
-            variants = {name: None}
+            schedules = {name: {}}
             schedule = pruning_schedule(ctx, path)
             if schedule:
-                variants[f"{name}+{ctx.cfg.adaptinfer.method}"] = schedule
-            for label, prune in variants.items():
-                torch.manual_seed(ctx.cfg.seed)
-                results[label] = keep_result(ctx, label, evaluate_vision_policy(ctx, path, records, prune))
+                schedules[f"{name}+{ctx.cfg.adaptinfer.method}"] = schedule
+            for label, result in evaluate_vision_policy(ctx, path, records, schedules).items():
+                results[label] = keep_result(ctx, label, result)
             progress.advance(task)
     return finish(ctx, results, len(records))

@@ -122,6 +122,20 @@ def encode_prompt(processor, record: dict, base: Path | None = None) -> tuple[li
     return batch["input_ids"][0].tolist(), batch["pixel_values"][0]
 
 
+def encode_prompts(processor, records: list[dict], base: Path | None = None) -> dict:
+    """A generation batch of records: left-padded ``input_ids`` / ``attention_mask`` (whatever side
+    the processor's tokenizer pads) and ``pixel_values [B, 3, H, W]``."""
+    from rto.generation import left_pad
+
+    encoded = [encode_prompt(processor, r, base) for r in records]
+    input_ids, attention_mask = left_pad([e[0] for e in encoded], processor.tokenizer.pad_token_id)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "pixel_values": torch.stack([e[1] for e in encoded]),
+    }
+
+
 def record_reward(record: dict, response: str, terminated: bool = True) -> float:
     """Ground truth of the built-in task: 1 for exactly the answer word (then EOS), else 0."""
     del terminated  # the answer is one word; `task.reward` already rejects anything after it

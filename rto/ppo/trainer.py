@@ -75,19 +75,15 @@ class ImagePrompts:
         from pipelines.tasks.image_data import prompt_label
 
         self.processor, self.records, self.root = processor, records, image_root
-        self.pad_token_id = processor.tokenizer.pad_token_id
         self.labels = [prompt_label(r) for r in records]
 
     def __len__(self) -> int:
         return len(self.records)
 
     def batch(self, indices: list[int]) -> dict:
-        from pipelines.tasks.image_data import encode_prompt
+        from pipelines.tasks.image_data import encode_prompts
 
-        encoded = [encode_prompt(self.processor, self.records[i], self.root) for i in indices]
-        input_ids, attention_mask = left_pad([e[0] for e in encoded], self.pad_token_id)
-        pixel_values = torch.stack([e[1] for e in encoded])
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+        return encode_prompts(self.processor, [self.records[i] for i in indices], self.root)
 
 
 def prompt_indices(consumed: int, count: int, n_prompts: int, seed: int) -> list[int]:
