@@ -24,16 +24,20 @@ def check_model_path(path_or_name: str | os.PathLike, field: str | None = None) 
     return text
 
 
+def _from_pretrained(loader, path: str, what: str, field: str, *, errors=(OSError, ValueError), **kwargs):
+    """`loader.from_pretrained(path, **kwargs)` after the path check; a failure is a `UserError`
+    saying what could not be loaded, naming the field."""
+    check_model_path(path, field)
+    try:
+        return loader.from_pretrained(path, **kwargs)
+    except errors as exc:
+        raise UserError(f"cannot {what} '{path}': {str(exc).splitlines()[0]}", field=field) from None
+
+
 def load_tokenizer(path: str, field: str = "policy.path"):
     from transformers import AutoTokenizer
 
-    check_model_path(path, field)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise UserError(
-            f"cannot load a tokenizer from '{path}': {str(exc).splitlines()[0]}", field=field
-        ) from None
+    tokenizer = _from_pretrained(AutoTokenizer, path, "load a tokenizer from", field)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -42,27 +46,16 @@ def load_tokenizer(path: str, field: str = "policy.path"):
 def load_causal_lm(path: str, field: str = "policy.path", dtype=None, device: str = "cpu"):
     from transformers import AutoModelForCausalLM
 
-    check_model_path(path, field)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except (OSError, ValueError) as exc:
-        raise UserError(
-            f"cannot load a causal LM from '{path}': {str(exc).splitlines()[0]}", field=field
-        ) from None
-    return model.to(device)
+    return _from_pretrained(AutoModelForCausalLM, path, "load a causal LM from", field, dtype=dtype).to(
+        device
+    )
 
 
 def is_vision_language(path: str, field: str = "policy.path") -> bool:
     """Whether the model folder / Hub name holds a vision-language model (its config has a vision tower)."""
     from transformers import AutoConfig
 
-    check_model_path(path, field)
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise UserError(
-            f"cannot read the model config of '{path}': {str(exc).splitlines()[0]}", field=field
-        ) from None
+    config = _from_pretrained(AutoConfig, path, "read the model config of", field)
     return getattr(config, "vision_config", None) is not None
 
 
@@ -70,13 +63,9 @@ def load_processor(path: str, field: str = "policy.path"):
     """The processor (image processor + tokenizer) saved with a vision-language model."""
     from transformers import AutoProcessor
 
-    check_model_path(path, field)
-    try:
-        processor = AutoProcessor.from_pretrained(path)
-    except (OSError, ValueError, TypeError) as exc:
-        raise UserError(
-            f"cannot load a processor from '{path}': {str(exc).splitlines()[0]}", field=field
-        ) from None
+    processor = _from_pretrained(
+        AutoProcessor, path, "load a processor from", field, errors=(OSError, ValueError, TypeError)
+    )
     if not hasattr(processor, "image_processor"):
         raise UserError(
             f"'{path}' has a tokenizer but no image processor (not a vision-language model)", field=field
@@ -92,10 +81,7 @@ def load_vision_lm(path: str, field: str = "policy.path", dtype=None, device: st
         raise UserError(
             f"'{path}' has no vision tower: the image task needs a vision-language model", field=field
         )
-    try:
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
-    except (OSError, ValueError) as exc:
-        raise UserError(
-            f"cannot load a vision-language model from '{path}': {str(exc).splitlines()[0]}", field=field
-        ) from None
+    model = _from_pretrained(
+        AutoModelForImageTextToText, path, "load a vision-language model from", field, dtype=dtype
+    )
     return model.to(device)
