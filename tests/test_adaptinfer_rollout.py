@@ -228,3 +228,37 @@ def test_external_image_prompts_need_answers(tmp_path):
     )
     with pytest.raises(UserError, match=r"prompts.jsonl: data.prompts.path: row 1 has no 'answer'"):
         prepare(cfg, RunDir(tmp_path / "run").create(), log=lambda *_: None)
+
+
+def test_random_baseline_rollouts_follow_the_step_seed():
+    """The random scorer's choice derives from the step's seed (what `reseed` sets), so a resumed
+    run repeats an uninterrupted one; another step prunes differently."""
+    model, processor = image_model.tiny_random_vlm(seed=2)
+    examples = image.make_examples(8, 0)
+    batch = image.encode(processor, examples)
+    sampler = AdaptInferGenerate({0: 4}, "random")
+
+    def kept(step_seed: int) -> torch.Tensor:
+        from prune.adaptinfer import prefill
+
+        torch.manual_seed(step_seed)
+        generator = torch.Generator().manual_seed(sampler.seed + torch.initial_seed())
+        _, _, trace = prefill(
+            model,
+            batch["input_ids"],
+            batch["pixel_values"],
+            batch["attention_mask"],
+            {0: 4},
+            "random",
+            generator,
+        )
+        return trace.kept_vision[0]
+
+    def rollout(step_seed: int) -> torch.Tensor:
+        torch.manual_seed(step_seed)
+        ids, _ = sampler(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=3,
+                         pixel_values=batch["pixel_values"])  # fmt: skip
+        return ids
+
+    assert torch.equal(rollout(11), rollout(11))
+    assert not torch.equal(kept(11), kept(12))

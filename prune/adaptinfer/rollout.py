@@ -55,7 +55,6 @@ class AdaptInferGenerate:
         self.schedule = {int(k): int(v) for k, v in schedule.items()}
         self.method = method
         self.seed = seed
-        self.calls = 0
 
     @torch.no_grad()
     def __call__(
@@ -68,9 +67,8 @@ class AdaptInferGenerate:
             raise ValueError("AdaptInfer rollouts need pixel_values (one picture per prompt)")
         sampling = temperature > 0
         generator = None
-        if self.method == "random":  # the random baseline's scores: reproducible per call
-            generator = torch.Generator(device=input_ids.device).manual_seed(self.seed + self.calls)
-        self.calls += 1
+        if self.method == "random":  # the random baseline's scores follow the step's seed (resumable)
+            generator = torch.Generator(device=input_ids.device).manual_seed(self.seed + torch.initial_seed())
         out = generate_pruned(
             model,
             {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values},
