@@ -47,8 +47,9 @@ class Prepared:
             return [json.loads(line) for line in f]
 
     def ground_truth(self) -> Callable[[str, str, bool], float] | None:
-        """`gt(prompt_text, response_text, terminated) -> reward` where the task has one."""
-        if not self.has_task:
+        """`gt(prompt_text, response_text, terminated) -> reward` where the task has one that the
+        prompt text alone decides (the text task; the image task's needs `record_ground_truth`)."""
+        if not self.has_task or self.is_image_task:
             return None
         from pipelines.tasks.text import reward
 
@@ -63,10 +64,10 @@ class Prepared:
             from pipelines.tasks.image_data import record_reward
 
             return record_reward
-        from pipelines.tasks.text import reward
         from rto.generation import prompt_text
 
-        return lambda record, response, terminated: reward(
+        text_reward = self.ground_truth()
+        return lambda record, response, terminated: text_reward(
             prompt_text(record["prompt"]), response, terminated
         )
 
