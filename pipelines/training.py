@@ -20,6 +20,7 @@ def trainer_kwargs(cfg: Config, train: TrainConfig, out_dir: Path, device: str) 
         lr_scheduler_type="cosine",
         warmup_steps=train.warmup_ratio,
         weight_decay=train.weight_decay,
+        activation_checkpointing=train.gradient_checkpointing,  # transformers 5 name; TRL defaults it on
         max_length=train.max_length,
         logging_steps=10,
         save_strategy="no",

@@ -172,6 +172,11 @@ class TrainConfig(Section):
     max_length: int = Field(128, gt=8)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute activations in the backward pass: less memory for large models, "
+        "about a third more time (TRL turns it on by default; we do not)",
+    )
 
 
 class SFTConfig(TrainConfig):

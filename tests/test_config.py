@@ -114,3 +114,18 @@ def test_gpu_share_is_automatic_on_cuda_only():
     assert default_gpu_share(cfg, groups, "cuda") == pytest.approx(1 / 6)
     cfg = load_config(QUICKSTART, ["resources.policy.gpus=1"])
     assert default_gpu_share(cfg, groups, "cuda") == 0.0  # explicit placement wins
+
+
+def test_gradient_checkpointing_is_off_unless_asked(tmp_path):
+    """TRL's trainer configs turn it on by default; ours pass the job file's choice through."""
+    from trl import DPOConfig, RewardConfig, SFTConfig
+
+    from pipelines.training import trainer_kwargs
+
+    default = load_config(QUICKSTART)
+    asked = load_config(QUICKSTART, ["sft.gradient_checkpointing=true", "dpo.gradient_checkpointing=true"])
+    for args_class, section in ((SFTConfig, "sft"), (DPOConfig, "dpo"), (RewardConfig, "rm")):
+        args = args_class(**trainer_kwargs(default, getattr(default, section), tmp_path, "cpu"))
+        assert args.activation_checkpointing is False and args.gradient_checkpointing is False
+    on = SFTConfig(**trainer_kwargs(asked, asked.sft, tmp_path, "cpu"))
+    assert on.activation_checkpointing is True and asked.rm.gradient_checkpointing is False

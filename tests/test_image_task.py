@@ -111,6 +111,64 @@ def test_token_drop_with_keep_objects_drops_background_only():
     torch.testing.assert_close(loss, again)  # the random part picks nothing: objects only
 
 
+def masked_reference_loss(model, batch, layer: int, kept: torch.Tensor) -> torch.Tensor:
+    """The SFT loss when the vision tokens outside `kept` (B, T) bool are hidden as keys from every
+    layer after `layer`: removing tokens from the sequence must give exactly this for the text."""
+    from prune.adaptinfer.engine import attention_mask_for, image_embeddings
+
+    lm = model.model.language_model
+    hidden, _ = image_embeddings(model, batch["input_ids"], batch["pixel_values"])
+    valid = batch["attention_mask"].bool()
+    positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    embeddings = lm.rotary_emb(hidden, position_ids=positions)
+    for index, block in enumerate(lm.layers):
+        keys = valid if index <= layer else valid & kept
+        mask = attention_mask_for(lm.config, keys, hidden.shape[1], hidden.dtype)  # None: causal
+        hidden = block(hidden, attention_mask=mask, position_embeddings=embeddings, position_ids=positions)
+    logits = model.lm_head(lm.norm(hidden))[:, :-1].float()
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=-100
+    )
+
+
+def test_cut_after_a_decoder_layer_equals_hiding_the_dropped_tokens_from_later_layers():
+    model, processor = image_model.tiny_random_vlm(seed=1, n_layers=4)
+    examples = [e for e in task.make_examples(30, seed=8) if len(e.items) == 3][:3]
+    batch = task.encode(processor, examples, with_answer=True)
+    vision = batch["input_ids"] == model.config.image_token_id
+    objects = torch.zeros_like(vision).masked_scatter(
+        vision, image_model.object_tokens(batch["pixel_values"])
+    )
+    with torch.no_grad():
+        for layer in (0, 2):
+            cut = image_model.loss_with_dropped_vision_tokens(
+                model, batch, 0, torch.Generator().manual_seed(0), keep_objects=True, cuts=[(layer, 3)]
+            )
+            torch.testing.assert_close(cut, masked_reference_loss(model, batch, layer, ~vision | objects))
+            # keeping every token at a layer is the plain loss
+            full = image_model.loss_with_dropped_vision_tokens(
+                model, batch, 0, torch.Generator().manual_seed(0), cuts=[(layer, task.N_VISION_TOKENS)]
+            )
+            torch.testing.assert_close(full, model(**batch).loss)
+        # dropping every vision token after layer 1 differs from keeping the objects
+        none = image_model.loss_with_dropped_vision_tokens(
+            model, batch, 0, torch.Generator().manual_seed(0), keep_objects=True, cuts=[(1, 0)]
+        )
+        torch.testing.assert_close(none, masked_reference_loss(model, batch, 1, ~vision))
+
+
+def test_random_cuts_look_like_pruning_schedules():
+    generator = torch.Generator().manual_seed(3)
+    seen_two = False
+    for _ in range(200):
+        cuts = image_model.random_cuts(12, generator)
+        layers, keeps = [c[0] for c in cuts], [c[1] for c in cuts]
+        assert layers == sorted(set(layers)) and -1 <= layers[0] <= 3 and layers[-1] <= 10
+        assert 3 <= keeps[0] < task.N_VISION_TOKENS and keeps == sorted(keeps, reverse=True)
+        seen_two |= len(cuts) == 2
+    assert seen_two
+
+
 def test_sft_with_fresh_examples_and_background_token_drop(tmp_path):
     summary = image_model.sft(
         tmp_path, steps=3, batch_size=4, n_train=0, log_every=0, n_eval=8, token_drop=1.0, keep_objects=True

@@ -79,15 +79,14 @@ def build_model(tokenizer, seed: int = 0, **overrides):
 def object_tokens(pixel_values: torch.Tensor) -> torch.Tensor:
     """(B, N_VISION_TOKENS) bool: the patches that show part of an object (not plain background).
 
-    The background is the most common colour of each picture (it covers > 95 % of the pixels).
+    A background patch is one colour; every glyph leaves some background pixels in its patch, so
+    an object patch is exactly one whose pixels are not all equal (whatever the background colour).
     """
     b = pixel_values.shape[0]
-    flat = pixel_values.flatten(2)  # (B, 3, H*W)
-    background = flat.median(dim=-1).values[..., None, None]  # (B, 3, 1, 1)
-    differs = (pixel_values - background).abs().amax(1) > 1e-4  # (B, H, W)
     g = task.IMAGE_SIZE // task.PATCH_SIZE
-    patches = differs.view(b, g, task.PATCH_SIZE, g, task.PATCH_SIZE).any(dim=(2, 4))
-    return patches.reshape(b, g * g)
+    patches = pixel_values.reshape(b, 3, g, task.PATCH_SIZE, g, task.PATCH_SIZE)
+    spread = patches.amax(dim=(3, 5)) - patches.amin(dim=(3, 5))  # (B, 3, g, g)
+    return (spread.amax(1) > 1e-4).reshape(b, g * g)
 
 
 def patch_labels(tokenizer, examples: list[task.Example]) -> torch.Tensor:
@@ -112,7 +111,12 @@ def patch_loss(model, logits: torch.Tensor, input_ids: torch.Tensor, labels: tor
 
 
 def loss_with_dropped_vision_tokens(
-    model, batch: dict, keep: int, generator: torch.Generator, keep_objects: bool = False
+    model,
+    batch: dict,
+    keep: int,
+    generator: torch.Generator,
+    keep_objects: bool = False,
+    cuts: list[tuple[int, int]] | None = None,
 ) -> torch.Tensor:
     """SFT loss with only `keep` image tokens per sample left in the sequence.
 
@@ -124,27 +128,77 @@ def loss_with_dropped_vision_tokens(
     object patches, at most `keep` of them, are always kept), so the answer stays determined by
     the picture and the model is not taught to guess; otherwise the `keep` are uniformly random.
     Kept tokens keep their positions.
-    """
-    from prune.adaptinfer.engine import image_embeddings, select_rows
 
+    `cuts` generalises the drop to decoder layers: ``[(layer, keep), ...]`` (increasing layers,
+    non-increasing keeps; layer -1 is the input) thins the image tokens *after* each layer, as a
+    pruning schedule does. Which tokens go is decided by the same ranking at every cut (objects
+    first with `keep_objects`, otherwise random) — no pruning method's scorer, so the model learns
+    that the object tokens suffice and that later layers may see few of them, as large VLMs do
+    (their text tokens have read the picture within the first layers), for every method alike.
+    """
+    from prune.adaptinfer.engine import attention_mask_for, image_embeddings, select_rows
+
+    cuts = sorted(cuts) if cuts is not None else [(-1, keep)]
     embeds, vision = image_embeddings(model, batch["input_ids"], batch["pixel_values"])
     scores = torch.rand(vision.shape, generator=generator)
     if keep_objects:
         bonus = torch.zeros(vision.shape).masked_scatter(vision, object_tokens(batch["pixel_values"]).float())
         scores = scores + bonus  # objects first, then random background
     scores = scores.masked_fill(~vision, 3.0)  # text always kept
-    n_keep = int((~vision[0]).sum()) + keep
-    order = select_rows(torch.zeros_like(vision).scatter(1, scores.topk(n_keep, dim=-1).indices, True))[0]
+    n_text = int((~vision[0]).sum())
+    lm = model.model.language_model
+    hidden, valid = embeds, batch["attention_mask"].bool()
     positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-    take = lambda t: t.gather(1, order if t.dim() == 2 else order[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
-    hidden = model.model.language_model(
-        inputs_embeds=take(embeds), attention_mask=take(batch["attention_mask"]), position_ids=take(positions)
-    ).last_hidden_state
-    logits = model.lm_head(hidden)[:, :-1].float()
-    labels = take(batch["labels"])[:, 1:]
+    labels = batch["labels"]
+
+    def thin(n_keep, hidden, valid, positions, labels, scores):
+        order = select_rows(
+            torch.zeros_like(scores, dtype=torch.bool).scatter(1, scores.topk(n_keep, dim=-1).indices, True)
+        )[0]
+        take = lambda t: t.gather(1, order if t.dim() == 2 else order[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
+        return take(hidden), take(valid), take(positions), take(labels), take(scores)
+
+    pending = list(cuts)
+    while pending and pending[0][0] < 0:
+        hidden, valid, positions, labels, scores = thin(
+            n_text + pending.pop(0)[1], hidden, valid, positions, labels, scores
+        )
+    position_embeddings = lm.rotary_emb(hidden, position_ids=positions)
+    for index, layer in enumerate(lm.layers):
+        mask = attention_mask_for(lm.config, valid, hidden.shape[1], hidden.dtype)
+        hidden = layer(
+            hidden, attention_mask=mask, position_embeddings=position_embeddings, position_ids=positions
+        )
+        while pending and pending[0][0] == index:
+            hidden, valid, positions, labels, scores = thin(
+                n_text + pending.pop(0)[1], hidden, valid, positions, labels, scores
+            )
+            position_embeddings = lm.rotary_emb(hidden, position_ids=positions)
+    logits = model.lm_head(lm.norm(hidden))[:, :-1].float()
+    labels = labels[:, 1:]
     return torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
     )
+
+
+def random_cuts(n_layers: int, generator: torch.Generator) -> list[tuple[int, int]]:
+    """A random pruning-like schedule for `loss_with_dropped_vision_tokens(cuts=...)`.
+
+    One early cut (input or layers 0-3) keeping a log-uniform 3..63 tokens (at least the objects),
+    and, half the time, a later cut keeping 0..that many: by then the text tokens must have read
+    what they need from the picture.
+    """
+
+    def uniform(low: int, high: int) -> int:  # inclusive
+        return int(torch.randint(low, high + 1, (), generator=generator))
+
+    first = uniform(-1, min(3, n_layers - 2))
+    u = float(torch.rand((), generator=generator))
+    keep = min(int(3 * (task.N_VISION_TOKENS / 3) ** u), task.N_VISION_TOKENS - 1)
+    cuts = [(first, keep)]
+    if first < n_layers - 2 and float(torch.rand((), generator=generator)) < 0.5:
+        cuts.append((uniform(first + 1, n_layers - 2), uniform(0, keep)))
+    return cuts
 
 
 def sft(
@@ -162,6 +216,7 @@ def sft(
     keep_objects: bool = False,
     model_shape: dict | None = None,
     patch_loss_weight: float = 0.0,
+    layer_drop: float = 0.0,
 ) -> dict:
     """Supervised fine-tuning on the task (loss on the answer and EOS); saves model + processor.
 
@@ -176,6 +231,8 @@ def sft(
     (`loss_with_dropped_vision_tokens`; `keep_objects`: background patches only, a log-uniform
     number kept). `model_shape`: `build_model` overrides (``vision=``, ``text=``).
     `patch_loss_weight`: weight of the auxiliary `patch_loss` (0: off).
+    `layer_drop`: the share of batches trained with image tokens thinned after random decoder
+    layers (`random_cuts`, objects ranked first), after the `token_drop` share.
     """
     processor = task.build_processor()
     if init is not None:  # continue from a saved model (same processor)
@@ -205,7 +262,11 @@ def sft(
             idx = torch.randint(0, n_train, (batch_size,), generator=generator)
             batch = {k: v[idx] for k, v in data.items()}
             examples = [train_examples[i] for i in idx.tolist()]
-        if token_drop and torch.rand((), generator=generator) < token_drop:
+        draw = float(torch.rand((), generator=generator)) if (token_drop or layer_drop) else 1.0
+        if draw >= token_drop and draw < token_drop + layer_drop:
+            cuts = random_cuts(model.config.text_config.num_hidden_layers, generator)
+            loss = loss_with_dropped_vision_tokens(model, batch, 0, generator, keep_objects=True, cuts=cuts)
+        elif draw < token_drop:
             if keep_objects:  # log-uniform in [3, 64): small budgets as often as large ones
                 u = float(torch.rand((), generator=generator))
                 keep = min(int(3 * (task.N_VISION_TOKENS / 3) ** u), task.N_VISION_TOKENS - 1)
