@@ -433,7 +433,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--model",
-        default=str(Path.home() / ".cache" / "rto" / "image-vlm-v2"),
+        default=str(Path.home() / ".cache" / "rto" / "image-vlm-v3"),
         help="trained tiny VLM dir (trained here when missing)",
     )
     parser.add_argument("--n-eval", type=int, default=512)

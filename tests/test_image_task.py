@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -184,8 +185,8 @@ def test_patch_labels_name_the_object_drawn_in_each_patch():
     assert torch.equal(labels[..., 0] >= 0, image_model.object_tokens(pixels))
     vocab = processor.tokenizer.convert_ids_to_tokens
     for example, row in zip(examples, labels, strict=True):
-        named = {(vocab(int(s)), vocab(int(c))) for s, c in row[row[:, 0] >= 0].tolist()}
-        assert named == {(i.shape, i.color) for i in example.items}
+        named = {tuple(vocab(w) for w in words) for words in row[row[:, 0] >= 0].tolist()}
+        assert named == {(i.shape, i.color, *i.position.split()) for i in example.items}
 
 
 def test_patch_loss_is_finite_and_trains_the_image_token_positions():
@@ -196,3 +197,36 @@ def test_patch_loss_is_finite_and_trains_the_image_token_positions():
     loss = image_model.patch_loss(model, model(**batch).logits, batch["input_ids"], labels)
     loss.backward()
     assert torch.isfinite(loss) and model.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
+
+
+def test_sft_recipe_runs_its_phases_in_turn_and_reuses_finished_ones(tmp_path, monkeypatch):
+    tiny = dict(steps=2, batch_size=4, n_train=0, n_eval=8)
+    phases = (
+        dict(tiny, model_shape=dict(text=dict(num_hidden_layers=2))),
+        dict(tiny, layer_drop=1.0, seed=1),
+        dict(tiny, patch_loss_weight=1.0, seed=2),
+    )
+    monkeypatch.setattr(image_model, "PHASES", phases)
+    first = image_model.sft_recipe(tmp_path, log_every=0)
+    assert [k for k, v in first.items() if v != "reused"] == ["phase1", "phase2", "phase3"]
+    assert (tmp_path / "phase1" / "config.json").exists() and (tmp_path / "phase2" / "config.json").exists()
+    final = LlavaForConditionalGeneration.from_pretrained(tmp_path)
+    assert final.config.text_config.num_hidden_layers == 2  # every phase continued from phase 1's model
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / name).unlink()
+    again = image_model.sft_recipe(tmp_path, log_every=0)
+    assert again["phase1"] == again["phase2"] == "reused" and again["phase3"] != "reused"
+
+
+def test_descriptions_in_both_styles():
+    items = (task.Item("circle", "red", "bottom right"), task.Item("square", "blue", "top left"))
+    assert task.describe(items) == "blue square top left red circle bottom right"
+    assert (
+        task.describe(items, "quadrants")
+        == "top left blue square top right nothing bottom left nothing bottom right red circle"
+    )
+    examples = task.make_examples(20, seed=3, describe_fraction=1.0, describe_style="quadrants")
+    assert all(e.answer == task.describe(e.items, "quadrants") for e in examples)
+    assert all(w in task.vocabulary() for e in examples for w in e.answer.split())
+    with pytest.raises(ValueError, match="describe style"):
+        task.describe(items, "sideways")

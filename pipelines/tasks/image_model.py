@@ -89,25 +89,32 @@ def object_tokens(pixel_values: torch.Tensor) -> torch.Tensor:
     return (spread.amax(1) > 1e-4).reshape(b, g * g)
 
 
-def patch_labels(tokenizer, examples: list[task.Example]) -> torch.Tensor:
-    """(B, N_VISION_TOKENS, 2) word ids (shape, colour) of the object in each patch; -100 elsewhere."""
-    labels = torch.full((len(examples), task.N_VISION_TOKENS, 2), -100, dtype=torch.long)
+PATCH_WORDS = 4  # shape, colour, top|bottom, left|right
+
+
+def patch_labels(tokenizer, examples: list[task.Example], positions: bool = True) -> torch.Tensor:
+    """(B, N_VISION_TOKENS, 4) word ids (shape, colour, top|bottom, left|right) of the object in each
+    patch; -100 elsewhere. Without `positions`: (B, N_VISION_TOKENS, 2), shape and colour only."""
+    width = PATCH_WORDS if positions else 2
+    labels = torch.full((len(examples), task.N_VISION_TOKENS, width), -100, dtype=torch.long)
     for b, example in enumerate(examples):
         for index, item in task.object_tokens_of(example).items():
-            labels[b, index] = torch.tensor(tokenizer.convert_tokens_to_ids([item.shape, item.color]))
+            words = [item.shape, item.color, *item.position.split()][:width]
+            labels[b, index] = torch.tensor(tokenizer.convert_tokens_to_ids(words))
     return labels
 
 
 def patch_loss(model, logits: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Auxiliary grounding loss: the LM head at each object's image token names its shape and colour
-    (half the target mass each); background tokens are not supervised."""
+    """Auxiliary grounding loss: the LM head at each object's image token names its shape, colour
+    and quadrant (`patch_labels`, a quarter of the target mass each); background tokens are not
+    supervised."""
     vision = input_ids == model.config.image_token_id
     picked = logits[vision].float().log_softmax(-1)  # (B * N, V), row-major like `labels`
-    flat = labels.reshape(-1, 2)
+    flat = labels.reshape(-1, labels.shape[-1])
     rows = flat[:, 0] >= 0
     if not bool(rows.any()):
         return logits.sum() * 0.0
-    return -0.5 * picked[rows].gather(1, flat[rows]).sum(-1).mean()
+    return -picked[rows].gather(1, flat[rows]).mean()
 
 
 def loss_with_dropped_vision_tokens(
@@ -217,6 +224,8 @@ def sft(
     model_shape: dict | None = None,
     patch_loss_weight: float = 0.0,
     layer_drop: float = 0.0,
+    patch_positions: bool = True,
+    describe_style: str = "objects",
 ) -> dict:
     """Supervised fine-tuning on the task (loss on the answer and EOS); saves model + processor.
 
@@ -230,7 +239,8 @@ def sft(
     `token_drop`: the share of batches trained with only some image tokens
     (`loss_with_dropped_vision_tokens`; `keep_objects`: background patches only, a log-uniform
     number kept). `model_shape`: `build_model` overrides (``vision=``, ``text=``).
-    `patch_loss_weight`: weight of the auxiliary `patch_loss` (0: off).
+    `patch_loss_weight`: weight of the auxiliary `patch_loss` (0: off); `patch_positions`: it also
+    names each object's quadrant. `describe_style`: the descriptions' word order (`task.describe`).
     `layer_drop`: the share of batches trained with image tokens thinned after random decoder
     layers (`random_cuts`, objects ranked first), after the `token_drop` share.
     """
@@ -243,7 +253,7 @@ def sft(
         model = build_model(processor.tokenizer, seed=seed, **(model_shape or {}))
     fresh = not n_train  # 0 / None: new examples every step (no fixed training set to overfit)
     if not fresh:
-        train_examples = task.make_examples(n_train, seed + 1, describe_fraction)
+        train_examples = task.make_examples(n_train, seed + 1, describe_fraction, describe_style)
         data = task.encode(processor, train_examples, with_answer=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
@@ -256,7 +266,9 @@ def sft(
     start, losses = time.perf_counter(), []
     for step in range(steps):
         if fresh:
-            examples = task.make_examples(batch_size, (seed + 1) * 1_000_003 + step, describe_fraction)
+            examples = task.make_examples(
+                batch_size, (seed + 1) * 1_000_003 + step, describe_fraction, describe_style
+            )
             batch = task.encode(processor, examples, with_answer=True)
         else:
             idx = torch.randint(0, n_train, (batch_size,), generator=generator)
@@ -277,7 +289,7 @@ def sft(
             out = model(**batch)
             loss = out.loss
             if patch_loss_weight:
-                labels = patch_labels(processor.tokenizer, examples)
+                labels = patch_labels(processor.tokenizer, examples, positions=patch_positions)
                 loss = loss + patch_loss_weight * patch_loss(model, out.logits, batch["input_ids"], labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -371,20 +383,70 @@ RECIPE_PHASE2 = dict(
     token_drop=0.3,
     keep_objects=True,
     patch_loss_weight=1.0,
+    patch_positions=False,
 )
-"""Phase 2 (from phase 1): more questions, lower learning rate, and the auxiliary `patch_loss`."""
+"""Phase 2 (from phase 1): more questions, lower learning rate, and the auxiliary `patch_loss`
+(shape and colour)."""
+
+RECIPE_PHASE3 = dict(
+    steps=1200,
+    batch_size=32,
+    lr=1e-3,
+    describe_fraction=0.3,
+    n_train=0,
+    seed=5,
+    token_drop=0.1,
+    keep_objects=True,
+    layer_drop=0.7,
+    patch_loss_weight=1.0,
+    patch_positions=False,
+)
+"""Phase 3 (from phase 2): 70 % of the batches thinned after random decoder layers (`random_cuts`,
+object tokens ranked first at every cut). Large VLMs read the picture into the text tokens within
+their first layers; a tiny model trained densely keeps consulting it to its last layer, so that
+any pruning after the early layers costs it accuracy. Seed 5 (phase 1's example stream again)."""
+
+RECIPE_PHASE4 = dict(
+    steps=1500,
+    batch_size=32,
+    lr=1e-3,
+    describe_fraction=0.3,
+    n_train=0,
+    seed=5,
+    token_drop=0.1,
+    keep_objects=True,
+    layer_drop=0.6,
+)
+"""Phases 4 and 5 (each from the one before, the same settings and example stream): 60 % layer
+drop, no auxiliary loss."""
+
+RECIPE_PHASE6 = dict(RECIPE_PHASE4, lr=3e-4, seed=12)
+"""Phase 6: phase 4's settings at a third of the learning rate, fresh examples (seed 12)."""
+
+PHASES = (RECIPE, RECIPE_PHASE2, RECIPE_PHASE3, RECIPE_PHASE4, RECIPE_PHASE4, RECIPE_PHASE6)
+"""The benchmark model's recipe, one `sft` call per phase, each from the previous one's model."""
 
 
 def sft_recipe(out_dir: str | Path, log_every: int = 250) -> dict:
-    """Train the benchmark model into `out_dir`: `sft` with `RECIPE` (3000 steps of 32) into
-    `out_dir/phase1`, then `RECIPE_PHASE2` (1800 steps) from there into `out_dir`.
+    """Train the benchmark model into `out_dir`: the `PHASES` in turn, phase i into
+    `out_dir/phase{i}` and the last into `out_dir` itself. A phase whose folder already holds a
+    model is reused, so an interrupted recipe continues where it stopped.
 
-    About 30 minutes on one free CPU core (0.4 s a step), an hour on a loaded machine.
+    About an hour on one free CPU core (0.3-0.4 s a step, 10 500 steps), longer on a loaded machine.
     """
     out_dir = Path(out_dir)
-    first = sft(out_dir / "phase1", log_every=log_every, **RECIPE)
-    second = sft(out_dir, init=out_dir / "phase1", log_every=log_every, **RECIPE_PHASE2)
-    return {"phase1": first, **second}
+    summaries: dict = {}
+    previous = None
+    for index, recipe in enumerate(PHASES, start=1):
+        target = out_dir if index == len(PHASES) else out_dir / f"phase{index}"
+        if (target / "config.json").exists():
+            print(f"phase {index}: reusing {target}", flush=True)
+            summaries[f"phase{index}"] = "reused"
+        else:
+            print(f"phase {index}: training into {target}", flush=True)
+            summaries[f"phase{index}"] = sft(target, init=previous, log_every=log_every, **recipe)
+        previous = target
+    return summaries
 
 
 if __name__ == "__main__":  # python -m pipelines.tasks.image_model OUT_DIR
