@@ -143,39 +143,23 @@ def ask(rng: random.Random, items: tuple[Item, ...]) -> tuple[str, str]:
     return f"how many {color} shapes ?", COUNTS[sum(i.color == color for i in items)]
 
 
-DESCRIBE_STYLES = ("objects", "quadrants")
-
-
-def describe(items: tuple[Item, ...], style: str = "objects") -> str:
-    """A full description of the picture.
-
-    ``objects``: every object, in reading order of the quadrants, ``red circle top left green
-    square ...``. ``quadrants``: every quadrant in reading order, then what is there, ``top left red
-    circle top right nothing ...`` — the place comes first, as in "what shape is at the top left".
-    """
+def describe(items: tuple[Item, ...]) -> str:
+    """Every object, in reading order of the quadrants: ``red circle top left green square ...``."""
     order = list(POSITIONS)
-    if style == "quadrants":
-        at = {i.position: f"{i.color} {i.shape}" for i in items}
-        return " ".join(f"{p} {at.get(p, 'nothing')}" for p in order)
-    if style != "objects":
-        raise ValueError(f"describe style must be one of {DESCRIBE_STYLES}, got {style!r}")
     return " ".join(
         f"{i.color} {i.shape} {i.position}" for i in sorted(items, key=lambda i: order.index(i.position))
     )
 
 
-def make_examples(
-    n: int, seed: int, describe_fraction: float = 0.0, describe_style: str = "objects"
-) -> list[Example]:
+def make_examples(n: int, seed: int, describe_fraction: float = 0.0) -> list[Example]:
     """`n` examples; a `describe_fraction` of them ask for a full description (SFT only: dense
-    supervision of what is where, which makes the tiny model learn to read the image much sooner)
-    in `describe_style` (`describe`)."""
+    supervision of what is where, which makes the tiny model learn to read the image much sooner)."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         items = sample_items(rng)
         if rng.random() < describe_fraction:
-            question, answer = "describe the picture .", describe(items, describe_style)
+            question, answer = "describe the picture .", describe(items)
         else:
             question, answer = ask(rng, items)
         out.append(Example(items, question, answer, rng.randrange(2**31)))

@@ -89,25 +89,18 @@ def object_tokens(pixel_values: torch.Tensor) -> torch.Tensor:
     return (spread.amax(1) > 1e-4).reshape(b, g * g)
 
 
-PATCH_WORDS = 4  # shape, colour, top|bottom, left|right
-
-
-def patch_labels(tokenizer, examples: list[task.Example], positions: bool = True) -> torch.Tensor:
-    """(B, N_VISION_TOKENS, 4) word ids (shape, colour, top|bottom, left|right) of the object in each
-    patch; -100 elsewhere. Without `positions`: (B, N_VISION_TOKENS, 2), shape and colour only."""
-    width = PATCH_WORDS if positions else 2
-    labels = torch.full((len(examples), task.N_VISION_TOKENS, width), -100, dtype=torch.long)
+def patch_labels(tokenizer, examples: list[task.Example]) -> torch.Tensor:
+    """(B, N_VISION_TOKENS, 2) word ids (shape, colour) of the object in each patch; -100 elsewhere."""
+    labels = torch.full((len(examples), task.N_VISION_TOKENS, 2), -100, dtype=torch.long)
     for b, example in enumerate(examples):
         for index, item in task.object_tokens_of(example).items():
-            words = [item.shape, item.color, *item.position.split()][:width]
-            labels[b, index] = torch.tensor(tokenizer.convert_tokens_to_ids(words))
+            labels[b, index] = torch.tensor(tokenizer.convert_tokens_to_ids([item.shape, item.color]))
     return labels
 
 
 def patch_loss(model, logits: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Auxiliary grounding loss: the LM head at each object's image token names its shape, colour
-    and quadrant (`patch_labels`, a quarter of the target mass each); background tokens are not
-    supervised."""
+    """Auxiliary grounding loss: the LM head at each object's image token names its shape and colour
+    (`patch_labels`, half the target mass each); background tokens are not supervised."""
     vision = input_ids == model.config.image_token_id
     picked = logits[vision].float().log_softmax(-1)  # (B * N, V), row-major like `labels`
     flat = labels.reshape(-1, labels.shape[-1])
@@ -224,8 +217,6 @@ def sft(
     model_shape: dict | None = None,
     patch_loss_weight: float = 0.0,
     layer_drop: float = 0.0,
-    patch_positions: bool = True,
-    describe_style: str = "objects",
 ) -> dict:
     """Supervised fine-tuning on the task (loss on the answer and EOS); saves model + processor.
 
@@ -239,8 +230,7 @@ def sft(
     `token_drop`: the share of batches trained with only some image tokens
     (`loss_with_dropped_vision_tokens`; `keep_objects`: background patches only, a log-uniform
     number kept). `model_shape`: `build_model` overrides (``vision=``, ``text=``).
-    `patch_loss_weight`: weight of the auxiliary `patch_loss` (0: off); `patch_positions`: it also
-    names each object's quadrant. `describe_style`: the descriptions' word order (`task.describe`).
+    `patch_loss_weight`: weight of the auxiliary `patch_loss` (0: off).
     `layer_drop`: the share of batches trained with image tokens thinned after random decoder
     layers (`random_cuts`, objects ranked first), after the `token_drop` share.
     """
@@ -253,7 +243,7 @@ def sft(
         model = build_model(processor.tokenizer, seed=seed, **(model_shape or {}))
     fresh = not n_train  # 0 / None: new examples every step (no fixed training set to overfit)
     if not fresh:
-        train_examples = task.make_examples(n_train, seed + 1, describe_fraction, describe_style)
+        train_examples = task.make_examples(n_train, seed + 1, describe_fraction)
         data = task.encode(processor, train_examples, with_answer=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
@@ -266,9 +256,7 @@ def sft(
     start, losses = time.perf_counter(), []
     for step in range(steps):
         if fresh:
-            examples = task.make_examples(
-                batch_size, (seed + 1) * 1_000_003 + step, describe_fraction, describe_style
-            )
+            examples = task.make_examples(batch_size, (seed + 1) * 1_000_003 + step, describe_fraction)
             batch = task.encode(processor, examples, with_answer=True)
         else:
             idx = torch.randint(0, n_train, (batch_size,), generator=generator)
@@ -289,7 +277,7 @@ def sft(
             out = model(**batch)
             loss = out.loss
             if patch_loss_weight:
-                labels = patch_labels(processor.tokenizer, examples, positions=patch_positions)
+                labels = patch_labels(processor.tokenizer, examples)
                 loss = loss + patch_loss_weight * patch_loss(model, out.logits, batch["input_ids"], labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -383,7 +371,6 @@ RECIPE_PHASE2 = dict(
     token_drop=0.3,
     keep_objects=True,
     patch_loss_weight=1.0,
-    patch_positions=False,
 )
 """Phase 2 (from phase 1): more questions, lower learning rate, and the auxiliary `patch_loss`
 (shape and colour)."""
@@ -399,7 +386,6 @@ RECIPE_PHASE3 = dict(
     keep_objects=True,
     layer_drop=0.7,
     patch_loss_weight=1.0,
-    patch_positions=False,
 )
 """Phase 3 (from phase 2): 70 % of the batches thinned after random decoder layers (`random_cuts`,
 object tokens ranked first at every cut). Large VLMs read the picture into the text tokens within
