@@ -375,34 +375,13 @@ RECIPE_PHASE2 = dict(
 """Phase 2 (from phase 1): more questions, lower learning rate, and the auxiliary `patch_loss`
 (shape and colour)."""
 
-RECIPE_PHASE3 = dict(
-    steps=1200,
-    batch_size=32,
-    lr=1e-3,
-    describe_fraction=0.3,
-    n_train=0,
-    seed=5,
-    token_drop=0.1,
-    keep_objects=True,
-    layer_drop=0.7,
-    patch_loss_weight=1.0,
-)
+RECIPE_PHASE3 = dict(RECIPE_PHASE2, steps=1200, lr=1e-3, seed=5, token_drop=0.1, layer_drop=0.7)
 """Phase 3 (from phase 2): 70 % of the batches thinned after random decoder layers (`random_cuts`,
 object tokens ranked first at every cut). Large VLMs read the picture into the text tokens within
 their first layers; a tiny model trained densely keeps consulting it to its last layer, so that
 any pruning after the early layers costs it accuracy. Seed 5 (phase 1's example stream again)."""
 
-RECIPE_PHASE4 = dict(
-    steps=1500,
-    batch_size=32,
-    lr=1e-3,
-    describe_fraction=0.3,
-    n_train=0,
-    seed=5,
-    token_drop=0.1,
-    keep_objects=True,
-    layer_drop=0.6,
-)
+RECIPE_PHASE4 = dict(RECIPE_PHASE3, steps=1500, layer_drop=0.6, patch_loss_weight=0.0)
 """Phases 4 and 5 (each from the one before, the same settings and example stream): 60 % layer
 drop, no auxiliary loss."""
 
