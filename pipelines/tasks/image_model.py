@@ -131,7 +131,7 @@ def loss_with_dropped_vision_tokens(
 
     `cuts` generalises the drop to decoder layers: ``[(layer, keep), ...]`` (increasing layers,
     non-increasing keeps; layer -1 is the input) thins the image tokens *after* each layer, as a
-    pruning schedule does. Which tokens go is decided by the same ranking at every cut (objects
+    pruning schedule does (`keep` is then unused). Which tokens go is decided by the same ranking at every cut (objects
     first with `keep_objects`, otherwise random) — no pruning method's scorer, so the model learns
     that the object tokens suffice and that later layers may see few of them, as large VLMs do
     (their text tokens have read the picture within the first layers), for every method alike.
