@@ -188,6 +188,7 @@ def accuracy_part(args) -> dict:
             flops += prefill_flops(model.config, trace)
         return dict(
             accuracy=statistics.mean(correct),
+            correct=correct,
             accuracy_by_kind={k: statistics.mean(v) for k, v in sorted(kinds.items())},
             object_recall={layer: statistics.mean(v) for layer, v in sorted(recall.items())},
             flops=flops,
@@ -195,6 +196,7 @@ def accuracy_part(args) -> dict:
 
     dense = run("adaptinfer", {})
     dense_acc, dense_flops = dense["accuracy"], dense["flops"]
+    answered: dict[tuple[str, float], list[float]] = {}  # (method, ratio) -> per-question 0/1
     with torch.no_grad():
         hf_acc = image_model.evaluate(model, processor, examples)
     rows, timing_configs = [], {"dense": ("adaptinfer", {})}
@@ -215,6 +217,7 @@ def accuracy_part(args) -> dict:
         for name, (method, schedule, positions) in schedules.items():
             result = run(method, schedule, positions)
             acc = result["accuracy"]
+            answered[name, ratio] = result["correct"]
             rows.append(
                 dict(
                     method=name,
@@ -224,6 +227,7 @@ def accuracy_part(args) -> dict:
                     schedule=schedule,
                     mean_vision_tokens=mean_vision_tokens(schedule, n_layers, n_vision),
                     accuracy=acc,
+                    accuracy_se=standard_error(result["correct"]),
                     retention=acc / dense_acc,
                     accuracy_by_kind=result["accuracy_by_kind"],
                     object_recall=result["object_recall"],
@@ -237,6 +241,10 @@ def accuracy_part(args) -> dict:
                 f"object recall {recall}",
                 flush=True,
             )
+    for row in rows:  # paired on the same questions: differences are far less noisy than accuracies
+        mine, fastv = answered[row["method"], row["keep_ratio"]], answered["fastv", row["keep_ratio"]]
+        row["vs_fastv"] = paired_difference(mine, fastv)
+        row["vs_dense"] = paired_difference(mine, dense["correct"])
     latency = time_prefills(model, batches[0], timing_configs, args.reps, "cpu")
     for row in rows:
         row["latency_ratio"] = latency[f"{row['method']}@{row['keep_ratio']}"] / latency["dense"]
@@ -255,6 +263,16 @@ def accuracy_part(args) -> dict:
         batch_size_latency=64,
         rows=rows,
     )
+
+
+def standard_error(values: list[float]) -> float:
+    return statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
+
+
+def paired_difference(a: list[float], b: list[float]) -> dict:
+    """Mean of a − b over the same questions and its standard error."""
+    differences = [x - y for x, y in zip(a, b, strict=True)]
+    return dict(difference=statistics.mean(differences), se=standard_error(differences))
 
 
 def question_kind(example) -> str:
@@ -404,16 +422,19 @@ def print_tables(result: dict) -> None:
         print("dense accuracy by question kind: " + ", ".join(f"{k} {v:.3f}" for k, v in kinds.items()))
         print(
             f"{'keep':>6} {'method':22} {'mean vis':>8} {'acc':>6} {'retention':>9} {'FLOPs':>6} {'latency':>7}"
-            f"  {'color/shape/count':>17}  object recall per cut"
+            f"  {'vs FastV (±SE)':>15}  {'color/shape/count':>17}  object recall per cut"
         )
         for r in acc["rows"]:
             by_kind = "/".join(
                 f"{r['accuracy_by_kind'].get(k, 0.0):.2f}" for k in ("color", "shape", "count")
             )
             recall = " ".join(f"L{k}:{v:.2f}" for k, v in r.get("object_recall", {}).items())
+            versus = r.get("vs_fastv", {})
+            versus = f"{versus['difference']:+.3f}±{versus['se']:.3f}" if versus else ""
             print(
                 f"{r['keep_ratio']:6.3f} {r['method']:22} {r['mean_vision_tokens']:8.2f} {r['accuracy']:6.3f} "
-                f"{r['retention']:9.3f} {r['flops_ratio']:6.3f} {r['latency_ratio']:7.3f}  {by_kind:>17}  {recall}"
+                f"{r['retention']:9.3f} {r['flops_ratio']:6.3f} {r['latency_ratio']:7.3f}  {versus:>15}  "
+                f"{by_kind:>17}  {recall}"
             )
     lat = result.get("latency")
     if lat:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from rto.errors import UserError
-from rto.models import check_model_path
+from rto.models import check_model_path, guarded_from_pretrained
 from rto.ppo.algo import entropy_from_logits
 
 
@@ -117,13 +117,9 @@ def sequence_scores(
 # ---------------------------------------------------------------- loading
 
 
-def _load(auto_class, path_or_name: str | os.PathLike, **kwargs) -> nn.Module:
-    text = check_model_path(path_or_name)
-    try:
-        model = auto_class.from_pretrained(text, **kwargs)
-    except OSError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"cannot load model: {first_line}", source=text) from error
+def _load(auto_class, path_or_name: str | os.PathLike, what: str, **kwargs) -> nn.Module:
+    """A frozen model (eval mode, no gradients); a missing or unloadable one is a `UserError`."""
+    model = guarded_from_pretrained(auto_class, str(path_or_name), what, None, **kwargs)
     model.eval()
     model.requires_grad_(False)
     return model
@@ -141,7 +137,9 @@ class FrozenLM:
         micro_batch_size: int = 8,
     ):
         self.path = str(path_or_name)
-        self.model = _load(AutoModelForCausalLM, path_or_name, dtype=dtype).to(device)
+        self.model = _load(AutoModelForCausalLM, path_or_name, "load a causal LM from", dtype=dtype).to(
+            device
+        )
         self.device = torch.device(device)
         self.micro_batch_size = micro_batch_size
 
@@ -175,9 +173,13 @@ class FrozenRM:
         micro_batch_size: int = 8,
     ):
         self.path = str(path_or_name)
-        self.model = _load(AutoModelForSequenceClassification, path_or_name, dtype=dtype, num_labels=1).to(
-            device
-        )
+        self.model = _load(
+            AutoModelForSequenceClassification,
+            path_or_name,
+            "load a reward model from",
+            dtype=dtype,
+            num_labels=1,
+        ).to(device)
         self.device = torch.device(device)
         self.micro_batch_size = micro_batch_size
 

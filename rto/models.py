@@ -24,9 +24,11 @@ def check_model_path(path_or_name: str | os.PathLike, field: str | None = None) 
     return text
 
 
-def _from_pretrained(loader, path: str, what: str, field: str, *, errors=(OSError, ValueError), **kwargs):
+def guarded_from_pretrained(
+    loader, path: str, what: str, field: str | None, *, errors=(OSError, ValueError), **kwargs
+):
     """`loader.from_pretrained(path, **kwargs)` after the path check; a failure is a `UserError`
-    saying what could not be loaded, naming the field."""
+    saying what could not be loaded from where, naming the field when there is one."""
     check_model_path(path, field)
     try:
         return loader.from_pretrained(path, **kwargs)
@@ -37,7 +39,7 @@ def _from_pretrained(loader, path: str, what: str, field: str, *, errors=(OSErro
 def load_tokenizer(path: str, field: str = "policy.path"):
     from transformers import AutoTokenizer
 
-    tokenizer = _from_pretrained(AutoTokenizer, path, "load a tokenizer from", field)
+    tokenizer = guarded_from_pretrained(AutoTokenizer, path, "load a tokenizer from", field)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -46,16 +48,16 @@ def load_tokenizer(path: str, field: str = "policy.path"):
 def load_causal_lm(path: str, field: str = "policy.path", dtype=None, device: str = "cpu"):
     from transformers import AutoModelForCausalLM
 
-    return _from_pretrained(AutoModelForCausalLM, path, "load a causal LM from", field, dtype=dtype).to(
-        device
-    )
+    return guarded_from_pretrained(
+        AutoModelForCausalLM, path, "load a causal LM from", field, dtype=dtype
+    ).to(device)
 
 
 def is_vision_language(path: str, field: str = "policy.path") -> bool:
     """Whether the model folder / Hub name holds a vision-language model (its config has a vision tower)."""
     from transformers import AutoConfig
 
-    config = _from_pretrained(AutoConfig, path, "read the model config of", field)
+    config = guarded_from_pretrained(AutoConfig, path, "read the model config of", field)
     return getattr(config, "vision_config", None) is not None
 
 
@@ -63,7 +65,7 @@ def load_processor(path: str, field: str = "policy.path"):
     """The processor (image processor + tokenizer) saved with a vision-language model."""
     from transformers import AutoProcessor
 
-    processor = _from_pretrained(
+    processor = guarded_from_pretrained(
         AutoProcessor, path, "load a processor from", field, errors=(OSError, ValueError, TypeError)
     )
     if not hasattr(processor, "image_processor"):
@@ -81,7 +83,7 @@ def load_vision_lm(path: str, field: str = "policy.path", dtype=None, device: st
         raise UserError(
             f"'{path}' has no vision tower: the image task needs a vision-language model", field=field
         )
-    model = _from_pretrained(
+    model = guarded_from_pretrained(
         AutoModelForImageTextToText, path, "load a vision-language model from", field, dtype=dtype
     )
     return model.to(device)
