@@ -168,7 +168,7 @@ def accuracy_part(args) -> dict:
 
     def run(method: str, schedule: dict, positions: str = "original") -> dict:
         """Accuracy (all, per question kind), prefill FLOPs and object recall per cut layer."""
-        correct, flops, kinds, recall = [], 0.0, {}, {}
+        correct, flops, kinds, recall, asked_kept = [], 0.0, {}, {}, []
         generator = generator_for(method)
         for start, batch, shown in zip(range(0, len(examples), 64), batches, objects, strict=True):
             chunk = examples[start : start + 64]
@@ -185,18 +185,25 @@ def accuracy_part(args) -> dict:
             for layer, kept in trace.kept_vision.items():
                 hit = shown.gather(1, kept).sum(-1).float() / shown.sum(-1)
                 recall.setdefault(int(layer), []).extend(hit.tolist())
+            for b, example in enumerate(chunk):  # per cut: did the tokens the question is about survive?
+                asked = task.asked_tokens(example)
+                asked_kept.append(
+                    {int(layer): asked <= set(kept[b].tolist()) for layer, kept in trace.kept_vision.items()}
+                )
             flops += prefill_flops(model.config, trace)
         return dict(
             accuracy=statistics.mean(correct),
             correct=correct,
             accuracy_by_kind={k: statistics.mean(v) for k, v in sorted(kinds.items())},
             object_recall={layer: statistics.mean(v) for layer, v in sorted(recall.items())},
+            asked_kept=asked_kept,
             flops=flops,
         )
 
     dense = run("adaptinfer", {})
     dense_acc, dense_flops = dense["accuracy"], dense["flops"]
     answered: dict[tuple[str, float], list[float]] = {}  # (method, ratio) -> per-question 0/1
+    answered_kept: dict[tuple[str, float], list[dict]] = {}  # ... -> per question {cut: asked kept}
     with torch.no_grad():
         hf_acc = image_model.evaluate(model, processor, examples)
     rows, timing_configs = [], {"dense": ("adaptinfer", {})}
@@ -218,6 +225,7 @@ def accuracy_part(args) -> dict:
             result = run(method, schedule, positions)
             acc = result["accuracy"]
             answered[name, ratio] = result["correct"]
+            answered_kept[name, ratio] = result["asked_kept"]
             rows.append(
                 dict(
                     method=name,
@@ -245,6 +253,10 @@ def accuracy_part(args) -> dict:
         mine, fastv = answered[row["method"], row["keep_ratio"]], answered["fastv", row["keep_ratio"]]
         row["vs_fastv"] = paired_difference(mine, fastv)
         row["vs_dense"] = paired_difference(mine, dense["correct"])
+        # per cut: accuracy on the questions whose asked-about objects survived it / did not, vs dense
+        row["asked_objects"] = asked_split(
+            answered_kept[row["method"], row["keep_ratio"]], mine, dense["correct"]
+        )
     latency = time_prefills(model, batches[0], timing_configs, args.reps, "cpu")
     for row in rows:
         row["latency_ratio"] = latency[f"{row['method']}@{row['keep_ratio']}"] / latency["dense"]
@@ -273,6 +285,23 @@ def paired_difference(a: list[float], b: list[float]) -> dict:
     """Mean of a − b over the same questions and its standard error."""
     differences = [x - y for x, y in zip(a, b, strict=True)]
     return dict(difference=statistics.mean(differences), se=standard_error(differences))
+
+
+def asked_split(kept: list[dict], pruned: list[float], dense: list[float]) -> dict:
+    """Per cut layer: share of the questions whose asked-about objects (`task.asked_tokens`)
+    survived the cut, and the pruned and dense accuracy on those (`kept`) and the others (`lost`)."""
+    out = {}
+    for layer in kept[0] if kept else {}:
+        split = {}
+        for label, flag in (("kept", True), ("lost", False)):
+            chosen = [i for i, k in enumerate(kept) if k[layer] == flag]
+            split[label] = dict(
+                share=len(chosen) / len(kept),
+                accuracy=statistics.mean(pruned[i] for i in chosen) if chosen else None,
+                dense_accuracy=statistics.mean(dense[i] for i in chosen) if chosen else None,
+            )
+        out[layer] = split
+    return out
 
 
 def question_kind(example) -> str:
@@ -422,7 +451,8 @@ def print_tables(result: dict) -> None:
         print("dense accuracy by question kind: " + ", ".join(f"{k} {v:.3f}" for k, v in kinds.items()))
         print(
             f"{'keep':>6} {'method':22} {'mean vis':>8} {'acc':>6} {'retention':>9} {'FLOPs':>6} {'latency':>7}"
-            f"  {'vs FastV (±SE)':>15}  {'color/shape/count':>17}  object recall per cut"
+            f"  {'vs FastV (±SE)':>15}  {'asked kept @1st cut, acc/dense':>30}  {'color/shape/count':>17}"
+            "  object recall per cut"
         )
         for r in acc["rows"]:
             by_kind = "/".join(
@@ -431,10 +461,16 @@ def print_tables(result: dict) -> None:
             recall = " ".join(f"L{k}:{v:.2f}" for k, v in r.get("object_recall", {}).items())
             versus = r.get("vs_fastv", {})
             versus = f"{versus['difference']:+.3f}±{versus['se']:.3f}" if versus else ""
+            first = next(iter(r.get("asked_objects", {}).values()), {}).get("kept", {})
+            kept = (
+                f"{first['share']:.2f}, {first['accuracy']:.3f}/{first['dense_accuracy']:.3f}"
+                if first.get("accuracy") is not None
+                else ""
+            )
             print(
                 f"{r['keep_ratio']:6.3f} {r['method']:22} {r['mean_vision_tokens']:8.2f} {r['accuracy']:6.3f} "
                 f"{r['retention']:9.3f} {r['flops_ratio']:6.3f} {r['latency_ratio']:7.3f}  {versus:>15}  "
-                f"{by_kind:>17}  {recall}"
+                f"{kept:>30}  {by_kind:>17}  {recall}"
             )
     lat = result.get("latency")
     if lat:

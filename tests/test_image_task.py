@@ -215,3 +215,20 @@ def test_sft_recipe_runs_its_phases_in_turn_and_reuses_finished_ones(tmp_path, m
         (tmp_path / name).unlink()
     again = image_model.sft_recipe(tmp_path, log_every=0)
     assert again["phase1"] == again["phase2"] == "reused" and again["phase3"] != "reused"
+
+
+def test_asked_tokens_are_the_objects_a_question_is_about():
+    items = (
+        task.Item("circle", "red", "top left"),
+        task.Item("square", "red", "bottom right"),
+        task.Item("triangle", "blue", "top right"),
+    )
+    drawn = task.object_tokens_of(task.Example(items, "", "", 7))  # ordinal -> item
+    where = {item.shape: ordinal for ordinal, item in drawn.items()}
+    asked = lambda question: task.asked_tokens(task.Example(items, question, "", 7))  # noqa: E731
+    assert asked("what color is the square ?") == {where["square"]}
+    assert asked("what shape is at the top right ?") == {where["triangle"]}
+    assert asked("what shape is at the bottom left ?") == set()
+    assert asked("how many red shapes ?") == {where["circle"], where["square"]}
+    assert asked("how many green shapes ?") == set()
+    assert asked("describe the picture .") == set()

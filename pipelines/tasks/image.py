@@ -90,6 +90,21 @@ def object_tokens_of(example: Example) -> dict[int, Item]:
     return {row * grid + col: item for (col, row), item in zip(cells, example.items, strict=True)}
 
 
+def asked_tokens(example: Example) -> set[int]:
+    """Ordinals of the vision tokens a question is about: the asked shape (colour questions), the
+    object in the asked quadrant (shape questions, none if it is empty), the objects of the asked
+    colour (counts). Empty for descriptions."""
+    words = example.question.split()
+    objects = object_tokens_of(example).items()
+    if words[:2] == ["what", "color"]:
+        return {i for i, item in objects if item.shape == words[4]}
+    if words[:2] == ["what", "shape"]:
+        return {i for i, item in objects if item.position == " ".join(words[5:7])}
+    if words[:2] == ["how", "many"]:
+        return {i for i, item in objects if item.color == words[2]}
+    return set()
+
+
 def render(items: tuple[Item, ...], seed: int):
     """Draw `items` on a dark background, each as a 4x4 glyph in a random patch cell of its quadrant."""
     from PIL import Image
