@@ -221,6 +221,10 @@ def test_stop_a_running_job(cluster, tmp_path):
     while (state := job_status(cluster, job_id)) != "RUNNING":
         assert state == "PENDING" and time.monotonic() < deadline, state
         time.sleep(1)
+    # stop it inside the sft stage, not while it is still preparing (the follower must show the stage)
+    while "stage sft" not in rto("jobs", "logs", job_id, "--address", cluster).stdout:
+        assert time.monotonic() < deadline and job_status(cluster, job_id) == "RUNNING"
+        time.sleep(1)
     result = rto("jobs", "stop", job_id, "--address", cluster)
     assert result.returncode == 0 and f"stopping {job_id}" in result.stdout
     status = rto("jobs", "status", job_id, "--wait", "--timeout", "120", "--address", cluster)
