@@ -129,16 +129,17 @@ def loss_with_dropped_vision_tokens(
     the picture and the model is not taught to guess; otherwise the `keep` are uniformly random.
     Kept tokens keep their positions.
 
-    `cuts` generalises the drop to decoder layers: ``[(layer, keep), ...]`` (increasing layers,
+    `cuts` generalises the drop to decoder layers: ``[(layer, keep), ...]`` (distinct layers,
     non-increasing keeps; layer -1 is the input) thins the image tokens *after* each layer, as a
-    pruning schedule does (`keep` is then unused). Which tokens go is decided by the same ranking at every cut (objects
-    first with `keep_objects`, otherwise random) — no pruning method's scorer, so the model learns
-    that the object tokens suffice and that later layers may see few of them, as large VLMs do
-    (their text tokens have read the picture within the first layers), for every method alike.
+    pruning schedule does (`keep` is then unused). Which tokens go is decided by the same ranking
+    at every cut (objects first with `keep_objects`, otherwise random) — no pruning method's
+    scorer, so the model learns that the object tokens suffice and that later layers may see few
+    of them, as large VLMs do (their text tokens have read the picture within the first layers),
+    for every method alike.
     """
     from prune.adaptinfer.engine import attention_mask_for, image_embeddings, select_rows
 
-    cuts = sorted(cuts) if cuts is not None else [(-1, keep)]
+    cuts = dict(cuts) if cuts is not None else {-1: keep}  # layer -> image tokens kept after it
     embeds, vision = image_embeddings(model, batch["input_ids"], batch["pixel_values"])
     scores = torch.rand(vision.shape, generator=generator)
     if keep_objects:
@@ -158,10 +159,9 @@ def loss_with_dropped_vision_tokens(
         take = lambda t: t.gather(1, order if t.dim() == 2 else order[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
         return take(hidden), take(valid), take(positions), take(labels), take(scores)
 
-    pending = list(cuts)
-    while pending and pending[0][0] < 0:
+    if -1 in cuts:
         hidden, valid, positions, labels, scores = thin(
-            n_text + pending.pop(0)[1], hidden, valid, positions, labels, scores
+            n_text + cuts[-1], hidden, valid, positions, labels, scores
         )
     position_embeddings = lm.rotary_emb(hidden, position_ids=positions)
     for index, layer in enumerate(lm.layers):
@@ -169,9 +169,9 @@ def loss_with_dropped_vision_tokens(
         hidden = layer(
             hidden, attention_mask=mask, position_embeddings=position_embeddings, position_ids=positions
         )
-        while pending and pending[0][0] == index:
+        if index in cuts:
             hidden, valid, positions, labels, scores = thin(
-                n_text + pending.pop(0)[1], hidden, valid, positions, labels, scores
+                n_text + cuts[index], hidden, valid, positions, labels, scores
             )
             position_embeddings = lm.rotary_emb(hidden, position_ids=positions)
     logits = model.lm_head(lm.norm(hidden))[:, :-1].float()
@@ -179,6 +179,13 @@ def loss_with_dropped_vision_tokens(
     return torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
     )
+
+
+def log_uniform_keep(generator: torch.Generator) -> int:
+    """A number of image tokens to keep, log-uniform in [3, 64): small budgets as often as large
+    ones, and never fewer than the (at most 3) object patches."""
+    u = float(torch.rand((), generator=generator))
+    return min(int(3 * (task.N_VISION_TOKENS / 3) ** u), task.N_VISION_TOKENS - 1)
 
 
 def random_cuts(n_layers: int, generator: torch.Generator) -> list[tuple[int, int]]:
@@ -193,8 +200,7 @@ def random_cuts(n_layers: int, generator: torch.Generator) -> list[tuple[int, in
         return int(torch.randint(low, high + 1, (), generator=generator))
 
     first = uniform(-1, min(3, n_layers - 2))
-    u = float(torch.rand((), generator=generator))
-    keep = min(int(3 * (task.N_VISION_TOKENS / 3) ** u), task.N_VISION_TOKENS - 1)
+    keep = log_uniform_keep(generator)
     cuts = [(first, keep)]
     if first < n_layers - 2 and float(torch.rand((), generator=generator)) < 0.5:
         cuts.append((uniform(first + 1, n_layers - 2), uniform(0, keep)))
@@ -263,13 +269,12 @@ def sft(
             batch = {k: v[idx] for k, v in data.items()}
             examples = [train_examples[i] for i in idx.tolist()]
         draw = float(torch.rand((), generator=generator)) if (token_drop or layer_drop) else 1.0
-        if draw >= token_drop and draw < token_drop + layer_drop:
+        if token_drop <= draw < token_drop + layer_drop:
             cuts = random_cuts(model.config.text_config.num_hidden_layers, generator)
             loss = loss_with_dropped_vision_tokens(model, batch, 0, generator, keep_objects=True, cuts=cuts)
         elif draw < token_drop:
-            if keep_objects:  # log-uniform in [3, 64): small budgets as often as large ones
-                u = float(torch.rand((), generator=generator))
-                keep = min(int(3 * (task.N_VISION_TOKENS / 3) ** u), task.N_VISION_TOKENS - 1)
+            if keep_objects:
+                keep = log_uniform_keep(generator)
             else:
                 keep = int(torch.randint(2, task.N_VISION_TOKENS, (), generator=generator))
             loss = loss_with_dropped_vision_tokens(model, batch, keep, generator, keep_objects=keep_objects)
@@ -362,15 +367,7 @@ RECIPE = dict(
 descriptions, background-only token drop on 30 % of the batches, a 3-layer 128-wide vision tower."""
 
 RECIPE_PHASE2 = dict(
-    steps=1800,
-    batch_size=32,
-    lr=1.5e-3,
-    describe_fraction=0.3,
-    n_train=0,
-    seed=6,
-    token_drop=0.3,
-    keep_objects=True,
-    patch_loss_weight=1.0,
+    RECIPE, steps=1800, lr=1.5e-3, describe_fraction=0.3, seed=6, model_shape=None, patch_loss_weight=1.0
 )
 """Phase 2 (from phase 1): more questions, lower learning rate, and the auxiliary `patch_loss`
 (shape and colour)."""
