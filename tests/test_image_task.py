@@ -169,6 +169,32 @@ def test_random_cuts_look_like_pruning_schedules():
     assert seen_two
 
 
+def test_early_read_cuts_remove_every_image_token_after_layer_0_or_1():
+    generator = torch.Generator().manual_seed(4)
+    layers = set()
+    for _ in range(50):
+        (cut,) = image_model.early_read_cuts(generator)
+        assert cut[1] == 0
+        layers.add(cut[0])
+    assert layers == {0, 1}
+
+
+def test_sft_with_early_read_batches_trains_on_the_cut_loss(tmp_path, monkeypatch):
+    seen = []
+    original = image_model.loss_with_dropped_vision_tokens
+
+    def spy(model, batch, keep, generator, keep_objects=False, cuts=None):
+        seen.append(cuts)
+        return original(model, batch, keep, generator, keep_objects=keep_objects, cuts=cuts)
+
+    monkeypatch.setattr(image_model, "loss_with_dropped_vision_tokens", spy)
+    summary = image_model.sft(
+        tmp_path, steps=3, batch_size=4, n_train=0, log_every=0, n_eval=8, early_read=1.0
+    )
+    assert len(seen) == 3 and all(len(c) == 1 and c[0][1] == 0 and c[0][0] in (0, 1) for c in seen)
+    assert summary["final_loss"] > 0
+
+
 def test_sft_with_fresh_examples_and_background_token_drop(tmp_path):
     summary = image_model.sft(
         tmp_path, steps=3, batch_size=4, n_train=0, log_every=0, n_eval=8, token_drop=1.0, keep_objects=True
