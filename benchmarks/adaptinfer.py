@@ -493,7 +493,7 @@ def main(argv: list[str] | None = None) -> dict:
         default=str(Path.home() / ".cache" / "rto" / "image-vlm-v4"),
         help="trained tiny VLM dir (trained here when missing)",
     )
-    parser.add_argument("--n-eval", type=int, default=512)
+    parser.add_argument("--n-eval", type=int, default=2048)
     parser.add_argument(
         "--eval-seed",
         type=int,
