@@ -31,15 +31,21 @@ PORT_OPTIONS = [
 ]  # fmt: skip
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free loopback ports (all held open at once, so none is handed out twice)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def start_head(temp_dir: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
     """`ray start --head --block` on loopback with free ports; (process, dashboard address)."""
-    ports = {option: free_port() for option in PORT_OPTIONS}
+    ports = dict(zip(PORT_OPTIONS, free_ports(len(PORT_OPTIONS)), strict=True))
     bin_dir = str(Path(sys.executable).parent)
     command = [
         os.path.join(bin_dir, "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
@@ -97,18 +103,30 @@ def pids_mentioning(text: str) -> list[int]:
 def cluster():
     # Ray's unix socket paths live under the temp dir and must stay short: /tmp/rrXXXXXXXX
     temp_dir = Path(tempfile.mkdtemp(prefix="rr", dir="/tmp"))
-    process, address = start_head(temp_dir, temp_dir / "head.log")
+    for attempt in range(3):  # a port taken between choosing and binding it ends the head at once
+        process, address = start_head(temp_dir, temp_dir / f"head-{attempt}.log")
+        up = wait_for_dashboard(process, address, deadline=time.monotonic() + 180)
+        if up or process.poll() is None:
+            break
+        stop_head(process, temp_dir)
     try:
-        deadline = time.monotonic() + 180
-        while not dashboard_answers(address):
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"Ray head did not start:\n{(temp_dir / 'head.log').read_text()[-3000:]}")
-            time.sleep(1)
+        if not up:
+            log = (temp_dir / f"head-{attempt}.log").read_text()[-3000:]
+            pytest.fail(f"Ray head did not start (exit code {process.poll()}):\n{log}")
         assert rto("jobs", "list", "--address", address).returncode == 0
         yield address
     finally:
         stop_head(process, temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def wait_for_dashboard(process: subprocess.Popen, address: str, deadline: float) -> bool:
+    """True once the head's dashboard answers; False if the head exits or the deadline passes."""
+    while not dashboard_answers(address):
+        if process.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(1)
+    return True
 
 
 def dashboard_answers(address: str) -> bool:
@@ -261,7 +279,7 @@ def test_unknown_job_id(cluster, command):
 )
 def test_address_without_a_cluster(tmp_path, args):
     job = tiny_job(tmp_path)
-    address = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    address = f"http://127.0.0.1:{free_ports(1)[0]}"  # nothing listens there
     code, _, stderr = run_cli(*[a.format(job=job) for a in args], "--address", address)
     assert code == 2, stderr
     assert stderr.startswith(f"error: --address: no Ray cluster answers at {address}")
@@ -270,7 +288,7 @@ def test_address_without_a_cluster(tmp_path, args):
 
 def test_bad_submissions_fail_before_connecting(tmp_path):
     job = tiny_job(tmp_path)
-    address = f"http://127.0.0.1:{free_port()}"
+    address = f"http://127.0.0.1:{free_ports(1)[0]}"
     cases = [
         (["--run-dir", "relative/run"], "relative/run: --run-dir: must be an absolute path on the cluster"),
         (["--set", "sft.lr=abc"], "sft.lr"),
