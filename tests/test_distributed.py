@@ -123,18 +123,37 @@ def test_frozen_worker_without_ray(tmp_path):
 
 def test_critic_loaded_from_reward_model_starts_as_its_score(tmp_path):
     from reward.scoring import sequence_scores
-    from rto.distributed.workers import load_hf_model
+    from rto.models import load_model
 
     config = transformers.AutoConfig.from_pretrained(make_tiny_llama(tmp_path / "lm"))
     config.num_labels = 1
     transformers.LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
-    critic = load_hf_model(str(tmp_path / "rm"), "token_classification")
-    reward_model = load_hf_model(str(tmp_path / "rm"), "sequence_classification")
+    critic = load_model(str(tmp_path / "rm"), "token_classification")
+    reward_model = load_model(str(tmp_path / "rm"), "sequence_classification")
     ids = torch.randint(3, VOCAB, (2, 7))
     mask = torch.ones_like(ids)
     with torch.no_grad():
         values = critic(input_ids=ids, attention_mask=mask).logits.squeeze(-1)  # [B, L]
         torch.testing.assert_close(values[:, -1], sequence_scores(reward_model, ids, mask))
+
+
+def test_worker_loader_errors_name_the_folder_and_field(tmp_path):
+    from rto.errors import UserError
+    from rto.models import load_model
+
+    with pytest.raises(UserError, match="model folder '.*missing' does not exist") as error:
+        load_model(str(tmp_path / "missing"), "causal_lm", field="reference.path")
+    assert error.value.field == "reference.path"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="cannot read the model config of '.*empty'"):
+        load_model(str(tmp_path / "empty"), "sequence_classification", field="reward.path")
+    config_only = tmp_path / "config-only"
+    transformers.AutoConfig.from_pretrained(make_tiny_llama(tmp_path / "lm")).save_pretrained(config_only)
+    for kind, what in [("sequence_classification", "a reward model"), ("token_classification", "a critic")]:
+        with pytest.raises(UserError, match=f"cannot load {what} from '.*config-only'"):
+            load_model(str(config_only), kind, field="reward.path")
+    with pytest.raises(ValueError, match="model kind must be one of"):
+        load_model(str(tmp_path / "lm"), "value_head")
 
 
 def test_generate_layout_and_sampler_logprobs(groups):

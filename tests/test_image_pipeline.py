@@ -82,13 +82,13 @@ def test_image_job_runs_ppo_with_pruned_rollouts(image_run):
 def test_image_job_outputs_load_as_plain_transformers(image_run):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from rto.distributed.workers import load_hf_model
+    from rto.models import load_model
 
     policy_dir = image_run / "stages" / "ppo" / "policy"
     policy = LlavaForConditionalGeneration.from_pretrained(policy_dir)
     processor = AutoProcessor.from_pretrained(policy_dir)
     assert processor.tokenizer.convert_tokens_to_ids("<image>") == policy.config.image_token_id
-    critic = load_hf_model(str(image_run / "stages" / "ppo" / "critic"), "token_classification")
+    critic = load_model(str(image_run / "stages" / "ppo" / "critic"), "token_classification")
     assert critic.lm_head.out_features == 1
     assert bool((critic.lm_head.weight != 0).any())  # the trained value head came back, not a fresh one
     sft = LlavaForConditionalGeneration.from_pretrained(image_run / "stages" / "sft")

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from rto.distributed.workers import Worker, default_device, load_hf_model, resolve_function, weights_checksum
+from rto.distributed.workers import Worker, default_device, resolve_function, weights_checksum
+from rto.models import load_model
 
 
 def hf_generate(
@@ -97,7 +98,7 @@ class RolloutWorker(Worker):
     ) -> None:
         super().__init__(rank, world_size, num_threads)
         self.device = default_device()
-        self.model = load_hf_model(model_path, "causal_lm", dtype).to(self.device).eval()
+        self.model = load_model(model_path, "causal_lm", dtype).to(self.device).eval()
         self.model.requires_grad_(False)
         self.generate_fn = generate_fn
         self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)

@@ -15,14 +15,13 @@ from typing import Any
 import torch
 
 from rto.distributed.workers import (
-    ModelKind,
     Worker,
     call_with_batch,
     default_device,
-    load_hf_model,
     run_scoring_fn,
     weights_checksum,
 )
+from rto.models import ModelKind, load_model
 
 # A loss function: loss_fn(model, **minibatch) -> loss or (loss, {"metric": float, ...}).
 LossFn = Callable[..., "torch.Tensor | tuple[torch.Tensor, dict[str, float]]"]
@@ -100,7 +99,7 @@ class TrainableWorker(Worker):
     Args:
         model_path: Hugging Face folder to start from.
         config: :class:`EngineConfig` (or a dict of its fields).
-        model_kind: head to load (see :func:`rto.distributed.workers.load_hf_model`).
+        model_kind: head to load (see :func:`rto.models.load_model`).
     """
 
     def __init__(
@@ -137,7 +136,7 @@ class TrainableWorker(Worker):
             world_size=self.world_size,
         )
         transformers.set_seed(self.config.seed)
-        model = load_hf_model(self.model_path, self.model_kind, torch.float32)
+        model = load_model(self.model_path, self.model_kind, torch.float32)
         if self.config.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         cfg = self.config

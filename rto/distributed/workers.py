@@ -21,12 +21,7 @@ from typing import Any
 
 import torch
 
-ModelKind = str  # "causal_lm" | "sequence_classification" | "token_classification"
-_AUTO_CLASSES = {
-    "causal_lm": "AutoModelForCausalLM",
-    "sequence_classification": "AutoModelForSequenceClassification",
-    "token_classification": "AutoModelForTokenClassification",  # critic: one value per token
-}
+from rto.models import ModelKind, load_model
 
 
 def resolve_function(fn: Callable | str) -> Callable:
@@ -46,75 +41,6 @@ def call_with_batch(fn: Callable | str, model: Any, batch: dict[str, Any], **kwa
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         batch = {k: v for k, v in batch.items() if k in params}
     return fn(model, **batch, **kwargs)
-
-
-def load_hf_model(path: str, kind: ModelKind = "causal_lm", dtype: torch.dtype | str = torch.float32):
-    """Load a Hugging Face model folder as a causal LM, a sequence classifier (reward model, one
-    score) or a token classifier (critic, one value per token; loads a reward model's folder too).
-
-    A vision-language folder (its config has a ``vision_config``: Llava family) loads as
-    ``AutoModelForImageTextToText`` for ``causal_lm`` and as the same model with a one-output value
-    head in place of ``lm_head`` for ``token_classification`` (see :func:`load_vision_critic`)."""
-    import transformers
-
-    if kind not in _AUTO_CLASSES:
-        raise ValueError(f"model kind must be one of {sorted(_AUTO_CLASSES)}, got {kind!r}")
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    config = transformers.AutoConfig.from_pretrained(path)
-    if getattr(config, "vision_config", None) is not None:
-        if kind == "causal_lm":
-            return transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
-        if kind == "token_classification":
-            return load_vision_critic(path, dtype)
-        raise ValueError(f"model kind {kind!r} is not supported for vision-language models ({path})")
-    auto_cls = getattr(transformers, _AUTO_CLASSES[kind])
-    extra = {} if kind == "causal_lm" else {"num_labels": 1}
-    model, info = auto_cls.from_pretrained(path, dtype=dtype, output_loading_info=True, **extra)
-    head = getattr(model, "score", None)
-    if kind == "token_classification" and "score.bias" in info["missing_keys"] and head is not None:
-        # A reward model's head has no bias; zero the new one so the critic starts as the RM's score.
-        torch.nn.init.zeros_(head.bias)
-    return model
-
-
-VALUE_HEAD_FLAG = "rto_value_head"
-"""Config attribute marking a saved vision-language critic (its ``lm_head`` has one output)."""
-
-
-def load_vision_critic(path: str, dtype: torch.dtype = torch.float32):
-    """A vision-language critic: the VLM with ``lm_head`` replaced by a zero-initialised linear value
-    head (one value per token, read as ``logits[..., 0]`` like a token classifier's). A folder saved
-    from such a critic (config flag ``rto_value_head``) gets its trained head back."""
-    import transformers
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the load report lists the replaced head as mismatched
-    try:
-        model = transformers.AutoModelForImageTextToText.from_pretrained(
-            path, dtype=dtype, ignore_mismatched_sizes=True
-        )
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    hidden = model.config.get_text_config().hidden_size
-    head = torch.nn.Linear(hidden, 1, bias=True, dtype=model.lm_head.weight.dtype)
-    torch.nn.init.zeros_(head.weight)
-    torch.nn.init.zeros_(head.bias)
-    if getattr(model.config, VALUE_HEAD_FLAG, False):
-        from pathlib import Path
-
-        from safetensors.torch import load_file
-
-        state = {}
-        for shard in sorted(Path(path).glob("*.safetensors")):
-            state.update({k: v for k, v in load_file(shard).items() if k.startswith("lm_head.")})
-        head.load_state_dict({k.removeprefix("lm_head."): v for k, v in state.items()})
-    model.lm_head = head
-    # the value head is not the (tied) embedding matrix: saving must keep it, loading must not tie it
-    model.config.tie_word_embeddings = False
-    model.config.get_text_config().tie_word_embeddings = False
-    setattr(model.config, VALUE_HEAD_FLAG, True)
-    return model
 
 
 def weights_checksum(model: torch.nn.Module) -> str:
@@ -234,7 +160,7 @@ class FrozenModelWorker(Worker):
     ) -> None:
         super().__init__(rank, world_size, num_threads)
         self.device = default_device()
-        self.model = load_hf_model(model_path, model_kind, dtype).to(self.device).eval()
+        self.model = load_model(model_path, model_kind, dtype).to(self.device).eval()
         self.model.requires_grad_(False)
         self.scoring_fn = scoring_fn
 
