@@ -132,6 +132,8 @@ class ImageTaskConfig(BuiltinTaskConfig):
     name: Literal["image"] = "image"
     n_sft: int = Field(16000, gt=0, description="SFT examples")
     n_eval: int = Field(256, gt=0, description="Held-out evaluation prompts")
+    n_pairs: int = Field(4096, gt=0, description="Preference pairs for dpo (right vs wrong answer)")
+    n_eval_pairs: int = Field(256, gt=0, description="Held-out preference pairs")
     describe_fraction: float = Field(
         0.5,
         ge=0,
@@ -146,8 +148,9 @@ def _task_name(value: Any) -> str:
     return value.get("name", "text") if isinstance(value, dict) else getattr(value, "name", "text")
 
 
-IMAGE_TASK_STAGES = ("sft", "ppo", "eval")
-"""Stages the image task supports (there are no image preference pairs, so no dpo/rm, and FTP is text-only)."""
+IMAGE_TASK_STAGES = ("sft", "dpo", "ppo", "eval")
+"""Stages the image task supports (no reward-model stage: its sentence-level reward is the ground
+truth; FTP is text-only)."""
 
 
 class DataConfig(Section):
@@ -344,8 +347,10 @@ class Config(Section):
             raise FieldError(
                 "policy.builtin", "task 'image' needs a vision-language policy: tiny-llava or a path"
             )
-        # the image task has no preference pairs: its defaults are the rule reward and a policy critic
-        unset = {k: v for k, v in (("mode", "ppo"), ("sentence_reward", "ground_truth"))
+        # no reward-model stage: the sentence-level reward is the rule reward, the critic the policy's;
+        # the token reward is RTO's when there is a DPO model, else PPO's (rule reward + KL)
+        mode = "rto" if "dpo" in self.stages else "ppo"
+        unset = {k: v for k, v in (("mode", mode), ("sentence_reward", "ground_truth"))
                  if k not in self.reward.model_fields_set}  # fmt: skip
         if unset:
             self.reward = type(self.reward).model_validate({**self.reward.model_dump(), **unset})
@@ -356,11 +361,10 @@ class Config(Section):
                 "ppo.critic_init",
                 "'rm' needs a reward model, which task 'image' has no stage for; use 'policy'",
             )
-        if self.reward.needs_dpo:
+        if "ppo" in self.stages and self.reward.needs_dpo and "dpo" not in self.stages:
             raise FieldError(
                 "reward.mode",
-                f"'{self.reward.mode}' needs a DPO model, which task 'image' has no stage for; "
-                "use reward.mode ppo",
+                f"'{self.reward.mode}' needs a DPO model: add 'dpo' to stages, or use reward.mode ppo",
             )
         if "ppo" in self.stages and self.reward.needs_rm:
             raise FieldError(

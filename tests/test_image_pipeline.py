@@ -1,6 +1,7 @@
-"""The image task through the staged pipeline: SFT of a tiny VLM with TRL, PPO whose rollout
-workers generate with AdaptInfer pruning (pictures carried through rollout, scorers and losses),
-and the evaluation of dense and pruned policies; plus the bad inputs of issue 6."""
+"""The image task through the staged pipeline: SFT and DPO of a tiny VLM with TRL, PPO with RTO's
+token reward whose rollout workers generate with AdaptInfer pruning (pictures carried through
+rollout, scorers and losses), and the evaluation of dense and pruned policies; plus the bad inputs
+of issue 6."""
 
 from __future__ import annotations
 
@@ -25,10 +26,11 @@ TINY_VLM_ARCH = {
 IMAGE_JOB = {
     "seed": 0,
     "device": "cpu",
-    "stages": ["sft", "ppo", "eval"],
-    "task": {"name": "image", "n_sft": 256, "n_prompts": 32, "n_eval": 16},
+    "stages": ["sft", "dpo", "ppo", "eval"],
+    "task": {"name": "image", "n_sft": 256, "n_prompts": 32, "n_eval": 16, "n_pairs": 64, "n_eval_pairs": 16},
     "policy": {"builtin": "tiny-llava", "arch": TINY_VLM_ARCH},
     "sft": {"max_steps": 12, "batch_size": 16, "lr": 3e-3},
+    "dpo": {"max_steps": 6, "batch_size": 8, "lr": 3e-3},
     "ppo": {
         "steps": 2, "rollout_batch_size": 8, "train_batch_size": 8, "micro_batch_size": 8,
         "max_new_tokens": 4, "checkpoint_every": 1, "rollout_pruner": "adaptinfer",
@@ -46,7 +48,7 @@ def write_image_job(directory: Path, **changes) -> Path:
 
 @pytest.fixture(scope="module")
 def image_run(tmp_path_factory):
-    """A finished sft → ppo (AdaptInfer rollouts) → eval run of the image task."""
+    """A finished sft → dpo → ppo (RTO, AdaptInfer rollouts) → eval run of the image task."""
     root = tmp_path_factory.mktemp("image")
     result = rto("run", str(write_image_job(root)), "--run-dir", str(root / "run"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -56,7 +58,10 @@ def image_run(tmp_path_factory):
 def test_image_job_runs_ppo_with_pruned_rollouts(image_run):
     summary = json.loads((image_run / "summary.json").read_text())
     assert summary["sft"]["steps"] == 12
-    assert summary["ppo"]["reward_mode"] == "ppo"
+    assert summary["dpo"]["steps"] == 6 and summary["dpo"]["pairs"] == 64
+    # held-out pairs scored by the DPO model against its reference (the SFT model)
+    assert 0.0 <= summary["dpo"]["dpo_reward_accuracy"] <= 1.0 and summary["dpo"]["dpo_reward_margin"] != 0.0
+    assert summary["ppo"]["reward_mode"] == "rto"
     rows = [json.loads(line) for line in (image_run / "metrics.jsonl").read_text().splitlines()]
     ppo = [r for r in rows if r["stage"] == "ppo"]
     assert [r["step"] for r in ppo] == [1, 2]
@@ -71,7 +76,13 @@ def test_image_job_runs_ppo_with_pruned_rollouts(image_run):
         assert row["prompt"].startswith("[prompts-") and row["prompt"].endswith("?")
         # the ground truth is the sentence-level reward, added unnormalised at the last token
         assert row["rm_score"] == pytest.approx(row["gt_reward"])
-        assert sum(row["reward"]) == pytest.approx(sum(row["reward_kl"]) + row["rm_score"], abs=1e-5)
+        # RTO: β1·log π_dpo/π_ref per token (pictures included in both scorers' forwards) + KL + score
+        ratios = zip(row["dpo_logprob"], row["ref_logprob"], strict=True)
+        dpo_term = [min(max(0.05 * (d - r), -0.05), 0.05) for d, r in ratios]  # β1 = c = 0.05
+        assert row["reward_dpo"] == pytest.approx(dpo_term, abs=1e-5)
+        assert any(abs(d) > 1e-6 for d in row["reward_dpo"])  # the DPO model moved
+        total = sum(row["reward_kl"]) + sum(row["reward_dpo"]) + row["rm_score"]
+        assert sum(row["reward"]) == pytest.approx(total, abs=1e-5)
         assert "<image>" not in row["tokens"]  # the policy never emits its image placeholder
 
     evals = summary["eval"]["policies"]
@@ -162,8 +173,8 @@ def test_policy_without_vision_tower_is_exit_2(tmp_path):
 @pytest.mark.parametrize(
     ("changes", "field"),
     [
-        ({"stages": ["sft", "dpo"]}, "stages"),
-        ({"reward": {"mode": "rto"}}, "reward.mode"),
+        ({"stages": ["sft", "rm"]}, "stages"),
+        ({"stages": ["sft", "ppo", "eval"], "reward": {"mode": "rto"}}, "reward.mode"),
         ({"ppo": {"rollout_pruner": "ftp"}}, "ppo.rollout_pruner"),
         ({"adaptinfer": {"keep_ratio": 0.25, "preset": "llava-1.5-64"}}, "adaptinfer"),
         ({"policy": {"builtin": "tiny-llama"}}, "policy.builtin"),
@@ -189,3 +200,61 @@ def test_score_command_refuses_an_image_run(image_run, tmp_path):
     result = rto("score", str(write_image_job(tmp_path)), "--run-dir", str(run), timeout=120)
     assert result.returncode == 2
     assert "task.name" in result.stderr and "rto traces" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("stages", "mode"), [(["sft", "dpo", "ppo", "eval"], "rto"), (["sft", "ppo", "eval"], "ppo")]
+)
+def test_image_reward_mode_defaults_to_rto_when_there_is_a_dpo_stage(tmp_path, stages, mode):
+    from rto.config import load_config
+
+    cfg = load_config(write_image_job(tmp_path, stages=stages))
+    assert cfg.reward.mode == mode and cfg.reward.sentence_reward == "ground_truth"
+
+
+def test_image_preference_pairs_and_their_dpo_rows(tmp_path):
+    from pipelines.stages.dpo import image_pair_rows
+    from pipelines.tasks import image as task
+    from pipelines.tasks.image_data import build_records
+    from rto.config import ImageTaskConfig
+
+    settings = ImageTaskConfig(n_sft=2, n_prompts=2, n_eval=2, n_pairs=40, n_eval_pairs=5, seed=3)
+    records = build_records(settings, tmp_path)
+    pairs = records["pairs"]
+    assert len(pairs) == 40 and len(records["eval_pairs"]) == 5
+    examples = task.make_examples(40, settings.seed + 4)
+    for pair, example in zip(pairs, examples, strict=True):
+        assert pair["chosen"] == example.answer != pair["rejected"]
+        assert pair["rejected"] in task.answer_choices(example.question)
+        assert (tmp_path / pair["image"]).exists()
+    assert len({p["rejected"] for p in pairs}) > 3  # wrong answers of every kind, not one fixed word
+    assert build_records(settings, tmp_path / "again")["pairs"] == pairs  # deterministic
+    rows = image_pair_rows(pairs[:2], tmp_path)
+    assert rows[0]["prompt"] == task.prompt_text(pairs[0]["prompt"])
+    assert rows[0]["chosen"].split() == [pairs[0]["chosen"], task.SPECIAL["eos"]]
+    assert rows[0]["images"][0].size == (task.IMAGE_SIZE, task.IMAGE_SIZE)
+
+
+def test_image_response_logprobs_match_a_plain_forward_of_each_pair(tmp_path):
+    """The held-out preference figures' log-likelihoods: batched (left-padded prompts,
+    right-padded responses) equal one unpadded forward per pair."""
+    from pipelines.stages.dpo import image_response_logprob_sums
+    from pipelines.tasks import image as task
+    from pipelines.tasks import image_model
+    from pipelines.tasks.image_data import build_records, encode_prompt
+    from rto.config import ImageTaskConfig
+
+    model, processor = image_model.tiny_random_vlm(seed=2, n_layers=2)
+    settings = ImageTaskConfig(n_sft=1, n_prompts=1, n_eval=1, n_pairs=6, n_eval_pairs=1, seed=1)
+    pairs = build_records(settings, tmp_path)["pairs"]
+    pairs[1] = {**pairs[1], "rejected": "two three"}  # responses of different lengths
+    got = image_response_logprob_sums(model, processor, pairs, "rejected", tmp_path, batch_size=4)
+    eos = task.SPECIAL["eos"]
+    for pair, value in zip(pairs, got, strict=True):
+        prompt, pixels = encode_prompt(processor, pair, tmp_path)
+        response = processor.tokenizer(f"{pair['rejected']} {eos}", add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([prompt + response])
+        with torch.no_grad():
+            logits = model(input_ids=ids, pixel_values=pixels[None]).logits[0, :-1].float()
+        logprobs = logits.log_softmax(-1).gather(1, ids[0, 1:, None])[:, 0]
+        torch.testing.assert_close(value, logprobs[-len(response) :].sum(), rtol=1e-4, atol=1e-4)

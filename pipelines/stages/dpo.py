@@ -49,6 +49,8 @@ def run_dpo(ctx: StageContext) -> dict:
 
     cfg = ctx.cfg
     init = ctx.policy_init()
+    if ctx.prepared.is_image_task:
+        return run_image_dpo(ctx, init)
     tokenizer = load_tokenizer(init)
     pairs = ctx.prepared.records("pairs")
     args = DPOConfig(
@@ -93,3 +95,117 @@ def _label_agreement(pairs: list[dict], gt) -> float:
         for p in pairs
     ]
     return sum(agree) / len(agree)
+
+
+def _text(value) -> str:
+    """A response given as a string or as a conversation (its last message)."""
+    return value if isinstance(value, str) else value[-1]["content"]
+
+
+def image_pair_rows(pairs: list[dict], root) -> list[dict]:
+    """Image preference records as TRL's vision DPO rows: the picture, the chat-formatted prompt
+    (the processor expands its ``<image>``), and each response followed by EOS, as SFT trains it."""
+    from pipelines.tasks import image as task
+    from pipelines.tasks.image_data import load_image, question_of
+
+    eos = task.SPECIAL["eos"]
+    return [
+        {
+            "images": [load_image(p["image"], root, source=f"pairs: row {n} 'image'")],
+            "prompt": task.prompt_text(question_of(p)),
+            "chosen": f" {_text(p['chosen'])} {eos}",
+            "rejected": f" {_text(p['rejected'])} {eos}",
+        }
+        for n, p in enumerate(pairs, 1)
+    ]
+
+
+def run_image_dpo(ctx: StageContext, init: str) -> dict:
+    """DPO of a vision-language policy from its SFT model: TRL's DPOTrainer on picture + question
+    pairs (right vs wrong answer for the built-in task), the SFT model as the reference."""
+    from trl import DPOConfig, DPOTrainer
+
+    from rto.models import load_processor, load_vision_lm
+
+    cfg = ctx.cfg
+    processor = load_processor(init, field="policy.path")
+    pairs = ctx.prepared.records("pairs")
+    args = DPOConfig(
+        **trainer_kwargs(cfg, cfg.dpo, ctx.out_dir, ctx.device),
+        beta=cfg.dpo.beta,
+        loss_type=[cfg.dpo.loss_type],
+    )
+    args.max_length = None  # never cut a prompt's image tokens
+    trainer = DPOTrainer(
+        model=load_vision_lm(init, field="policy.path"),
+        ref_model=load_vision_lm(init, field="policy.path"),
+        args=args,
+        train_dataset=Dataset.from_list(image_pair_rows(pairs, ctx.prepared.root)),
+        processing_class=processor,
+        callbacks=[ProgressCallback("dpo", ctx.metrics)],
+    )
+    result = quiet(trainer).train()
+    save_model(trainer, processor, ctx.out_dir)
+    summary = {
+        "train_loss": float(result.training_loss),
+        "pairs": len(pairs),
+        "steps": int(result.global_step),
+    }
+    if "eval_pairs" in ctx.prepared.data:
+        held_out = ctx.prepared.records("eval_pairs")
+        summary.update(
+            image_preference_figures(
+                str(ctx.out_dir), init, processor, held_out, cfg.dpo.beta, ctx.prepared.root, ctx.device
+            )
+        )
+    return summary
+
+
+@torch.no_grad()
+def image_response_logprob_sums(model, processor, pairs: list[dict], key: str, root, batch_size: int = 64):
+    """Σ log π(response | picture, question) of each pair's `key` response (dense VLM forward)."""
+    from pipelines.tasks import image as task
+    from pipelines.tasks.image_data import encode_prompt
+    from prune.adaptinfer.generate import vlm_token_logprobs
+    from rto.generation import pack
+
+    eos = task.SPECIAL["eos"]
+    sums = []
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i : i + batch_size]
+        encoded = [encode_prompt(processor, p, root) for p in chunk]
+        responses = [
+            processor.tokenizer(f"{_text(p[key])} {eos}", add_special_tokens=False)["input_ids"]
+            for p in chunk
+        ]
+        sequences, mask, prompt_len, response_mask = pack(
+            [e[0] for e in encoded], responses, processor.tokenizer.pad_token_id
+        )
+        pixels = torch.stack([e[1] for e in encoded]).to(model.device)
+        logprobs = vlm_token_logprobs(model, sequences.to(model.device), pixels, mask.to(model.device))
+        sums.append((logprobs[:, prompt_len - 1 :].cpu() * response_mask).sum(dim=1))
+    return torch.cat(sums)
+
+
+def image_preference_figures(
+    policy_path: str, ref_path: str, processor, pairs: list[dict], beta: float, root, device: str
+) -> dict:
+    """Held-out image pairs: how often the reference (SFT) and the DPO model give the chosen
+    response the higher log-likelihood, and how often DPO's implicit reward ranks it first."""
+    from rto.models import load_vision_lm
+
+    totals = {}
+    for name, path in (("dpo", policy_path), ("ref", ref_path)):
+        model = load_vision_lm(path, device=device).eval()
+        totals[name] = [
+            image_response_logprob_sums(model, processor, pairs, k, root) for k in ("chosen", "rejected")
+        ]
+        del model
+    (pc, pr), (rc, rr) = totals["dpo"], totals["ref"]
+    margin = beta * ((pc - rc) - (pr - rr))
+    return {
+        "ref_prefers_chosen": float((rc > rr).float().mean()),
+        "dpo_prefers_chosen": float((pc > pr).float().mean()),
+        "dpo_reward_accuracy": float((margin > 0).float().mean()),
+        "dpo_reward_margin": float(margin.mean()),
+    }

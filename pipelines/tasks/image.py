@@ -158,6 +158,25 @@ def ask(rng: random.Random, items: tuple[Item, ...]) -> tuple[str, str]:
     return f"how many {color} shapes ?", COUNTS[sum(i.color == color for i in items)]
 
 
+def answer_choices(question: str) -> list[str]:
+    """Every answer a question of this kind can have (descriptions have no fixed set: ValueError)."""
+    words = question.split()
+    if words[:2] == ["what", "color"]:
+        return list(COLORS)
+    if words[:2] == ["what", "shape"]:
+        return [*SHAPES, "nothing"]
+    if words[:2] == ["how", "many"]:
+        return list(COUNTS)
+    raise ValueError(f"not a question with a fixed set of answers: {question!r}")
+
+
+def wrong_answer(example: Example) -> str:
+    """A wrong answer of the right kind (a preference pair's rejected response), drawn from the
+    example's own seed so that the same example always gets the same one."""
+    choices = [a for a in answer_choices(example.question) if a != example.answer]
+    return random.Random(example.seed).choice(choices)
+
+
 def describe(items: tuple[Item, ...]) -> str:
     """Every object, in reading order of the quadrants: ``red circle top left green square ...``."""
     order = list(POSITIONS)

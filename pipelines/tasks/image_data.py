@@ -6,6 +6,8 @@ reads (a Hugging Face `Image` column arrives as ``{"bytes": ..., "path": ...}``)
 
 * ``sft``:          ``{"prompt": question, "completion": answer, "image": ...}``
 * ``prompts`` and ``eval_prompts``: ``{"prompt": question, "image": ..., "answer": answer}``
+* ``pairs`` and ``eval_pairs``: ``{"prompt": question, "chosen": answer, "rejected": a wrong
+  answer of the same kind, "image": ...}`` (the built-in task's preference data for `dpo`)
 
 The ground truth of the built-in task needs the answer, which the question alone does not give, so
 it is read from the record (:func:`record_reward`).
@@ -29,6 +31,8 @@ def build_records(settings, root: Path) -> dict[str, list[dict]]:
         "sft": task.make_examples(settings.n_sft, settings.seed + 1, settings.describe_fraction),
         "prompts": task.make_examples(settings.n_prompts, settings.seed + 2),
         "eval_prompts": task.make_examples(settings.n_eval, settings.seed + 3),
+        "pairs": task.make_examples(settings.n_pairs, settings.seed + 4),
+        "eval_pairs": task.make_examples(settings.n_eval_pairs, settings.seed + 5),
     }
     out: dict[str, list[dict]] = {}
     for role, examples in splits.items():
@@ -38,6 +42,16 @@ def build_records(settings, root: Path) -> dict[str, list[dict]]:
             task.render(example.items, example.seed).save(root / name)
             if role == "sft":
                 records.append({"prompt": example.question, "completion": example.answer, "image": name})
+            elif role in ("pairs", "eval_pairs"):
+                rejected = task.wrong_answer(example)
+                records.append(
+                    {
+                        "prompt": example.question,
+                        "chosen": example.answer,
+                        "rejected": rejected,
+                        "image": name,
+                    }
+                )
             else:
                 records.append({"prompt": example.question, "image": name, "answer": example.answer})
         out[role] = records
