@@ -124,8 +124,10 @@ def test_sft_collator_supervises_only_the_answer(tmp_path):
 def test_image_records_round_trip(tmp_path):
     from rto.config import ImageTaskConfig
 
-    records = image_data.build_records(ImageTaskConfig(n_sft=6, n_prompts=4, n_eval=3, seed=5), tmp_path)
-    assert {k: len(v) for k, v in records.items()} == {"sft": 6, "prompts": 4, "eval_prompts": 3}
+    settings = ImageTaskConfig(n_sft=6, n_prompts=4, n_eval=3, n_pairs=5, n_eval_pairs=2, seed=5)
+    records = image_data.build_records(settings, tmp_path)
+    sizes = {"sft": 6, "prompts": 4, "eval_prompts": 3, "pairs": 5, "eval_pairs": 2}
+    assert {k: len(v) for k, v in records.items()} == sizes
     record = records["prompts"][0]
     assert image_data.load_image(record["image"], tmp_path).size == (image.IMAGE_SIZE, image.IMAGE_SIZE)
     assert image_data.record_reward(record, record["answer"]) == 1.0

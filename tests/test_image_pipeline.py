@@ -86,7 +86,7 @@ def test_image_job_runs_ppo_with_pruned_rollouts(image_run):
         assert "<image>" not in row["tokens"]  # the policy never emits its image placeholder
 
     evals = summary["eval"]["policies"]
-    assert {"base", "sft", "ppo", "sft+adaptinfer", "ppo+adaptinfer"} <= set(evals)
+    assert {"base", "sft", "dpo", "ppo", "sft+adaptinfer", "dpo+adaptinfer", "ppo+adaptinfer"} <= set(evals)
     assert all(evals[name]["samples"] == 16 for name in evals)
 
 

@@ -192,7 +192,7 @@ def run_image_eval(ctx: StageContext) -> dict:
     records = [
         r for r in ctx.prepared.records("eval_prompts") for _ in range(ctx.cfg.eval.samples_per_prompt)
     ]
-    paths = policy_paths(ctx)  # no dpo stage exists for the image task
+    paths = policy_paths(ctx)
     results: dict[str, dict] = {}
     with make_progress() as progress:
         task = progress.add_task("eval", total=len(paths), info="")
