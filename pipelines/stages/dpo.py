@@ -1,4 +1,5 @@
-"""`dpo`: DPO from the SFT model on preference pairs (TRL's DPOTrainer). Output: π_dpo."""
+"""`dpo`: DPO from the SFT model on preference pairs (TRL's DPOTrainer), text or vision-language.
+Output: π_dpo."""
 
 from __future__ import annotations
 
@@ -45,28 +46,54 @@ def preference_figures(
 
 @register_stage("dpo", sections=("dpo",), uses=("sft",))
 def run_dpo(ctx: StageContext) -> dict:
+    """TRL's DPOTrainer from the SFT model. A vision-language policy trains on picture + question
+    pairs (TRL's vision path; right vs wrong answer for the built-in image task) with the SFT model
+    loaded again as the explicit reference."""
     from trl import DPOConfig, DPOTrainer
 
     cfg = ctx.cfg
     init = ctx.policy_init()
-    if ctx.prepared.is_image_task:
-        return run_image_dpo(ctx, init)
-    tokenizer = load_tokenizer(init)
     pairs = ctx.prepared.records("pairs")
     args = DPOConfig(
         **trainer_kwargs(cfg, cfg.dpo, ctx.out_dir, ctx.device),
         beta=cfg.dpo.beta,
         loss_type=[cfg.dpo.loss_type],
     )
+    if ctx.prepared.is_image_task:
+        from rto.models import load_processor, load_vision_lm
+
+        args.max_length = None  # never cut a prompt's image tokens
+        processing_class = load_processor(init, field="policy.path")
+        models = {name: load_vision_lm(init, field="policy.path") for name in ("model", "ref_model")}
+        rows = image_pair_rows(pairs, ctx.prepared.root)
+
+        def figures(held_out: list[dict]) -> dict:
+            return image_preference_figures(
+                str(ctx.out_dir),
+                init,
+                processing_class,
+                held_out,
+                cfg.dpo.beta,
+                ctx.prepared.root,
+                ctx.device,
+            )
+    else:
+        processing_class, models, rows = load_tokenizer(init), {"model": init}, pairs
+
+        def figures(held_out: list[dict]) -> dict:
+            return preference_figures(
+                str(ctx.out_dir), init, processing_class, held_out, cfg.dpo.beta, ctx.device
+            )
+
     trainer = DPOTrainer(
-        model=init,
+        **models,
         args=args,
-        train_dataset=Dataset.from_list(pairs),
-        processing_class=tokenizer,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=processing_class,
         callbacks=[ProgressCallback("dpo", ctx.metrics)],
     )
     result = quiet(trainer).train()
-    save_model(trainer, tokenizer, ctx.out_dir)
+    save_model(trainer, processing_class, ctx.out_dir)
     summary = {
         "train_loss": float(result.training_loss),
         "pairs": len(pairs),
@@ -74,10 +101,8 @@ def run_dpo(ctx: StageContext) -> dict:
     }
     if "eval_pairs" in ctx.prepared.data:
         held_out = ctx.prepared.records("eval_pairs")
-        summary.update(
-            preference_figures(str(ctx.out_dir), init, tokenizer, held_out, cfg.dpo.beta, ctx.device)
-        )
-        gt = ctx.prepared.ground_truth()
+        summary.update(figures(held_out))
+        gt = ctx.prepared.ground_truth()  # None for the image task (the answer is not in the prompt)
         if gt is not None:
             summary["label_agrees_with_gt"] = _label_agreement(held_out, gt)
     return summary
@@ -86,12 +111,8 @@ def run_dpo(ctx: StageContext) -> dict:
 def _label_agreement(pairs: list[dict], gt) -> float:
     from rto.generation import prompt_text
 
-    def content(x):
-        return x if isinstance(x, str) else x[-1]["content"]
-
     agree = [
-        gt(prompt_text(p["prompt"]), content(p["chosen"]))
-        > gt(prompt_text(p["prompt"]), content(p["rejected"]))
+        gt(prompt_text(p["prompt"]), _text(p["chosen"])) > gt(prompt_text(p["prompt"]), _text(p["rejected"]))
         for p in pairs
     ]
     return sum(agree) / len(agree)
@@ -118,47 +139,6 @@ def image_pair_rows(pairs: list[dict], root) -> list[dict]:
         }
         for n, p in enumerate(pairs, 1)
     ]
-
-
-def run_image_dpo(ctx: StageContext, init: str) -> dict:
-    """DPO of a vision-language policy from its SFT model: TRL's DPOTrainer on picture + question
-    pairs (right vs wrong answer for the built-in task), the SFT model as the reference."""
-    from trl import DPOConfig, DPOTrainer
-
-    from rto.models import load_processor, load_vision_lm
-
-    cfg = ctx.cfg
-    processor = load_processor(init, field="policy.path")
-    pairs = ctx.prepared.records("pairs")
-    args = DPOConfig(
-        **trainer_kwargs(cfg, cfg.dpo, ctx.out_dir, ctx.device),
-        beta=cfg.dpo.beta,
-        loss_type=[cfg.dpo.loss_type],
-    )
-    args.max_length = None  # never cut a prompt's image tokens
-    trainer = DPOTrainer(
-        model=load_vision_lm(init, field="policy.path"),
-        ref_model=load_vision_lm(init, field="policy.path"),
-        args=args,
-        train_dataset=Dataset.from_list(image_pair_rows(pairs, ctx.prepared.root)),
-        processing_class=processor,
-        callbacks=[ProgressCallback("dpo", ctx.metrics)],
-    )
-    result = quiet(trainer).train()
-    save_model(trainer, processor, ctx.out_dir)
-    summary = {
-        "train_loss": float(result.training_loss),
-        "pairs": len(pairs),
-        "steps": int(result.global_step),
-    }
-    if "eval_pairs" in ctx.prepared.data:
-        held_out = ctx.prepared.records("eval_pairs")
-        summary.update(
-            image_preference_figures(
-                str(ctx.out_dir), init, processor, held_out, cfg.dpo.beta, ctx.prepared.root, ctx.device
-            )
-        )
-    return summary
 
 
 @torch.no_grad()
