@@ -181,7 +181,7 @@ def accuracy_part(args) -> dict:
             for text, example in zip(texts, chunk, strict=True):
                 ok = task.reward(text.replace(task.SPECIAL["pad"], " "), example.answer)
                 correct.append(ok)
-                kinds.setdefault(question_kind(example), []).append(ok)
+                kinds.setdefault(task.question_kind(example.question), []).append(ok)
             for layer, kept in trace.kept_vision.items():
                 hit = shown.gather(1, kept).sum(-1).float() / shown.sum(-1)
                 recall.setdefault(int(layer), []).extend(hit.tolist())
@@ -304,12 +304,6 @@ def asked_split(kept: list[dict], pruned: list[float], dense: list[float]) -> di
     return out
 
 
-def question_kind(example) -> str:
-    """color (what color is the SHAPE), shape (what shape is at the PLACE) or count (how many)."""
-    words = example.question.split()
-    return {"color": "color", "shape": "shape", "many": "count"}.get(words[1], words[1])
-
-
 @torch.no_grad()
 def greedy_two_tokens(model, batch, schedule, method, generator, positions):
     """Greedy answer word + EOS with `prefill(positions=...)` and one `decode` step.
@@ -339,7 +333,7 @@ def chance(examples) -> float:
 
     kinds: dict[str, Counter] = {}
     for e in examples:
-        kinds.setdefault(e.question.split()[0] + e.question.split()[1], Counter())[e.answer] += 1
+        kinds.setdefault(task.question_kind(e.question), Counter())[e.answer] += 1
     return sum(c.most_common(1)[0][1] for c in kinds.values()) / len(examples)
 
 

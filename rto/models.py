@@ -86,16 +86,19 @@ def load_processor(path: str, field: str = "policy.path"):
 
 def load_vision_lm(path: str, field: str = "policy.path", dtype=None, device: str = "cpu"):
     """A vision-language model (Llava family: vision tower + projector + causal LM)."""
-    from transformers import AutoModelForImageTextToText
-
     if not is_vision_language(path, field):
         raise UserError(
             f"'{path}' has no vision tower: the image task needs a vision-language model", field=field
         )
-    model = guarded_from_pretrained(
+    return _vision_lm(path, field, dtype).to(device)
+
+
+def _vision_lm(path: str, field: str | None, dtype):
+    from transformers import AutoModelForImageTextToText
+
+    return guarded_from_pretrained(
         AutoModelForImageTextToText, path, "load a vision-language model from", field, dtype=dtype
     )
-    return model.to(device)
 
 
 def load_model(path: str, kind: ModelKind = "causal_lm", dtype=None, field: str | None = None):
@@ -115,13 +118,7 @@ def load_model(path: str, kind: ModelKind = "causal_lm", dtype=None, field: str 
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.float32)
     if is_vision_language(path, field):
         if kind == "causal_lm":
-            return guarded_from_pretrained(
-                transformers.AutoModelForImageTextToText,
-                path,
-                "load a vision-language model from",
-                field,
-                dtype=dtype,
-            )
+            return _vision_lm(path, field, dtype)
         if kind == "token_classification":
             return load_vision_critic(path, dtype, field)
         raise ValueError(f"model kind {kind!r} is not supported for vision-language models ({path})")

@@ -90,17 +90,27 @@ def object_tokens_of(example: Example) -> dict[int, Item]:
     return {row * grid + col: item for (col, row), item in zip(cells, example.items, strict=True)}
 
 
+def question_kind(question: str) -> str:
+    """``color`` (what color is the SHAPE ?), ``shape`` (what shape is at the PLACE ?), ``count``
+    (how many COLOR shapes ?) or ``describe``."""
+    words = question.split()
+    return {("what", "color"): "color", ("what", "shape"): "shape", ("how", "many"): "count"}.get(
+        tuple(words[:2]), "describe"
+    )
+
+
 def asked_tokens(example: Example) -> set[int]:
     """Ordinals of the vision tokens a question is about: the asked shape (colour questions), the
     object in the asked quadrant (shape questions, none if it is empty), the objects of the asked
     colour (counts). Empty for descriptions."""
     words = example.question.split()
     objects = object_tokens_of(example).items()
-    if words[:2] == ["what", "color"]:
+    kind = question_kind(example.question)
+    if kind == "color":
         return {i for i, item in objects if item.shape == words[4]}
-    if words[:2] == ["what", "shape"]:
+    if kind == "shape":
         return {i for i, item in objects if item.position == " ".join(words[5:7])}
-    if words[:2] == ["how", "many"]:
+    if kind == "count":
         return {i for i, item in objects if item.color == words[2]}
     return set()
 
@@ -160,14 +170,11 @@ def ask(rng: random.Random, items: tuple[Item, ...]) -> tuple[str, str]:
 
 def answer_choices(question: str) -> list[str]:
     """Every answer a question of this kind can have (descriptions have no fixed set: ValueError)."""
-    words = question.split()
-    if words[:2] == ["what", "color"]:
-        return list(COLORS)
-    if words[:2] == ["what", "shape"]:
-        return [*SHAPES, "nothing"]
-    if words[:2] == ["how", "many"]:
-        return list(COUNTS)
-    raise ValueError(f"not a question with a fixed set of answers: {question!r}")
+    choices = {"color": list(COLORS), "shape": [*SHAPES, "nothing"], "count": list(COUNTS)}
+    kind = question_kind(question)
+    if kind not in choices:
+        raise ValueError(f"not a question with a fixed set of answers: {question!r}")
+    return choices[kind]
 
 
 def wrong_answer(example: Example) -> str:
