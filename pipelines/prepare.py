@@ -142,8 +142,8 @@ def _build(cfg: Config, tmp: Path, final: Path) -> None:
 
                 records = pin_images(records, Path(source.path).parent, tmp, role)
                 check_images(records, tmp, source.path)
-                if role in ("prompts", "eval_prompts"):
-                    check_answers(records, source.path, f"data.{role}.path")
+                if role in IMAGE_REQUIRED:
+                    check_column(records, source.path, f"data.{role}.path", *IMAGE_REQUIRED[role])
             _write_jsonl(tmp / f"{role}.jsonl", records)
             data[role] = f"{role}.jsonl"
     roles = (("policy", cfg.policy),)
@@ -163,15 +163,20 @@ def _build(cfg: Config, tmp: Path, final: Path) -> None:
     )
 
 
-def check_answers(records: list[dict], source: str, field: str) -> None:
-    """The image task's ground truth reads each prompt's `answer`."""
+IMAGE_REQUIRED = {
+    "prompts": ("answer", "the image task's ground truth compares the response with it"),
+    "eval_prompts": ("answer", "the image task's ground truth compares the response with it"),
+    "pairs": ("prompt", "the image task's pairs answer a question about the picture"),
+    "eval_pairs": ("prompt", "the image task's pairs answer a question about the picture"),
+}
+"""Image-task data roles -> (column every row must fill, why)."""
+
+
+def check_column(records: list[dict], source: str, field: str, column: str, why: str) -> None:
+    """Every row has a non-empty `column`; the first that does not is a `UserError`."""
     for n, record in enumerate(records, 1):
-        if not str(record.get("answer") or "").strip():
-            raise UserError(
-                f"row {n} has no 'answer' (the image task's ground truth compares the response with it)",
-                source=source,
-                field=field,
-            )
+        if not str(record.get(column) or "").strip():
+            raise UserError(f"row {n} has no '{column}' ({why})", source=source, field=field)
 
 
 def _build_image_task(cfg: Config, tmp: Path, data: dict[str, str]) -> str:

@@ -212,7 +212,7 @@ def test_external_image_data_is_pinned_at_prepare_time(tmp_path, monkeypatch):
         assert loaded.tobytes() == picture.convert("RGB").tobytes()
 
 
-def test_external_image_prompts_need_answers(tmp_path):
+def test_external_image_prompts_need_answers_and_pairs_their_question(tmp_path):
     from pipelines.prepare import prepare
     from rto.config import config_from_dict
     from rto.errors import UserError
@@ -230,6 +230,25 @@ def test_external_image_prompts_need_answers(tmp_path):
     )
     with pytest.raises(UserError, match=r"prompts.jsonl: data.prompts.path: row 1 has no 'answer'"):
         prepare(cfg, RunDir(tmp_path / "run").create(), log=lambda *_: None)
+    # image preference pairs need the question they answer
+    (tmp_path / "pairs.jsonl").write_text('{"chosen": "red", "rejected": "blue", "image": "p.png"}\n')
+    cfg = config_from_dict(
+        {
+            "stages": ["sft", "dpo"],
+            "task": {
+                "name": "image",
+                "n_sft": 4,
+                "n_prompts": 2,
+                "n_eval": 2,
+                "n_pairs": 2,
+                "n_eval_pairs": 2,
+            },
+            "policy": {"builtin": "tiny-llava", "arch": {"num_hidden_layers": 2}},
+            "data": {"pairs": {"path": str(tmp_path / "pairs.jsonl")}},
+        }
+    )
+    with pytest.raises(UserError, match=r"pairs.jsonl: data.pairs.path: row 1 has no 'prompt'"):
+        prepare(cfg, RunDir(tmp_path / "run2").create(), log=lambda *_: None)
 
 
 def test_random_baseline_rollouts_follow_the_step_seed():
