@@ -35,7 +35,10 @@ def image_inputs(model: nn.Module, pixel_values: Tensor | None, start: int, size
 
 
 def _accepts(model: nn.Module, argument: str) -> bool:
-    return argument in inspect.signature(model.forward).parameters
+    """Whether the model's forward takes `argument`; a DeepSpeed engine (whose own forward is
+    ``forward(*inputs, **kwargs)``) is asked about the module it wraps."""
+    wrapped = getattr(model, "module", model)
+    return argument in inspect.signature(wrapped.forward).parameters
 
 
 def response_logprobs(

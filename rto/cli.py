@@ -28,11 +28,18 @@ def default_run_dir(config: Path) -> Path:
 def validate(
     config: Path = typer.Argument(..., help="Job file (YAML)"),
     overrides: list[str] = SetOption,
+    run_dir: Path = typer.Option(
+        None, "--run-dir", help="Run directory whose finished stages may provide the stages' inputs"
+    ),
 ) -> None:
-    """Check a job file (and overrides) without running anything."""
-    from rto.config import load_config
+    """Check a job file (and overrides) without running anything: every setting, and that each
+    stage's inputs come from a listed stage (or, with --run-dir, one already finished there)."""
+    from rto.config import check_stage_inputs, load_config
+    from rto.rundir import RunDir
 
     cfg = load_config(config, overrides or [])
+    finished = RunDir(run_dir).finished_stages() if run_dir else set()
+    check_stage_inputs(cfg, finished, str(config))
     typer.echo(f"{config}: ok (stages: {', '.join(cfg.stages)})")
 
 
@@ -46,11 +53,13 @@ def run(
     ),
 ) -> None:
     """Run a job's stages; finished stages with the same settings are skipped."""
-    from rto.config import load_config
+    from rto.config import check_stage_inputs, load_config
+    from rto.rundir import RunDir
     from rto.runner import run_job
 
     cfg = load_config(config, overrides or [])
     run_dir = run_dir or default_run_dir(config)
+    check_stage_inputs(cfg, RunDir(run_dir).finished_stages(), str(config))
     summary = run_job(cfg, run_dir, resume=resume)
     from rto.report_table import print_summary
 

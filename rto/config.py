@@ -26,20 +26,12 @@ from pydantic import (
     model_validator,
 )
 
-from rto.errors import UserError
+from rto.errors import FieldError, UserError
 
 STAGE_ORDER = ("sft", "dpo", "rm", "ftp", "ppo", "eval")
 """Stages always run in this order, whatever order the job lists them in."""
 
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-class FieldError(ValueError):
-    """A cross-field check's failure that names the field to blame (shown instead of '(top level)')."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field = field
 
 
 class Section(BaseModel):
@@ -332,7 +324,23 @@ class Config(Section):
             raise FieldError("reward.sentence_reward", "'ground_truth' needs a built-in task (task.name)")
         if self.dtype == "float16" and self.device == "cpu":
             raise FieldError("dtype", "float16 is not supported on the CPU; use float32 or bfloat16")
+        if "ppo" in self.stages:
+            self._check_ppo_geometry()
         return self
+
+    def _check_ppo_geometry(self) -> None:
+        """Every PPO minibatch splits into the same whole number of micro-batches on every rank of
+        each trainable group (what DeepSpeed accumulates, and what ZeRO-3 needs to stay in step)."""
+        ppo = self.ppo
+        for group in ("policy", "critic"):
+            ranks = getattr(self.resources, group).ranks
+            if ppo.train_batch_size % (ppo.micro_batch_size * ranks):
+                raise FieldError(
+                    "ppo.train_batch_size",
+                    f"{ppo.train_batch_size} must be a multiple of ppo.micro_batch_size × resources.{group}.ranks "
+                    f"({ppo.micro_batch_size} × {ranks} = {ppo.micro_batch_size * ranks}): every rank of the "
+                    f"{group} group takes micro_batch_size rows per forward/backward",
+                )
 
     def _check_image_task(self) -> None:
         unsupported = [s for s in self.stages if s not in IMAGE_TASK_STAGES]
@@ -391,6 +399,64 @@ class Config(Section):
                 node = node.get(part) if isinstance(node, dict) else None
             picked[path] = node
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- inputs across stages
+
+
+def stage_inputs(cfg: Config) -> list[tuple[str, str, str, str]]:
+    """What each listed stage reads from an earlier stage under these settings:
+    ``(stage, needed stage, field that asks for it, what for)``."""
+    needs: list[tuple[str, str, str, str]] = []
+    if "ppo" in cfg.stages:
+        reward, ppo = cfg.reward, cfg.ppo
+        if reward.needs_dpo:
+            needs.append(
+                (
+                    "ppo",
+                    "dpo",
+                    "reward.mode",
+                    f"reward.mode '{reward.mode}' uses the DPO model's token reward",
+                )
+            )
+        if reward.needs_rm:
+            why = f"reward.mode '{reward.mode}' adds the reward model's score (reward.sentence_reward 'rm')"
+            needs.append(("ppo", "rm", "reward.sentence_reward", why))
+        if ppo.critic_init == "rm":
+            needs.append(
+                (
+                    "ppo",
+                    "rm",
+                    "ppo.critic_init",
+                    "ppo.critic_init 'rm' starts the critic from the reward model",
+                )
+            )
+        if ppo.rollout_pruner == "ftp":
+            needs.append(
+                (
+                    "ppo",
+                    "ftp",
+                    "ppo.rollout_pruner",
+                    "ppo.rollout_pruner 'ftp' samples with the ftp stage's router",
+                )
+            )
+    return needs
+
+
+def check_stage_inputs(
+    cfg: Config, finished: set[str] | frozenset[str] = frozenset(), source: str = "<config>"
+) -> None:
+    """Refuse, before anything runs, a job in which a stage needs the output of a stage that is
+    neither listed in `stages` nor already finished in the run directory (`finished`)."""
+    available = set(cfg.stages) | set(finished)
+    for stage, needed, field, why in stage_inputs(cfg):
+        if needed not in available:
+            where = " or run it first in this run directory" if not finished else ""
+            raise UserError(
+                f"stage '{stage}' needs stage '{needed}': {why}; add '{needed}' to stages{where}",
+                source=source,
+                field=field,
+            )
 
 
 # ---------------------------------------------------------------- loading

@@ -19,3 +19,12 @@ class UserError(Exception):
         super().__init__(f"{prefix}: {message}" if prefix else message)
         self.source = source
         self.field = field
+
+
+class FieldError(ValueError):
+    """A config check's failure that names the field to blame (relative to the section whose
+    validator raised it); the config loader shows it instead of the section's name."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field

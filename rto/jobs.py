@@ -209,9 +209,11 @@ def submit(
     job_id: str | None = None,
 ) -> tuple[str, str]:
     """Validate the job file here, then submit it. Returns (job id, run directory on the cluster)."""
-    from rto.config import dump_config, load_config
+    from rto.config import check_stage_inputs, dump_config, load_config
 
     cfg = load_config(config, [*overrides, "resources.ray_address=auto"])
+    if run_dir is None and not resume:  # a fresh run directory on the cluster: no finished stages
+        check_stage_inputs(cfg, set(), str(config))
     env_vars = {"PYTHONUNBUFFERED": "1", **parse_env(env or [])}
     job_id = job_id or new_job_id(config)
     run_dir_word, run_dir_shown = make_run_dir_arg(run_dir, job_id)

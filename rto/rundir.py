@@ -82,6 +82,14 @@ class RunDir:
         record = self.stage_record(name)
         return record is not None and (config_hash is None or record.get("hash") == config_hash)
 
+    def finished_stages(self) -> set[str]:
+        """Names of the stages whose output is complete in this run directory (none if it does not exist)."""
+        if not self.stages_dir.is_dir():
+            return set()
+        return {
+            p.name for p in self.stages_dir.iterdir() if not p.name.startswith(".") and self.is_done(p.name)
+        }
+
     def temp_stage_dir(self, name: str) -> Path:
         tmp = self.stages_dir / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)

@@ -52,6 +52,24 @@ BAD = [
     ("stages: [ppo]\nreward: {mode: ppo, beta3: 0}\n", [], ["reward", "beta3"]),
     ("stages: [ppo]\nreward: {mode: sparse}\n", [], ["reward.mode", "rto"]),
     ("stages: [ppo]\nppo: {rollout_batch_size: 8, train_batch_size: 16}\n", [], ["ppo", "train_batch_size"]),
+    (
+        "stages: [ppo]\nppo: {rollout_batch_size: 12, train_batch_size: 6, micro_batch_size: 2}\n"
+        "resources: {policy: {ranks: 2}}\n",
+        [],
+        ["ppo.train_batch_size", "ppo.micro_batch_size", "resources.policy.ranks"],
+    ),
+    (
+        "stages: [ppo]\nppo: {rollout_batch_size: 8, train_batch_size: 8, micro_batch_size: 4}\n"
+        "resources: {critic: {ranks: 3}}\n",
+        [],
+        ["ppo.train_batch_size", "resources.critic.ranks"],
+    ),
+    (
+        "stages: [ppo]\nppo: {rollout_batch_size: 12, train_batch_size: 8, micro_batch_size: 4}\n",
+        [],
+        ["ppo.rollout_batch_size", "ppo.train_batch_size", "dropped"],
+    ),
+    ("stages: [ppo]\nppo: {train_batch_size: 16, micro_batch_size: 32}\n", [], ["ppo.micro_batch_size"]),
     ("stages: [sft]\ntask: null\n", [], ["data.sft", "no built-in task"]),
     ("stages: [sft]\ndevice: tpu\n", [], ["device", "cpu"]),
     ("stages: [sft]\ndevice: cpu\ndtype: float16\n", [], ["float16"]),
@@ -129,3 +147,49 @@ def test_gradient_checkpointing_is_off_unless_asked(tmp_path):
         assert args.activation_checkpointing is False and args.gradient_checkpointing is False
     on = SFTConfig(**trainer_kwargs(asked, asked.sft, tmp_path, "cpu"))
     assert on.activation_checkpointing is True and asked.rm.gradient_checkpointing is False
+
+
+# Each stage's inputs from earlier stages, walked through `rto validate`: a job that would fail at
+# the start of a stage after earlier stages trained is refused before anything runs.
+MISSING_INPUTS = [
+    # (stages, overrides, field the message names, the stage it asks for)
+    ("[sft, dpo, ppo]", ["ppo.critic_init=rm", "reward.mode=dpo"], "ppo.critic_init", "rm"),
+    ("[sft, rm, ppo]", ["reward.mode=rto"], "reward.mode", "dpo"),
+    ("[sft, dpo, ppo]", ["reward.mode=ppo", "ppo.critic_init=policy"], "reward.sentence_reward", "rm"),
+    ("[sft, dpo, rm, ppo]", ["ppo.rollout_pruner=ftp"], "ppo.rollout_pruner", "ftp"),
+]
+
+
+@pytest.mark.parametrize("stages,overrides,field,needed", MISSING_INPUTS, ids=lambda v: str(v))
+def test_validate_refuses_a_stage_whose_input_no_stage_makes(tmp_path, stages, overrides, field, needed):
+    path = write(tmp_path, f"stages: {stages}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "rto.cli", "validate", str(path), *[f"--set={o}" for o in overrides]],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert str(path) in lines[0] and field in lines[0] and f"'{needed}'" in lines[0], lines[0]
+
+
+def test_stage_inputs_may_come_from_the_run_directory(tmp_path):
+    """A job that lists only `ppo` is fine where the run directory holds finished dpo and rm
+    stages (`rto validate --run-dir`, and `rto run` on that directory)."""
+    from rto.config import check_stage_inputs
+    from rto.rundir import RunDir
+
+    cfg = load_config(write(tmp_path, "stages: [ppo]\n"))
+    with pytest.raises(UserError, match="'dpo'"):
+        check_stage_inputs(cfg, RunDir(tmp_path / "run").finished_stages(), str(tmp_path / "job.yaml"))
+    run = RunDir(tmp_path / "run").create()
+    for name in ("dpo", "rm"):
+        tmp = run.temp_stage_dir(name)
+        tmp.mkdir(parents=True, exist_ok=True)
+        run.finish_stage(name, tmp, "hash", {})
+    check_stage_inputs(cfg, run.finished_stages(), str(tmp_path / "job.yaml"))
+    result = subprocess.run(
+        [sys.executable, "-m", "rto.cli", "validate", str(tmp_path / "job.yaml"), "--run-dir", str(run.root)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr

@@ -232,3 +232,27 @@ def test_checkpoint_round_trip_restores_weights_and_optimizer(groups, tmp_path):
     from rto.distributed import weights_checksum
 
     assert weights_checksum(reloaded) == saved_weights
+
+
+def _lm_head_widths(worker, sequences, attention_mask, prompt_len):
+    """Run inside a policy rank: the sequence width of the logits the training forward builds."""
+    from reward.scoring import response_logprobs
+
+    widths = []
+    hook = worker.model.lm_head.register_forward_hook(lambda _m, _i, out: widths.append(out.shape[1]))
+    try:
+        response_logprobs(worker.engine, sequences, attention_mask, prompt_len)
+    finally:
+        hook.remove()
+    return widths
+
+
+def test_training_forward_builds_logits_only_for_the_response(groups):
+    """Through the DeepSpeed engine (whose forward is `*inputs, **kwargs`), `logits_to_keep`
+    still reaches the model: R + 1 positions, not the whole prompt + response."""
+    batch = prompts()
+    response = torch.randint(3, VOCAB, (4, 5))
+    sequences = torch.cat([batch["input_ids"], response], dim=1)
+    mask = torch.cat([batch["attention_mask"], torch.ones_like(response)], dim=1)
+    widths = groups["policy"].run_all("call", _lm_head_widths, sequences, mask, batch["input_ids"].shape[1])
+    assert widths == [[6], [6]]

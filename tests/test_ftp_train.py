@@ -135,3 +135,30 @@ def test_fit_save_and_generate_through_the_pruner_registry(tmp_path):
     ids, mask = calibration(1)[0]
     out = generate(ids, mask, max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None)
     assert out.shape == (4, 23)
+
+
+def test_static_router_fit_feeds_rollout_workers(tmp_path):
+    """`ftp.router: static` end to end: fit, save as the ftp stage does, sample PPO rollouts."""
+    from prune.ftp.fit import fit_ftp
+    from prune.ftp.rollout import make_generate_fn
+    from prune.ftp.router import model_fingerprint, save_router
+    from rto.distributed import RolloutWorker
+
+    model = random_causal_lm("llama")
+    cfg = FTPConfig(sparsity=0.3, router="static", search={"population": 3, "generations": 2, "elite": 1})
+    result = fit_ftp(model, calibration(1), calibration(1, seed=1), cfg, log=lambda _: None)
+    assert result.router == "static"
+    assert result.decode_thresholds == cfg.decode_threshold  # not the metrics dict
+    assert "kl_static_searched" in result.metrics
+    save_router(
+        tmp_path / "ftp", Router(cfg.router_hidden), result.schedule, model_fingerprint(model),
+        kind="static", decode_thresholds=result.decode_thresholds,
+    )  # fmt: skip
+    model.save_pretrained(tmp_path / "policy")
+    worker = RolloutWorker(
+        str(tmp_path / "policy"), generate_fn=make_generate_fn(tmp_path / "ftp"), max_new_tokens=5
+    )
+    ids, mask = calibration(1)[0]
+    out = worker.generate({"input_ids": ids, "attention_mask": mask})
+    assert out["sequences"].shape == (4, 25)
+    assert bool((out["sampler_logprobs"] <= 0).all())

@@ -55,7 +55,15 @@ def fit_ftp(
         f"ftp: static schedule {[round(s, 3) for s in static_schedule]} (KL {metrics['kl_static_searched']:.4f})"
     )
     if cfg.router == "static":
-        return FTPResult("static", static_schedule, static_schedule, metrics)
+        # the static router has no keep-probabilities to calibrate on: "calibrated" means the paper's 0.5
+        threshold = 0.5 if cfg.decode_threshold == "calibrated" else cfg.decode_threshold
+        return FTPResult(
+            router="static",
+            schedule=static_schedule,
+            static_schedule=static_schedule,
+            decode_thresholds=threshold,
+            metrics=metrics,
+        )
 
     router = Router(cfg.router_hidden)
     history = train_router(
@@ -84,4 +92,11 @@ def fit_ftp(
             n_probes=cfg.attention_probes,
         )
     log(f"ftp: learned schedule {[round(s, 3) for s in schedule]} (KL {metrics['kl_learned']:.4f})")
-    return FTPResult(router, schedule, static_schedule, thresholds, metrics, history)
+    return FTPResult(
+        router=router,
+        schedule=schedule,
+        static_schedule=static_schedule,
+        decode_thresholds=thresholds,
+        metrics=metrics,
+        history=history,
+    )

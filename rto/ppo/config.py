@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from rto.errors import FieldError
+
 
 class PPOConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -59,6 +61,28 @@ class PPOConfig(BaseModel):
             raise ValueError(
                 f"train_batch_size ({self.train_batch_size}) exceeds rollout samples per step ({total})"
             )
-        if self.train_batch_size % self.micro_batch_size and self.micro_batch_size < self.train_batch_size:
-            raise ValueError("train_batch_size must be a multiple of micro_batch_size")
+        if total % self.train_batch_size:
+            raise FieldError(
+                "train_batch_size",
+                f"ppo.rollout_batch_size × samples_per_prompt ({total}) must be a multiple of ppo.train_batch_size "
+                f"({self.train_batch_size}): the remainder would be dropped from every step",
+            )
+        if self.train_batch_size % self.micro_batch_size:
+            raise FieldError(
+                "micro_batch_size",
+                f"ppo.train_batch_size ({self.train_batch_size}) must be a multiple of ppo.micro_batch_size "
+                f"({self.micro_batch_size})",
+            )
         return self
+
+    def accumulation_steps(self, ranks: int) -> int:
+        """Forward/backward calls per optimizer step of a trainable group with `ranks` ranks: each
+        call gives every rank `micro_batch_size` rows of the `train_batch_size` minibatch. The
+        DeepSpeed engine's gradient accumulation and the trainer's calls both come from here."""
+        rows_per_call = self.micro_batch_size * ranks
+        if self.train_batch_size % rows_per_call:
+            raise ValueError(
+                f"train_batch_size {self.train_batch_size} is not a multiple of micro_batch_size × ranks "
+                f"({self.micro_batch_size} × {ranks})"
+            )
+        return self.train_batch_size // rows_per_call

@@ -99,18 +99,16 @@ def build_groups(
         )
 
     ppo = cfg.ppo
-    micro_per_rank = max(1, ppo.micro_batch_size)
 
     def engine(lr: float, ranks: int) -> EngineConfig:
-        accumulation = max(1, ppo.train_batch_size // (micro_per_rank * ranks))
         return EngineConfig(
             zero_stage=ppo.zero_stage,
             bf16=dtype == "bfloat16",
             lr=lr,
             warmup_steps=ppo.warmup_steps,
             total_steps=optimizer_steps,
-            gradient_accumulation_steps=accumulation,
-            micro_batch_size=micro_per_rank,
+            gradient_accumulation_steps=ppo.accumulation_steps(ranks),
+            micro_batch_size=ppo.micro_batch_size,
             grad_clip=ppo.max_grad_norm,
             seed=cfg.seed,
             scheduler="constant_with_warmup",

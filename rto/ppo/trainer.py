@@ -135,11 +135,11 @@ def train_on_batch(groups: Groups, cfg: Config, experience: dict, step: int) -> 
     n = experience["sequences"].size(0)
     stats: dict[str, list[float]] = defaultdict(list)
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-    policy_calls = -(-ppo.train_batch_size // (ppo.micro_batch_size * res.policy.ranks))
-    critic_calls = -(-ppo.train_batch_size // (ppo.micro_batch_size * res.critic.ranks))
+    policy_calls = ppo.accumulation_steps(res.policy.ranks)  # = the engine's gradient accumulation
+    critic_calls = ppo.accumulation_steps(res.critic.ranks)
     for _ in range(ppo.epochs):
         order = torch.randperm(n, generator=generator)
-        for start in range(0, n - ppo.train_batch_size + 1, ppo.train_batch_size):
+        for start in range(0, n, ppo.train_batch_size):  # n is a multiple of train_batch_size
             rows = order[start : start + ppo.train_batch_size]
             minibatch = {k: (v[rows] if isinstance(v, torch.Tensor) else v) for k, v in experience.items()}
             refs = []
