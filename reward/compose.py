@@ -10,8 +10,13 @@ tokens up to and including EOS, 0 for padding and anything after EOS (so each ro
 
 with DPO_h = clip(β1·(log π_dpo − log π_ref)_h, −c, c) when `clip_scaled` (the authors' released
 script, the default) or β1·clip((log π_dpo − log π_ref)_h, −c, c) otherwise (the paper's formula).
-H is the last position where `response_mask` is 1: a truncated response (no EOS) still gets its RM
-score at its last real token.
+H is the last position where `response_mask` is 1. A response cut at the length limit (no EOS)
+gets its sentence-level score there too (`missing_eos: score`), or `missing_eos_penalty` in its
+place (`missing_eos: penalty`).
+
+`batch_rewards` is the entry point of the PPO step and of `rto score`: it takes the sentence-level
+score from the configured source (the RM's raw score, or the task's ground truth) so that the two
+cannot drift apart; `rm_score_column` is the trace's `rm_score` rule.
 """
 
 from __future__ import annotations
@@ -46,6 +51,9 @@ class RewardInputs:
     rm_scores: Tensor | None  # [B] raw RM scores
     rm_mean: float | None
     rm_std: float | None
+    terminated: Tensor | None = (
+        None  # [B] bool: the response ended with EOS (needed by missing_eos 'penalty')
+    )
 
 
 RewardMode = Callable[[RewardConfig, RewardInputs], TokenRewards]
@@ -106,7 +114,11 @@ def _rm_rewards(config: RewardConfig, inputs: RewardInputs) -> tuple[Tensor, Ten
     has_response = (inputs.response_mask > 0).any(dim=1)
     normalize = config.rm_normalize and config.sentence_reward == "rm"  # a rule reward is used as is
     score = rm_term(inputs.rm_scores, config.beta3, normalize, inputs.rm_mean, inputs.rm_std, config.rm_clamp)
-    score = score.to(inputs.logprobs.dtype) * has_response
+    score = score.to(inputs.logprobs.dtype)
+    if config.missing_eos == "penalty":
+        cut = ~inputs.terminated.to(device=score.device, dtype=torch.bool)
+        score = torch.where(cut, torch.full_like(score, config.missing_eos_penalty), score)
+    score = score * has_response
     return at_last_token(score, inputs.response_mask), score
 
 
@@ -165,9 +177,11 @@ def compose_token_rewards(
     rm_scores: Tensor | None = None,
     rm_mean: float | None = None,
     rm_std: float | None = None,
+    terminated: Tensor | None = None,
 ) -> TokenRewards:
     """Per-token rewards of a batch in `config.mode`. All `[B, R]` inputs are response-aligned;
-    `rm_scores [B]` are raw scores, normalised with (`rm_mean`, `rm_std`) when `config.rm_normalize`.
+    `rm_scores [B]` are raw scores, normalised with (`rm_mean`, `rm_std`) when `config.rm_normalize`;
+    `terminated [B]` (ended with EOS) is needed by `missing_eos: penalty`.
     Tensors a mode does not use may be None; ones it needs raise ValueError when missing."""
     inputs = RewardInputs(
         response_mask=_check_mask(response_mask, logprobs.dtype),
@@ -177,9 +191,54 @@ def compose_token_rewards(
         rm_scores=rm_scores,
         rm_mean=rm_mean,
         rm_std=rm_std,
+        terminated=terminated,
     )
     _validate(config, inputs)
     return REWARD_MODES.get(config.mode)(config, inputs)
+
+
+def batch_rewards(
+    config: RewardConfig,
+    *,
+    response_mask: Tensor,
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    terminated: Tensor,
+    dpo_logprobs: Tensor | None = None,
+    rm_scores: Tensor | None = None,
+    gt_rewards: Tensor | list[float] | None = None,
+    rm_mean: float | None = None,
+    rm_std: float | None = None,
+) -> TokenRewards:
+    """The token rewards of a scored batch, as the PPO step and `rto score` both compute them: the
+    sentence-level score is the RM's raw score (`sentence_reward: rm`, normalised as configured) or
+    the task's ground truth (`sentence_reward: ground_truth`, used as is); `terminated [B]` tells
+    which responses ended with EOS (for `missing_eos`)."""
+    sentence = None
+    if config.uses_sentence_score:
+        if config.sentence_reward == "ground_truth":
+            if gt_rewards is None:
+                raise ValueError("sentence_reward 'ground_truth' needs the task's ground truth (gt_rewards)")
+            sentence = torch.as_tensor(gt_rewards, dtype=torch.float32)
+        else:
+            sentence = rm_scores
+    return compose_token_rewards(
+        config,
+        response_mask=response_mask,
+        logprobs=logprobs,
+        ref_logprobs=ref_logprobs,
+        dpo_logprobs=dpo_logprobs if config.needs_dpo else None,
+        rm_scores=sentence,
+        rm_mean=rm_mean,
+        rm_std=rm_std,
+        terminated=torch.as_tensor(terminated, dtype=torch.bool),
+    )
+
+
+def rm_score_column(config: RewardConfig, rewards: TokenRewards) -> Tensor | None:
+    """The trace's `rm_score` column: the sentence-level term as added at the last token (RM score
+    or ground truth, or the missing-EOS penalty), null in a mode that adds none."""
+    return rewards.rm_score if config.uses_sentence_score else None
 
 
 def _check_mask(response_mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -208,6 +267,11 @@ def _validate(config: RewardConfig, inputs: RewardInputs) -> None:
             raise ValueError(f"reward mode '{config.mode}' needs rm_scores (RM or ground-truth scores)")
         if tuple(inputs.rm_scores.shape) != shape[:1]:
             raise ValueError(f"rm_scores has shape {tuple(inputs.rm_scores.shape)}, expected ({shape[0]},)")
+        if config.missing_eos == "penalty":
+            if inputs.terminated is None or tuple(inputs.terminated.shape) != shape[:1]:
+                raise ValueError(
+                    f"missing_eos 'penalty' needs terminated [B={shape[0]}] (which responses ended with EOS)"
+                )
         if config.rm_normalize and config.sentence_reward == "rm":
             if inputs.rm_mean is None or inputs.rm_std is None:
                 raise ValueError(

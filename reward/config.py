@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from rto.errors import FieldError
+
 RewardMode = Literal["rto", "ppo", "dpo"]
 
 
@@ -54,6 +56,18 @@ class RewardConfig(BaseModel):
     rm_clamp: float = Field(
         10.0, description="The (normalised) RM score is clamped to [−rm_clamp, rm_clamp]; > 0."
     )
+    missing_eos: Literal["score", "penalty"] = Field(
+        "score",
+        description="A response cut at max_new_tokens without EOS: 'score' gives it the sentence-level "
+        "score at its last token like a finished one; 'penalty' gives it `missing_eos_penalty` there "
+        "instead. Either way GAE treats the cut as the end of the episode (no bootstrap from the critic).",
+    )
+    missing_eos_penalty: float = Field(
+        -1.0,
+        allow_inf_nan=False,
+        description="Added at the last token of a cut response when missing_eos is 'penalty', as is "
+        "(not normalised, scaled by beta3 or clamped); must be finite.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -81,6 +95,12 @@ class RewardConfig(BaseModel):
             raise ValueError(f"clip must be > 0 (got {self.clip})")
         if self.rm_clamp <= 0:
             raise ValueError(f"rm_clamp must be > 0 (got {self.rm_clamp})")
+        if self.missing_eos == "penalty" and not self.uses_sentence_score:
+            raise FieldError(
+                "missing_eos",
+                f"'penalty' replaces the sentence-level score of a cut response, and mode '{self.mode}' adds no "
+                "sentence-level score; use mode 'rto' or 'ppo'",
+            )
         return self
 
     @property

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from reward.compose import compose_token_rewards
+from reward.compose import batch_rewards, rm_score_column
 from reward.traces import trace_columns, write_traces
 from rto.config import Config
 from rto.errors import UserError
@@ -132,15 +132,17 @@ def score_responses(
     normalization = (
         load_normalization(rm) if rm and cfg.reward.needs_rm and cfg.reward.rm_normalize else (None, None)
     )
-    rewards = compose_token_rewards(
-        cfg.reward, response_mask=mask, logprobs=logprobs, ref_logprobs=ref_logprobs, dpo_logprobs=dpo_logprobs,
-        rm_scores=rm_scores, rm_mean=normalization[0], rm_std=normalization[1],
-    )  # fmt: skip
-    gt = prepared.ground_truth()
     terminated = [
         bool(((row == tokenizer.eos_token_id) & m.bool()).any())
         for row, m in zip(sequences[:, prompt_len:], response_mask, strict=True)
     ]
+    gt = prepared.ground_truth()
+    gts = [gt(p, t, d) for p, t, d in zip(prompts, texts, terminated, strict=True)] if gt else None
+    rewards = batch_rewards(
+        cfg.reward, response_mask=mask, logprobs=logprobs, ref_logprobs=ref_logprobs, dpo_logprobs=dpo_logprobs,
+        rm_scores=rm_scores, gt_rewards=gts, terminated=torch.tensor(terminated),
+        rm_mean=normalization[0], rm_std=normalization[1],
+    )  # fmt: skip
     token_ids = sequences[:, prompt_len:]
     tokens = [
         tokenizer.convert_ids_to_tokens(row[: int(m.sum())].tolist())
@@ -148,8 +150,7 @@ def score_responses(
     ]
     columns = trace_columns(
         step=0, prompts=prompts, responses=texts, tokens=tokens, token_ids=token_ids, response_mask=mask,
-        rm_score=rewards.rm_score if cfg.reward.needs_rm else None,
-        gt_reward=[gt(p, t, d) for p, t, d in zip(prompts, texts, terminated, strict=True)] if gt else None,
+        rm_score=rm_score_column(cfg.reward, rewards), gt_reward=gts,
         logprob=logprobs, ref_logprob=ref_logprobs, dpo_logprob=dpo_logprobs,
         reward_dpo=rewards.reward_dpo if cfg.reward.needs_dpo else None, reward_kl=rewards.reward_kl, reward=rewards.reward,
     )  # fmt: skip

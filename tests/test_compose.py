@@ -165,3 +165,63 @@ def test_config_defaults_and_needs():
     assert dpo.needs_dpo and not dpo.needs_rm
     for config in (RewardConfig(), ppo, dpo):  # a resolved (dumped) config validates again
         assert RewardConfig(**config.model_dump()) == config
+
+
+TERMINATED = torch.tensor([True, False, True])  # row 1 was cut at the length limit (no EOS)
+
+
+def test_missing_eos_score_keeps_the_sentence_score_of_a_cut_response():
+    out = compose(RewardConfig(missing_eos="score"), terminated=TERMINATED)
+    close(out.reward_rm, EXPECTED_RM)
+
+
+def test_missing_eos_penalty_replaces_the_sentence_score_of_a_cut_response():
+    out = compose(RewardConfig(missing_eos="penalty", missing_eos_penalty=-2.5), terminated=TERMINATED)
+    close(out.rm_score, torch.tensor([1.0, -2.5, 10.0]))  # as is: not normalised, scaled or clamped
+    close(out.reward_rm, torch.tensor([[0, 0, 1.0, 0], [0, 0, 0, -2.5], [0, 10.0, 0, 0]]))
+    close(out.reward, out.reward_dpo + out.reward_kl + out.reward_rm)
+    with pytest.raises(ValueError, match="terminated"):
+        compose(RewardConfig(missing_eos="penalty"))
+
+
+@pytest.mark.parametrize(
+    ("settings", "field"),
+    [
+        ({"mode": "dpo", "missing_eos": "penalty"}, "mode 'dpo' adds no sentence-level score"),
+        ({"missing_eos": "drop"}, "'score' or 'penalty'"),
+        ({"missing_eos_penalty": float("nan")}, "finite"),
+    ],
+)
+def test_missing_eos_settings_that_cannot_work(settings, field):
+    with pytest.raises(ValidationError, match=field):
+        RewardConfig(**settings)
+
+
+def test_batch_rewards_takes_the_sentence_score_from_the_configured_source():
+    """The one function the PPO step and `rto score` both call: the RM's raw score is normalised,
+    the ground truth is used as is, and the trace's rm_score column follows the mode."""
+    from reward.compose import batch_rewards, rm_score_column
+
+    common = dict(
+        response_mask=MASK,
+        logprobs=REF + KL_DIFF,
+        ref_logprobs=REF,
+        dpo_logprobs=REF + DPO_DIFF,
+        terminated=TERMINATED,
+        rm_mean=RM_MEAN,
+        rm_std=RM_STD,
+    )
+    from_rm = batch_rewards(RewardConfig(), rm_scores=RM_RAW, gt_rewards=None, **common)
+    close(from_rm.rm_score, torch.tensor([1.0, -1.0, 10.0]))
+    truth = [0.5, -0.25, 2.0]
+    from_gt = batch_rewards(
+        RewardConfig(sentence_reward="ground_truth"), rm_scores=None, gt_rewards=truth, **common
+    )
+    close(from_gt.rm_score, torch.tensor(truth))
+    with pytest.raises(ValueError, match="ground truth"):
+        batch_rewards(
+            RewardConfig(sentence_reward="ground_truth"), rm_scores=RM_RAW, gt_rewards=None, **common
+        )
+    assert rm_score_column(RewardConfig(sentence_reward="ground_truth"), from_gt) is from_gt.rm_score
+    dpo_only = batch_rewards(RewardConfig(mode="dpo"), rm_scores=None, gt_rewards=truth, **common)
+    assert rm_score_column(RewardConfig(mode="dpo"), dpo_only) is None

@@ -213,6 +213,13 @@ def test_score_writes_a_trace_file_whose_reward_adds_up(reward_run, tmp_path):
     rows = pq.read_table(out).to_pylist()
     assert rows[0]["gt_reward"] > rows[1]["gt_reward"]
     assert rows[0]["tokens"][-1] == "<eos>"
+    # the ground truth as the sentence-level score, as the PPO step would use it (one shared function)
+    overrides = ["--set", "reward.mode=ppo", "--set", "reward.sentence_reward=ground_truth"]
+    result = rto("score", str(job), *overrides, "--run-dir", str(run_dir), "-o", str(out), "--samples", "4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for row in pq.read_table(out).to_pylist():
+        assert row["rm_score"] == pytest.approx(row["gt_reward"], abs=1e-6)
+        assert row["reward"][-1] == pytest.approx(row["reward_kl"][-1] + row["gt_reward"], abs=1e-5)
 
 
 def test_reward_bad_inputs_exit_2(reward_run, tmp_path):

@@ -17,7 +17,7 @@ from pathlib import Path
 import ray
 import torch
 
-from reward.compose import compose_token_rewards
+from reward.compose import batch_rewards, rm_score_column
 from reward.traces import list_trace_steps, remove_stale_temp_files, trace_columns, trace_path, write_traces
 from rto.config import Config
 from rto.distributed import concat_results, init_ray, push_weights
@@ -263,16 +263,15 @@ def one_step(
         record["gt_reward"] = sum(gts) / len(gts)
     else:
         gts = None
-    if cfg.reward.uses_sentence_score and cfg.reward.sentence_reward == "ground_truth":
-        scores["rm_scores"] = torch.tensor(gts, dtype=torch.float32)  # the rule reward as the sentence score
-
-    rewards = compose_token_rewards(
+    rewards = batch_rewards(
         cfg.reward,
         response_mask=mask,
         logprobs=scores["logprobs"],
         ref_logprobs=scores["ref_logprobs"],
+        terminated=torch.tensor(terminated, dtype=torch.bool),
         dpo_logprobs=scores.get("dpo_logprobs"),
         rm_scores=scores.get("rm_scores"),
+        gt_rewards=gts,
         rm_mean=inputs.rm_normalization[0] if inputs.rm_normalization else None,
         rm_std=inputs.rm_normalization[1] if inputs.rm_normalization else None,
     )
@@ -299,7 +298,7 @@ def one_step(
             tokens=tokens[keep],
             token_ids=samples["sequences"][:, prompt_len:][keep],
             response_mask=mask[keep],
-            rm_score=rewards.rm_score[keep] if cfg.reward.uses_sentence_score else None,
+            rm_score=_rows(rm_score_column(cfg.reward, rewards), keep),
             gt_reward=gts[keep] if gts is not None else None,
             logprob=scores["logprobs"][keep],
             ref_logprob=scores["ref_logprobs"][keep],
@@ -340,7 +339,7 @@ def one_step(
     n_tokens = float(mask.sum())
     record.update(
         {
-            "rm_score": float(scores["rm_scores"].mean()) if "rm_scores" in scores else None,
+            "rm_score": _raw_sentence_score(cfg, scores, gts),
             "reward_total": float((rewards.reward * mask).sum(1).mean()),
             "reward_dpo": float((rewards.reward_dpo * mask).sum(1).mean()),
             "reward_kl": float((rewards.reward_kl * mask).sum(1).mean()),
@@ -359,6 +358,19 @@ def one_step(
     if is_weights is not None:
         record["is_weight_mean"] = float(masked_mean(is_weights, mask))
     return {k: v for k, v in record.items() if v is not None}
+
+
+def _raw_sentence_score(cfg: Config, scores: dict, gts: list[float] | None) -> float | None:
+    """Mean sentence-level score before normalisation: the RM's, or the ground truth used in its place."""
+    if "rm_scores" in scores:
+        return float(scores["rm_scores"].mean())
+    if cfg.reward.uses_sentence_score and cfg.reward.sentence_reward == "ground_truth" and gts:
+        return sum(gts) / len(gts)
+    return None
+
+
+def _rows(tensor: torch.Tensor | None, keep: slice) -> torch.Tensor | None:
+    return None if tensor is None else tensor[keep]
 
 
 def decode(tokenizer, samples: dict, mask: torch.Tensor):
