@@ -151,6 +151,8 @@ def _build(cfg: Config, tmp: Path, final: Path) -> None:
         roles += (("reward_model", cfg.reward_model),)
     for role, spec in roles:
         models[role] = _materialize(spec, role, cfg, tmp)
+    if cfg.task is None or cfg.task.name == "text":
+        check_text_tokenizer(_local(models["policy"], tmp), "policy.path", _conversational(tmp, data))
     atomic_write_json(
         tmp / "prepared.json",
         {
@@ -161,6 +163,49 @@ def _build(cfg: Config, tmp: Path, final: Path) -> None:
             "task_name": cfg.task.name if cfg.task is not None else None,
         },
     )
+
+
+def _local(ref: str, tmp: Path) -> str:
+    return str(tmp / ref[len("local:") :]) if ref.startswith("local:") else ref
+
+
+def _conversational(tmp: Path, data: dict[str, str]) -> bool:
+    """Whether the prepared data is in TRL's conversational format (first row of any role)."""
+    for name in data.values():
+        with open(tmp / name) as f:
+            row = json.loads(f.readline() or "{}")
+        if any(isinstance(row.get(k), list) for k in ("prompt", "completion", "chosen", "messages")):
+            return True
+    return False
+
+
+def check_text_tokenizer(path: str, field: str, conversational: bool) -> None:
+    """The policy's tokenizer can lay out what PPO needs: a pad token distinct from EOS (added
+    if missing) and, for conversational data, a chat template whose assistant turn ends with EOS
+    (responses end there, and the reward model is trained and scored at that token)."""
+    from rto.generation import encode_completion
+    from rto.models import load_tokenizer
+
+    tokenizer = load_tokenizer(path, field)
+    if not conversational:
+        return
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(
+            f"'{path}' has no chat template, and the data is conversational (lists of messages); "
+            "give the data as plain strings (prompt/completion, prompt/chosen/rejected) or a model with a template",
+            field=field,
+        )
+    probe = ([{"role": "user", "content": "hello"}], [{"role": "assistant", "content": "hello"}])
+    try:
+        _, completion = encode_completion(tokenizer, *probe)
+    except ValueError as exc:
+        raise UserError(f"the chat template of '{path}' cannot be used: {exc}", field=field) from None
+    if not completion or completion[-1] != tokenizer.eos_token_id:
+        raise UserError(
+            f"the chat template of '{path}' never emits the EOS token {tokenizer.eos_token!r} after an "
+            "assistant turn, so no response could end",
+            field=field,
+        )
 
 
 IMAGE_REQUIRED = {

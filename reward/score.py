@@ -62,7 +62,7 @@ def score_responses(
     from pipelines.prepare import prepare
     from pipelines.stages.rm import load_normalization
     from reward.scoring import FrozenLM, FrozenRM, check_same_tokenizer
-    from rto.models import load_causal_lm, load_tokenizer
+    from rto.models import load_causal_lm, load_tokenizer, sampling_token_ids
     from rto.runtime import resolve_device
 
     run = RunDir(run_dir)
@@ -106,10 +106,12 @@ def score_responses(
     else:
         records = prepared.records("eval_prompts")[:n_samples]
         model = load_causal_lm(policy, device=device).eval()
+        never = sampling_token_ids(tokenizer, model.config.get_text_config().vocab_size)["suppress_token_ids"]
         torch.manual_seed(cfg.seed)
         samples = sample(
             model, [encode_prompt(tokenizer, r["prompt"]) for r in records], eos_id=tokenizer.eos_token_id,
             pad_id=tokenizer.pad_token_id, max_new_tokens=cfg.ppo.max_new_tokens, temperature=cfg.ppo.temperature,
+            top_p=cfg.ppo.top_p, suppress_token_ids=never,
         )  # fmt: skip
         sequences, attention_mask, prompt_len = (
             samples.sequences.cpu(),

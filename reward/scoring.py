@@ -14,10 +14,9 @@ import os
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from rto.errors import UserError
-from rto.models import check_model_path, guarded_from_pretrained
+from rto.models import check_model_path, load_model, load_tokenizer
 from rto.ppo.algo import entropy_from_logits
 
 
@@ -41,20 +40,17 @@ def _accepts(model: nn.Module, argument: str) -> bool:
     return argument in inspect.signature(wrapped.forward).parameters
 
 
-def response_logprobs(
+def response_logits(
     model: nn.Module,
     sequences: Tensor,
     attention_mask: Tensor,
     prompt_len: int,
     micro_batch_size: int = 8,
-    return_entropy: bool = False,
     pixel_values: Tensor | None = None,
-) -> Tensor | tuple[Tensor, Tensor]:
-    """Log-probs `[B, R]` of the response tokens `sequences[:, prompt_len:]` under `model`
-    (and their per-token entropy `[B, R]` when `return_entropy`), zero on response padding.
-    `pixel_values [B, 3, H, W]` (one picture per row) go to a vision-language model.
-
-    Differentiable when called with grad enabled (the policy's training pass uses it too)."""
+):
+    """Yield, micro-batch by micro-batch, ``(rows, logits [b, R, V] float32, targets [b, R],
+    response_mask [b, R])``: the logits that predict each response token `sequences[:, prompt_len:]`.
+    Only the R + 1 last positions are computed where the model takes ``logits_to_keep``."""
     if sequences.shape != attention_mask.shape or sequences.dim() != 2:
         raise ValueError(
             f"sequences {tuple(sequences.shape)} and attention_mask {tuple(attention_mask.shape)} must be the same [B, L]"
@@ -66,7 +62,6 @@ def response_logprobs(
         )
     # Logits at positions P−1 … P+R−2 predict the response tokens P … P+R−1.
     keep = {"logits_to_keep": response_len + 1} if _accepts(model, "logits_to_keep") else {}
-    logprob_chunks, entropy_chunks = [], []
     for start in range(0, sequences.size(0), micro_batch_size):
         ids = sequences[start : start + micro_batch_size]
         mask = attention_mask[start : start + micro_batch_size]
@@ -79,12 +74,47 @@ def response_logprobs(
             **image_inputs(model, pixel_values, start, micro_batch_size),
         ).logits
         logits = logits[:, -(response_len + 1) : -1].float()  # [b, R, V]
-        targets = ids[:, prompt_len:]
-        token_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        response_mask = mask[:, prompt_len:].to(logits.dtype)
-        logprob_chunks.append((token_logits - torch.logsumexp(logits, dim=-1)) * response_mask)
+        yield (
+            slice(start, start + ids.size(0)),
+            logits,
+            ids[:, prompt_len:],
+            mask[:, prompt_len:].to(logits.dtype),
+        )
+
+
+def token_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0) -> Tensor:
+    """log softmax(logits / T) of the target tokens: the model's log-prob at sampling temperature T,
+    before any top-p/top-k truncation (what every sampler reports as its log-prob too)."""
+    if temperature != 1.0:
+        logits = logits / temperature
+    chosen = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return chosen - torch.logsumexp(logits, dim=-1)
+
+
+def response_logprobs(
+    model: nn.Module,
+    sequences: Tensor,
+    attention_mask: Tensor,
+    prompt_len: int,
+    micro_batch_size: int = 8,
+    return_entropy: bool = False,
+    pixel_values: Tensor | None = None,
+    temperature: float = 1.0,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Log-probs `[B, R]` of the response tokens `sequences[:, prompt_len:]` under `model` at
+    `temperature` (and the per-token entropy `[B, R]` of that distribution when `return_entropy`),
+    zero on response padding. `pixel_values [B, 3, H, W]` (one picture per row) go to a
+    vision-language model.
+
+    Differentiable when called with grad enabled (the policy's training pass uses it too)."""
+    logprob_chunks, entropy_chunks = [], []
+    for _, logits, targets, response_mask in response_logits(
+        model, sequences, attention_mask, prompt_len, micro_batch_size, pixel_values
+    ):
+        logprob_chunks.append(token_logprobs(logits, targets, temperature) * response_mask)
         if return_entropy:
-            entropy_chunks.append(entropy_from_logits(logits) * response_mask)
+            scaled = logits / temperature if temperature != 1.0 else logits
+            entropy_chunks.append(entropy_from_logits(scaled) * response_mask)
     logprobs = torch.cat(logprob_chunks)
     return (logprobs, torch.cat(entropy_chunks)) if return_entropy else logprobs
 
@@ -92,11 +122,12 @@ def response_logprobs(
 def sequence_scores(
     model: nn.Module, sequences: Tensor, attention_mask: Tensor, micro_batch_size: int = 8
 ) -> Tensor:
-    """[B] score of a sequence-classification model (num_labels=1) at each row's last real token.
+    """[B] score of a sequence-classification model (num_labels=1) at each row's last real token:
+    the backbone, then the `score` head at the last position where attention_mask is 1.
 
-    transformers' own pooling takes the rightmost token ≠ pad_token_id, which is wrong for our
-    layout whenever pad == eos (the EOS itself is skipped) and ignores the attention mask; so we run
-    the backbone and apply the `score` head at the last position where attention_mask is 1."""
+    That is the token TRL's RewardTrainer trains on (transformers' own pooling: the rightmost token
+    ≠ pad_token_id) because every tokenizer gets a pad token distinct from EOS
+    (`rto.models.ensure_pad_token`) and reward-model training data ends at EOS, as rollouts do."""
     if not hasattr(model, "score"):
         raise TypeError(
             f"{type(model).__name__} has no `score` head; expected a *ForSequenceClassification model"
@@ -120,9 +151,10 @@ def sequence_scores(
 # ---------------------------------------------------------------- loading
 
 
-def _load(auto_class, path_or_name: str | os.PathLike, what: str, **kwargs) -> nn.Module:
-    """A frozen model (eval mode, no gradients); a missing or unloadable one is a `UserError`."""
-    model = guarded_from_pretrained(auto_class, str(path_or_name), what, None, **kwargs)
+def _load(path_or_name: str | os.PathLike, kind: str, dtype: torch.dtype) -> nn.Module:
+    """A frozen model (eval mode, no gradients), loaded as every stage loads it
+    (`rto.models.load_model`: pad token and embeddings agree); a bad folder is a `UserError`."""
+    model = load_model(str(path_or_name), kind, dtype)
     model.eval()
     model.requires_grad_(False)
     return model
@@ -140,9 +172,7 @@ class FrozenLM:
         micro_batch_size: int = 8,
     ):
         self.path = str(path_or_name)
-        self.model = _load(AutoModelForCausalLM, path_or_name, "load a causal LM from", dtype=dtype).to(
-            device
-        )
+        self.model = _load(path_or_name, "causal_lm", dtype).to(device)
         self.device = torch.device(device)
         self.micro_batch_size = micro_batch_size
 
@@ -176,13 +206,7 @@ class FrozenRM:
         micro_batch_size: int = 8,
     ):
         self.path = str(path_or_name)
-        self.model = _load(
-            AutoModelForSequenceClassification,
-            path_or_name,
-            "load a reward model from",
-            dtype=dtype,
-            num_labels=1,
-        ).to(device)
+        self.model = _load(path_or_name, "sequence_classification", dtype).to(device)
         self.device = torch.device(device)
         self.micro_batch_size = micro_batch_size
 
@@ -196,20 +220,19 @@ class FrozenRM:
 
 
 def check_same_tokenizer(path_a: str | os.PathLike, path_b: str | os.PathLike) -> None:
-    """UserError unless the two models' tokenizers have the same vocabulary (π_dpo vs π_ref)."""
+    """UserError unless the two models' tokenizers have the same vocabulary (π_dpo vs π_ref, the
+    RM vs the policy: they score the policy's token ids)."""
     vocabularies = []
     for path in (path_a, path_b):
         text = check_model_path(path)
         try:
-            vocabularies.append(AutoTokenizer.from_pretrained(text).get_vocab())
-        except OSError as error:
-            raise UserError(
-                f"cannot load tokenizer: {str(error).strip().splitlines()[0]}", source=text
-            ) from error
+            vocabularies.append(load_tokenizer(text, field=None).get_vocab())  # pad-completed, as loaded
+        except UserError as error:
+            raise UserError(str(error).removeprefix("cannot load a tokenizer from "), source=text) from None
     if vocabularies[0] != vocabularies[1]:
         only_a = len(set(vocabularies[0].items()) - set(vocabularies[1].items()))
         raise UserError(
             f"tokenizer differs from {path_b} ({len(vocabularies[0])} vs {len(vocabularies[1])} tokens, "
-            f"{only_a} entries not shared); π_dpo and π_ref must share the tokenizer",
+            f"{only_a} entries not shared); models that score the policy's tokens must share its tokenizer",
             source=str(path_a),
         )

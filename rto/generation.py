@@ -62,7 +62,10 @@ def sample(
     max_new_tokens: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    suppress_token_ids: list[int] | None = None,
 ) -> Samples:
+    """Sample responses to `prompt_ids` (see `rto.distributed.rollout.hf_generate`); pass
+    `rto.models.sampling_token_ids(...)["suppress_token_ids"]` so no special token but EOS is emitted."""
     device = next(model.parameters()).device
     input_ids, attention_mask = left_pad(prompt_ids, pad_id)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
@@ -70,7 +73,7 @@ def sample(
 
     responses, logprobs = hf_generate(
         model, input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
-        top_p=top_p, eos_token_id=eos_id, pad_token_id=pad_id,
+        top_p=top_p, eos_token_id=eos_id, pad_token_id=pad_id, suppress_token_ids=suppress_token_ids,
     )  # fmt: skip
     prompt_len = input_ids.shape[1]
     mask = response_mask(responses, [eos_id])

@@ -45,21 +45,134 @@ def guarded_from_pretrained(
         raise UserError(f"cannot {what} '{path}': {str(exc).splitlines()[0]}", field=field) from None
 
 
+PAD_TOKEN = "<|pad|>"
+"""The pad token added to a tokenizer that has none (or whose pad is its EOS)."""
+
+
 def load_tokenizer(path: str, field: str = "policy.path"):
+    """The tokenizer of a model folder / Hub name, with a pad token distinct from EOS (see
+    :func:`ensure_pad_token`); every stage loads it this way, so all agree on the ids."""
     from transformers import AutoTokenizer
 
     tokenizer = guarded_from_pretrained(AutoTokenizer, path, "load a tokenizer from", field)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    ensure_pad_token(tokenizer, path, field)
+    return tokenizer
+
+
+def ensure_pad_token(tokenizer, path: str = "", field: str | None = None) -> None:
+    """Give a tokenizer without a pad token, or whose pad token is its EOS (Llama-3, Mistral, GPT-2
+    ship so), a distinct pad token `PAD_TOKEN` at the end of the vocabulary.
+
+    With pad = EOS, a sequence classifier's own pooling (the rightmost token that is not the pad:
+    how TRL's RewardTrainer trains a reward model) reads the token *before* the final EOS, while
+    scoring a padded batch must read the EOS; with a distinct pad both read the EOS. The models
+    get a matching embedding row when they are loaded (:func:`fit_embeddings`)."""
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"the tokenizer of '{path}' has no EOS token: responses could not end", field=field)
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return
+    try:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    except (ValueError, TypeError, AttributeError, NotImplementedError) as exc:
+        raise UserError(f"cannot add a pad token to the tokenizer of '{path}': {exc}", field=field) from None
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise UserError(f"cannot give the tokenizer of '{path}' a pad token distinct from EOS", field=field)
+
+
+def fit_embeddings(model, tokenizer, path: str = "", field: str | None = None) -> None:
+    """Make a text model agree with its (pad-completed) tokenizer: one new embedding row for a pad
+    token that :func:`ensure_pad_token` added, set deterministically to the mean of the existing
+    rows (input and, if untied, output embeddings) so that every stage loading the same folder gets
+    the same model; and ``config.pad_token_id``. A tokenizer larger than that is a `UserError`."""
+    import torch
+
+    embeddings = model.get_input_embeddings()
+    rows, needed = embeddings.num_embeddings, len(tokenizer)
+    if needed > rows:
+        if tokenizer.pad_token != PAD_TOKEN or needed != rows + 1 or tokenizer.pad_token_id != rows:
+            raise UserError(
+                f"the tokenizer of '{path}' has {needed} tokens but the model's vocabulary only {rows}",
+                field=field,
+            )
+        output = model.get_output_embeddings()
+        tied = output is not None and output.weight is embeddings.weight
+        try:
+            model.resize_token_embeddings(needed, mean_resizing=False)
+        except (NotImplementedError, ValueError, AttributeError, TypeError) as exc:
+            raise UserError(
+                f"cannot add the pad token's embedding to the model '{path}': {exc}", field=field
+            ) from None
+        with torch.no_grad():
+            grown = model.get_input_embeddings().weight
+            grown[rows:] = grown[:rows].mean(dim=0)
+            output = model.get_output_embeddings()
+            if output is not None and not tied and output.weight is not grown:
+                output.weight[rows:] = output.weight[:rows].mean(dim=0)
+                if getattr(output, "bias", None) is not None:
+                    output.bias[rows:] = output.bias[:rows].mean()
+    model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def _folder_tokenizer(path: str, field: str | None):
+    """The pad-completed tokenizer saved with a model, or None if the folder has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError):
+        return None
+    ensure_pad_token(tokenizer, path, field)
     return tokenizer
 
 
 def load_causal_lm(path: str, field: str = "policy.path", dtype=None, device: str = "cpu"):
-    from transformers import AutoModelForCausalLM
+    return load_model(path, "causal_lm", dtype, field).to(device)
 
-    return guarded_from_pretrained(
-        AutoModelForCausalLM, path, "load a causal LM from", field, dtype=dtype
-    ).to(device)
+
+def sampling_token_ids(tokenizer, vocab_size: int | None = None) -> dict:
+    """What every sampler (dense, FTP, AdaptInfer) is told about tokens: ``eos_token_id`` (the one
+    token that ends a response: the chat template's end of turn), ``pad_token_id``, and
+    ``suppress_token_ids``: every special token but EOS (pad, BOS, template markers, alternative
+    end tokens, image placeholders) and the model's embedding rows the tokenizer has no token for
+    (`vocab_size` > len(tokenizer), as in Qwen); none of them may ever be sampled."""
+    eos = tokenizer.eos_token_id
+    special = set(tokenizer.all_special_ids)
+    special |= {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    if vocab_size is not None and vocab_size > len(tokenizer):
+        special |= set(range(len(tokenizer), vocab_size))
+    special.discard(eos)
+    return {
+        "eos_token_id": eos,
+        "pad_token_id": tokenizer.pad_token_id,
+        "suppress_token_ids": sorted(i for i in special if i is not None),
+    }
+
+
+def model_sampling_token_ids(path: str, field: str | None = "policy.path") -> dict:
+    """:func:`sampling_token_ids` of the tokenizer saved with a model folder (a vision-language
+    model's too), loaded as the stages load it; vocabulary size from the model's config."""
+    from transformers import AutoConfig
+
+    tokenizer = load_tokenizer(path, field)
+    config = guarded_from_pretrained(AutoConfig, path, "read the model config of", field)
+    return sampling_token_ids(tokenizer, config.get_text_config().vocab_size)
+
+
+def disable_dropout(model) -> None:
+    """Turn every dropout of a model off (``nn.Dropout`` modules and the float ``*dropout``
+    attributes attention layers read in training mode), so that its training forward computes
+    exactly what its scoring forward computes: PPO's ratio and clipped value loss compare the two.
+    The config keeps its values (a saved model is unchanged for later fine-tuning)."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
 
 
 def is_vision_language(path: str, field: str = "policy.path") -> bool:
@@ -132,6 +245,9 @@ def load_model(path: str, kind: ModelKind = "causal_lm", dtype=None, field: str 
     if kind == "token_classification" and "score.bias" in info["missing_keys"] and head is not None:
         # A reward model's head has no bias; zero the new one so the critic starts as the RM's score.
         torch.nn.init.zeros_(head.bias)
+    tokenizer = _folder_tokenizer(path, field)
+    if tokenizer is not None:
+        fit_embeddings(model, tokenizer, path, field)
     return model
 
 

@@ -283,3 +283,44 @@ def test_random_baseline_rollouts_follow_the_step_seed():
 
     assert torch.equal(rollout(11), rollout(11))
     assert not torch.equal(kept(11), kept(12))
+
+
+def test_keep_all_sampler_logprobs_are_the_policys_at_the_sampling_temperature(vlm_dir):
+    """At temperature 0.7 with top-p 0.9, AdaptInfer reports its log-probs as every sampler does
+    (log softmax(logits / T), before truncation and suppression): with nothing pruned, exactly
+    the dense policy's log-probs at T, which is how PPO scores the policy."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(vlm_dir)
+    batch = prompt_batch(processor, n=8)
+    worker = RolloutWorker(str(vlm_dir), AdaptInferGenerate({}), max_new_tokens=6, temperature=0.7, top_p=0.9)
+    torch.manual_seed(0)
+    out = worker.generate(batch)
+    mask = out["response_mask"].bool()
+    dense = response_logprobs(
+        worker.model, out["sequences"], out["attention_mask"], batch["input_ids"].shape[1],
+        pixel_values=batch["pixel_values"], temperature=0.7,
+    )  # fmt: skip
+    torch.testing.assert_close(out["sampler_logprobs"][mask], dense[mask], atol=1e-4, rtol=0)
+
+
+def test_vlm_rollouts_never_emit_any_special_token_but_eos(vlm_dir):
+    from transformers import AutoProcessor
+
+    from rto.models import model_sampling_token_ids
+
+    processor = AutoProcessor.from_pretrained(vlm_dir)
+    batch = prompt_batch(processor, n=8)
+    never = model_sampling_token_ids(str(vlm_dir))["suppress_token_ids"]
+    assert processor.tokenizer.pad_token_id in never
+    for fn in (None, AdaptInferGenerate({0: 16})):
+        worker = RolloutWorker(str(vlm_dir), **({"generate_fn": fn} if fn else {}), max_new_tokens=6)
+        with torch.no_grad():  # the fault: every forbidden token far more likely than any other
+            head = worker.model.lm_head
+            head.register_forward_hook(lambda _m, _i, logits: logits.index_add(
+                -1, torch.tensor(never), torch.full((*logits.shape[:-1], len(never)), 30.0)
+            ))  # fmt: skip
+        torch.manual_seed(0)
+        out = worker.generate(batch)
+        emitted = out["sequences"][:, batch["input_ids"].shape[1] :][out["response_mask"].bool()]
+        assert emitted.numel() > 20 and not torch.isin(emitted, torch.tensor(never)).any()

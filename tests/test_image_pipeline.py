@@ -34,6 +34,7 @@ IMAGE_JOB = {
     "ppo": {
         "steps": 2, "rollout_batch_size": 8, "train_batch_size": 8, "micro_batch_size": 8,
         "max_new_tokens": 4, "checkpoint_every": 1, "rollout_pruner": "adaptinfer",
+        "temperature": 0.7, "top_p": 0.9,  # sampled off the model's own distribution: scored at T
         "entropy_coef": 0.05,  # a gradient even if every rollout's reward is 0 after 12 SFT steps
     },
     "adaptinfer": {"keep_ratio": 0.25},
@@ -67,6 +68,9 @@ def test_image_job_runs_ppo_with_pruned_rollouts(image_run):
     assert [r["step"] for r in ppo] == [1, 2]
     # the pruned sampler is not the dense policy: PPO weighted its tokens (truncated IS)
     assert all(0 < r["is_weight_mean"] <= 2.0 for r in ppo)
+    # before any update the first minibatch's ratio is 1 and no value is clipped (at T = 0.7, top-p 0.9)
+    assert all(r["first_minibatch_ratio_error"] < 1e-4 for r in ppo)
+    assert all(r["first_minibatch_value_clip_frac"] == 0.0 for r in ppo)
     assert all(0.0 <= r["gt_reward"] <= 1.0 for r in ppo)
     assert ppo[1]["kl"] != 0.0  # the first update moved the policy away from the reference
 

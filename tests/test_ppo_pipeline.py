@@ -141,6 +141,11 @@ def test_kill_during_ppo_then_resume(reward_run, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stderr
     assert ppo_steps(run_dir) == list(range(1, 9))  # no gap, no duplicate
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for record in (r for r in metrics if r["stage"] == "ppo"):  # resumed steps too
+        assert (
+            record["first_minibatch_ratio_error"] < 1e-4 and record["first_minibatch_value_clip_frac"] == 0.0
+        )
     traces = sorted(p.name for p in (run_dir / "traces").iterdir())
     assert traces == [f"step-{s:06d}.parquet" for s in range(1, 9)]
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -166,7 +171,7 @@ def test_nan_reward_skips_the_batch(reward_run, tmp_path, monkeypatch):
     from rto.config import load_config
     from rto.runner import run_job
 
-    real = trainer.compose_token_rewards
+    real = trainer.batch_rewards
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -176,7 +181,7 @@ def test_nan_reward_skips_the_batch(reward_run, tmp_path, monkeypatch):
             rewards.reward[0, 0] = torch.nan
         return rewards
 
-    monkeypatch.setattr(trainer, "compose_token_rewards", poisoned)
+    monkeypatch.setattr(trainer, "batch_rewards", poisoned)
     run_dir = fresh_copy(reward_run, tmp_path)
     cfg = load_config(write_job(tmp_path, stages=["ppo"], ppo__steps=3, ppo__checkpoint_every=10))
     summary = run_job(cfg, run_dir)
@@ -263,6 +268,7 @@ def test_ftp_pruned_rollouts_are_importance_weighted(reward_run, tmp_path):
     run_dir = fresh_copy(reward_run, tmp_path)
     job = write_job(
         tmp_path, stages=["ftp", "ppo"], ppo__steps=1, ppo__rollout_pruner="ftp", ppo__is_cap=2.0,
+        ppo__temperature=0.7, ppo__top_p=0.9,
         ftp={"search": {"population": 4, "generations": 2, "calib_samples": 8, "elite": 1}, "train": {"steps": 5, "batch_size": 4}},
     )  # fmt: skip
     result = rto("run", str(job), "--run-dir", str(run_dir))
@@ -270,3 +276,5 @@ def test_ftp_pruned_rollouts_are_importance_weighted(reward_run, tmp_path):
     (record,) = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"ppo"' in x]
     assert 0.0 < record["is_weight_mean"] <= 2.0
     assert (run_dir / "stages" / "ftp" / "router.safetensors").is_file()
+    # the policy is scored at the sampling temperature: ratio 1 before any update
+    assert record["first_minibatch_ratio_error"] < 1e-4 and record["first_minibatch_value_clip_frac"] == 0.0

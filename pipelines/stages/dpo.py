@@ -9,7 +9,7 @@ from datasets import Dataset
 from pipelines.pairs import encode_pairs, logprob_sums
 from pipelines.stages import StageContext, register_stage
 from pipelines.training import quiet, save_model, trainer_kwargs
-from rto.models import load_tokenizer
+from rto.models import load_model, load_tokenizer
 from rto.progress import ProgressCallback
 
 
@@ -78,7 +78,10 @@ def run_dpo(ctx: StageContext) -> dict:
                 ctx.device,
             )
     else:
-        processing_class, models, rows = load_tokenizer(init), {"model": init}, pairs
+        processing_class, rows = load_tokenizer(init), pairs
+        # loaded as every stage loads them (a pad row where the tokenizer needed one); the reference
+        # explicitly, since TRL would reload it from the folder without that row
+        models = {name: load_model(init, "causal_lm", field="policy.path") for name in ("model", "ref_model")}
 
         def figures(held_out: list[dict]) -> dict:
             return preference_figures(

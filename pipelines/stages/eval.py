@@ -9,7 +9,7 @@ import torch
 
 from pipelines.stages import StageContext, register_stage
 from rto.generation import Samples, decode_responses, encode_prompt, prompt_text, sample
-from rto.models import load_causal_lm, load_tokenizer
+from rto.models import load_causal_lm, load_tokenizer, sampling_token_ids
 from rto.progress import make_progress
 
 
@@ -27,6 +27,7 @@ def evaluate_policy(ctx: StageContext, path: str, prompts: list, rm_scorer=None)
     cfg = ctx.cfg.eval
     tokenizer = load_tokenizer(path)
     model = load_causal_lm(path, device=ctx.device).eval()
+    never = sampling_token_ids(tokenizer, model.config.get_text_config().vocab_size)["suppress_token_ids"]
     gt = ctx.prepared.ground_truth()
     rows = []
     batches = [prompts[i : i + cfg.batch_size] for i in range(0, len(prompts), cfg.batch_size)]
@@ -35,6 +36,7 @@ def evaluate_policy(ctx: StageContext, path: str, prompts: list, rm_scorer=None)
         samples = sample(
             model, ids, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+            suppress_token_ids=never,
         )  # fmt: skip
         texts = decode_responses(tokenizer, samples)
         terminated = samples.terminated(tokenizer.eos_token_id).tolist()
@@ -92,6 +94,8 @@ def evaluate_vision_policy(
     processor = load_processor(path)
     model = load_vision_lm(path, device=ctx.device).eval()
     tokenizer = processor.tokenizer
+    never = sampling_token_ids(tokenizer, model.config.get_text_config().vocab_size)["suppress_token_ids"]
+    never = sorted(set(never) | {model.config.image_token_id})
     sampling = cfg.temperature > 0
     rows: dict[str, list[dict]] = {label: [] for label in schedules}
     generators = {label: torch.Generator(device=ctx.device).manual_seed(ctx.cfg.seed) for label in schedules}
@@ -107,7 +111,7 @@ def evaluate_vision_policy(
                 max_new_tokens=cfg.max_new_tokens, do_sample=sampling,
                 temperature=cfg.temperature if sampling else 1.0, top_p=cfg.top_p,
                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                generator=generators[label], suppress_token_ids=[model.config.image_token_id],
+                generator=generators[label], suppress_token_ids=never,
             )  # fmt: skip
             samples = Samples(
                 out.sequences.cpu(), torch.cat([inputs["attention_mask"].cpu(), out.response_mask.cpu()], 1),

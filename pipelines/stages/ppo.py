@@ -31,6 +31,9 @@ def model_paths(ctx: StageContext) -> ModelPaths:
                 field="stages",
             )
         rm = str(ctx.run.stage_dir("rm"))
+        from reward.scoring import check_same_tokenizer
+
+        check_same_tokenizer(rm, policy)  # the RM and a critic made from it read the policy's token ids
     critic = rm if cfg.ppo.critic_init == "rm" else policy
     return ModelPaths(
         policy=policy, critic=critic, ref=policy, dpo=dpo, rm=rm if cfg.reward.needs_rm else None

@@ -2,6 +2,11 @@
 
 Beside the model it saves `normalization.json`: the mean and std of its scores over the training
 responses, which the token reward uses to normalise the RM score.
+
+The pairs are tokenized here, as rollouts are laid out (the prompt ready for generation, then the
+response up to and including EOS; chat-template text after EOS, such as ChatML's newline, cut), and
+the tokenizer has a pad token distinct from EOS: TRL's pooling (the rightmost token that is not the
+pad) then trains the score on the EOS, the very token `reward.scoring.sequence_scores` reads.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from datasets import Dataset
 from pipelines.pairs import encode_pairs, rm_scores
 from pipelines.stages import StageContext, register_stage
 from pipelines.training import quiet, save_model, trainer_kwargs
-from rto.models import load_tokenizer
+from rto.models import load_model, load_tokenizer
 from rto.progress import ProgressCallback
 from rto.rundir import atomic_write_json
 
@@ -37,9 +42,9 @@ def run_rm(ctx: StageContext) -> dict:
     pairs = ctx.prepared.records("pairs")
     args = RewardConfig(**trainer_kwargs(cfg, cfg.rm, ctx.out_dir, ctx.device))
     trainer = RewardTrainer(
-        model=init,
+        model=load_model(init, "sequence_classification", field="reward_model.path"),
         args=args,
-        train_dataset=Dataset.from_list(pairs),
+        train_dataset=Dataset.from_list(tokenized_pairs(tokenizer, pairs)),
         processing_class=tokenizer,
         callbacks=[ProgressCallback("rm", ctx.metrics)],
     )
@@ -65,6 +70,15 @@ def run_rm(ctx: StageContext) -> dict:
             (rm_scores(rm, tokenizer, chosen) > rm_scores(rm, tokenizer, rejected)).float().mean()
         )
     return summary
+
+
+def tokenized_pairs(tokenizer, pairs: list[dict]) -> list[dict]:
+    """TRL's pre-tokenized preference rows (`chosen_ids`, `rejected_ids`): prompt + response ids
+    exactly as a rollout lays them out, ending at EOS (`rto.generation.encode_completion`)."""
+    chosen, rejected = encode_pairs(tokenizer, pairs)
+    return [
+        {"chosen_ids": p + c, "rejected_ids": q + r} for (p, c), (q, r) in zip(chosen, rejected, strict=True)
+    ]
 
 
 def load_normalization(rm_dir) -> tuple[float, float]:

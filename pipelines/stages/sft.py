@@ -6,7 +6,7 @@ from datasets import Dataset
 
 from pipelines.stages import StageContext, register_stage
 from pipelines.training import quiet, save_model, trainer_kwargs
-from rto.models import load_tokenizer
+from rto.models import load_model, load_tokenizer
 from rto.progress import ProgressCallback
 
 
@@ -22,7 +22,7 @@ def run_sft(ctx: StageContext) -> dict:
     records = ctx.prepared.records("sft")
     args = SFTConfig(**trainer_kwargs(cfg, cfg.sft, ctx.out_dir, ctx.device), packing=False)
     trainer = SFTTrainer(
-        model=base,
+        model=load_model(base, "causal_lm", field="policy.path"),  # its embeddings cover the pad token
         args=args,
         train_dataset=Dataset.from_list(records),
         processing_class=tokenizer,

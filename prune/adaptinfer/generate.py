@@ -55,10 +55,10 @@ def generate_pruned(
 
     `schedule` maps a decoder layer to the number of vision tokens kept after it (None or {} =
     dense). `method` names a registered scorer: adaptinfer, adaptinfer_no_prior, fastv, random.
-    `suppress_token_ids` are never generated (a policy must not emit image tokens); the sampler's
-    log-probs are those of the distribution without them.
-    Sampling: temperature, then top-k / top-p; `sampler_logprobs` are log-softmax(logits /
-    temperature) of the chosen tokens, before top-k/top-p truncation (what vLLM reports too).
+    `suppress_token_ids` are never generated (a policy must not emit image tokens or other special
+    tokens). Sampling: temperature, then top-k / top-p; `sampler_logprobs` are defined as for every
+    sampler: log-softmax(logits / temperature) of the chosen tokens, before top-k/top-p truncation
+    and token suppression (what vLLM reports too; greedy: temperature 1).
     """
     import prune.fastv  # noqa: F401  (registers the fastv scorer)
 
@@ -77,9 +77,9 @@ def generate_pruned(
     tokens, logprobs, masks = [], [], []
     for step in range(max_new_tokens):
         scaled = logits.float() / (temperature if do_sample else 1.0)
+        logp = torch.log_softmax(scaled, dim=-1)
         if suppress_token_ids:
             scaled[:, suppress_token_ids] = float("-inf")
-        logp = torch.log_softmax(scaled, dim=-1)
         if do_sample:
             warped = scaled
             for warper in warpers:

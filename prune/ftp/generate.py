@@ -55,6 +55,7 @@ def generate_pruned(
     generator: torch.Generator | None = None,
     stats: dict | None = None,
     logprobs_out: list | None = None,
+    suppress_token_ids: list[int] | None = None,
     **gen_kwargs,
 ) -> torch.LongTensor:
     """Sample continuations of left-padded prompts with token skipping.
@@ -65,9 +66,10 @@ def generate_pruned(
     `threshold`: the decode rule, one value or one per block (see `calibrate_decode_thresholds`).
     With a `stats` dict, adds to stats["computed"] / stats["tokens"] (per block) the tokens each
     block computed and the tokens it could have computed (prefill and decode, unfinished rows).
-    With a `logprobs_out` list, appends each step's [B] log-prob of the chosen tokens under the
-    distribution they were drawn from (after temperature / top-k / top-p): the sampler log-probs
-    that PPO's truncated importance weights compare with the dense policy.
+    With a `logprobs_out` list, appends each step's [B] log-prob of the chosen tokens as every
+    sampler defines it: log softmax(logits / T) of the pruned model, before top-k/top-p truncation
+    and token suppression (greedy: T = 1); PPO's truncated importance weights compare it with the
+    dense policy's log-prob at T. `suppress_token_ids` are never sampled.
     """
     config = _generation_settings(model, gen_kwargs)
     batch, prompt_len = input_ids.shape
@@ -86,15 +88,19 @@ def generate_pruned(
     _count(stats, out.routes, None)
     for _ in range(max_new):
         scores = out.logits[:, -1].float()
+        allowed = scores.clone()
+        if suppress_token_ids:
+            allowed[:, suppress_token_ids] = float("-inf")
         if config.do_sample:
-            warped = _warp(config, scores, sequences)
-            probs = warped.softmax(-1)
+            probs = _warp(config, allowed, sequences).softmax(-1)
             next_tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         else:
-            warped = scores
-            next_tokens = scores.argmax(-1)
+            next_tokens = allowed.argmax(-1)
         if logprobs_out is not None:
-            chosen = torch.log_softmax(warped, dim=-1).gather(-1, next_tokens[:, None]).squeeze(1)
+            temperature = config.temperature if config.do_sample and config.temperature else 1.0
+            chosen = (
+                torch.log_softmax(scores / temperature, dim=-1).gather(-1, next_tokens[:, None]).squeeze(1)
+            )
             logprobs_out.append(torch.where(finished, torch.zeros_like(chosen), chosen))
         next_tokens = torch.where(finished, torch.full_like(next_tokens, pad), next_tokens)
         sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)

@@ -1,10 +1,11 @@
 """FTP-pruned generation for PPO rollout workers.
 
 `RolloutWorker` calls `generate_fn(model, input_ids, attention_mask, *, max_new_tokens, temperature,
-top_p, top_k, eos_token_id, pad_token_id) -> (response_ids, sampler_logprobs)`. This one samples with
-the FTP router of an `ftp` stage; the router is kept while the policy weights are refreshed after
-every PPO update (it reads the model's current weights on each call). The sampler log-probs it
-returns are those of the pruned model, so PPO can weight each token by min(π_dense/π_sampler, C).
+top_p, top_k, eos_token_id, pad_token_id, suppress_token_ids) -> (response_ids, sampler_logprobs)`.
+This one samples with the FTP router of an `ftp` stage; the router is kept while the policy weights
+are refreshed after every PPO update (it reads the model's current weights on each call). The
+sampler log-probs it returns are those of the pruned model at temperature T, before truncation, so
+PPO can weight each token by min(π_dense/π_sampler, C).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class FTPGenerate:
     @torch.no_grad()
     def __call__(
         self, model, input_ids, attention_mask, *, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
-        eos_token_id=None, pad_token_id=None,
+        eos_token_id=None, pad_token_id=None, suppress_token_ids=None,
     ):  # fmt: skip
         from prune.ftp.generate import generate_pruned
 
@@ -45,7 +46,7 @@ class FTPGenerate:
         sampling = temperature > 0
         sequences = generate_pruned(
             model, router, schedule, input_ids, attention_mask, threshold=threshold, n_probes=n_probes,
-            logprobs_out=logprobs, max_new_tokens=max_new_tokens, do_sample=sampling,
+            logprobs_out=logprobs, suppress_token_ids=suppress_token_ids, max_new_tokens=max_new_tokens, do_sample=sampling,
             temperature=temperature if sampling else None, top_p=top_p if sampling else None,
             top_k=top_k if sampling else None, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
         )  # fmt: skip

@@ -166,6 +166,19 @@ class ActorGroup:
             for actor, shard in zip(self.actors, shards, strict=False)
         ]
 
+    def async_run_even(self, method: str, batch: dict[str, Any], **kwargs: Any) -> PendingShards:
+        """:meth:`async_run_sharded` with every rank given the same number of rows: the batch is
+        padded to a multiple of the rank count by repeating its last row, and the extra rows are
+        dropped again by :meth:`PendingShards.get`. Collective methods need it: under ZeRO-3
+        every rank must make the same forward calls (parameters are gathered in each of them),
+        or the group deadlocks."""
+        rows = _batch_rows(batch)
+        padded = -(-rows // self.num_actors) * self.num_actors
+        if padded != rows:
+            repeat = torch.cat([torch.arange(rows), torch.full((padded - rows,), rows - 1)])
+            batch = {k: v[repeat] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return PendingShards(self.async_run_sharded(method, batch, **kwargs), rows)
+
     def run_sharded(self, method: str, batch: dict[str, Any], **kwargs: Any) -> Any:
         """:meth:`async_run_sharded` and wait; per-rank results are concatenated in batch order
         (tensors along dim 0, dicts of tensors key by key, anything else returned as a list)."""
@@ -181,12 +194,33 @@ class ActorGroup:
             self._owns_placement_group = False
 
 
-def split_batch(batch: dict[str, Any], num_shards: int) -> list[dict[str, Any]]:
-    """Split the tensors of ``batch`` along dim 0 into at most ``num_shards`` non-empty slices."""
+@dataclasses.dataclass
+class PendingShards:
+    """The per-rank results of :meth:`ActorGroup.async_run_even`; ``get()`` waits, concatenates
+    them in batch order and drops the padding rows."""
+
+    refs: list[ray.ObjectRef]
+    rows: int
+
+    def get(self) -> Any:
+        out = concat_results(ray.get(self.refs))
+        if isinstance(out, torch.Tensor):
+            return out[: self.rows]
+        if isinstance(out, dict):
+            return {k: v[: self.rows] if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+        return out
+
+
+def _batch_rows(batch: dict[str, Any]) -> int:
     sizes = {value.shape[0] for value in batch.values() if isinstance(value, torch.Tensor)}
     if len(sizes) != 1:
         raise ValueError(f"batch tensors must share one non-empty dim 0, got sizes {sorted(sizes)}")
-    batch_size = sizes.pop()
+    return sizes.pop()
+
+
+def split_batch(batch: dict[str, Any], num_shards: int) -> list[dict[str, Any]]:
+    """Split the tensors of ``batch`` along dim 0 into at most ``num_shards`` non-empty slices."""
+    batch_size = _batch_rows(batch)
     num_shards = max(1, min(num_shards, batch_size))
     pieces = {
         key: torch.tensor_split(value, num_shards) if isinstance(value, torch.Tensor) else None

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from rto.distributed.workers import Worker, default_device, resolve_function, weights_checksum
-from rto.models import load_model
+from rto.models import load_model, model_sampling_token_ids
 
 
 def hf_generate(
@@ -33,34 +33,42 @@ def hf_generate(
     pixel_values: torch.Tensor | None = None,
     suppress_token_ids: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The default generate function: HF ``generate`` with sampling (greedy if ``temperature == 0``).
-    ``pixel_values`` (one picture per prompt) go to a vision-language policy;
-    ``suppress_token_ids`` (its image token) are never sampled.
+    """The default generate function: HF ``generate`` with sampling (greedy if ``temperature == 0``)
+    under exactly these settings: the model's own generation defaults (a repetition penalty, a
+    minimum length, its top-p, as Qwen and Llama-3 ship) are not applied, so the rollouts are
+    samples of softmax(logits / T) truncated by top-p/top-k and nothing else. ``pixel_values`` (one
+    picture per prompt) go to a vision-language policy; ``suppress_token_ids`` are never sampled.
 
     Returns ``response_ids [B, R']`` (R' <= max_new_tokens) and the sampler's log-probs of those
-    tokens ``[B, R']``: the distribution actually sampled from (after temperature and top-p/top-k,
-    as ``rto.generation.sample``); with ``top_p=1, top_k=0`` that is softmax(logits / T).
+    tokens ``[B, R']``, defined as for every sampler: log softmax(logits / T) of the sampling model,
+    before top-p/top-k truncation and token suppression (greedy: T = 1). For this dense sampler
+    they equal the policy's log-probs at T (``reward.scoring.response_logprobs(temperature=T)``).
     Any function with this signature can replace it (pruned generators: FTP, AdaptInfer).
     """
+    from transformers import GenerationConfig
+
     do_sample = temperature > 0
+    settings = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        suppress_tokens=list(suppress_token_ids) if suppress_token_ids else None,
+        **({"temperature": temperature, "top_p": top_p, "top_k": top_k or None} if do_sample else {}),
+    )
     out = model.generate(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        temperature=temperature if do_sample else None,
-        top_p=top_p if do_sample else None,
-        top_k=top_k if do_sample else None,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
+        generation_config=settings,
         return_dict_in_generate=True,
-        output_scores=True,
+        output_logits=True,
         **({"pixel_values": pixel_values} if pixel_values is not None else {}),
-        **({"suppress_tokens": list(suppress_token_ids)} if suppress_token_ids else {}),
     )
     response_ids = out.sequences[:, input_ids.shape[1] :]
-    scores = torch.stack(out.scores, dim=1).float()  # [B, R', V], after temperature / top-p / top-k
-    logprobs = torch.log_softmax(scores, dim=-1).gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
+    logits = torch.stack(out.logits, dim=1).float()  # [B, R', V]: the model's, before any processing
+    if do_sample and temperature != 1.0:
+        logits = logits / temperature
+    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
     return response_ids, logprobs
 
 
@@ -80,6 +88,9 @@ class RolloutWorker(Worker):
         max_new_tokens, temperature, top_p, top_k: default sampling settings (overridable per call).
         dtype: model dtype (``"bfloat16"`` on GPU).
         seed: sampling seed; rank ``r`` uses ``seed + r``.
+        eos_token_id, pad_token_id, suppress_token_ids: the token ids of
+            :func:`rto.models.sampling_token_ids` (the one EOS, the pad, what is never sampled);
+            by default taken from the tokenizer saved with the model.
     """
 
     def __init__(
@@ -92,6 +103,9 @@ class RolloutWorker(Worker):
         top_k: int = 0,
         dtype: torch.dtype | str = torch.float32,
         seed: int = 0,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        suppress_token_ids: list[int] | None = None,
         rank: int = 0,
         world_size: int = 1,
         num_threads: int | None = 1,
@@ -104,32 +118,51 @@ class RolloutWorker(Worker):
         self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
         self.generator_seed = seed + rank
         torch.manual_seed(self.generator_seed)
-        config = self.model.generation_config
-        model_config = self.model.config.get_text_config()  # a VLM keeps its token ids there
-        eos = (
-            config.eos_token_id
-            if config.eos_token_id is not None
-            else getattr(model_config, "eos_token_id", None)
-        )
+        tokens = self._token_ids(model_path) if eos_token_id is None else {}
+        eos = eos_token_id if eos_token_id is not None else tokens["eos_token_id"]
         self.eos_token_ids = [eos] if isinstance(eos, int) else list(eos or [])
-        pad = (
-            config.pad_token_id
-            if config.pad_token_id is not None
-            else getattr(model_config, "pad_token_id", None)
-        )
+        pad = pad_token_id if pad_token_id is not None else tokens.get("pad_token_id")
         self.pad_token_id = pad if pad is not None else (self.eos_token_ids[0] if self.eos_token_ids else 0)
+        suppress = (
+            suppress_token_ids if suppress_token_ids is not None else tokens.get("suppress_token_ids", [])
+        )
+        self.suppress_token_ids = sorted(set(suppress) | set(self._placeholder_ids()))
+
+    def _token_ids(self, model_path: str) -> dict:
+        """The tokenizer's ids (:func:`rto.models.model_sampling_token_ids`); a bare model folder
+        without a tokenizer falls back to its generation config (nothing suppressed)."""
+        from rto.errors import UserError
+
+        try:
+            return model_sampling_token_ids(model_path)
+        except UserError:
+            config = self.model.generation_config
+            text = self.model.config.get_text_config()  # a VLM keeps its token ids there
+            eos = (
+                config.eos_token_id
+                if config.eos_token_id is not None
+                else getattr(text, "eos_token_id", None)
+            )
+            pad = (
+                config.pad_token_id
+                if config.pad_token_id is not None
+                else getattr(text, "pad_token_id", None)
+            )
+            return {"eos_token_id": eos, "pad_token_id": pad}
+
+    def _placeholder_ids(self) -> list[int]:
+        """A vision-language policy's image token (the scorers' forward would look for a picture)."""
+        image = getattr(self.model.config, "image_token_id", None)
+        return [image] if image is not None else []
 
     def generate(self, batch: dict[str, torch.Tensor], **sampling: Any) -> dict[str, torch.Tensor]:
         """Generate responses for ``batch = {"input_ids": [B, P], "attention_mask": [B, P]}``
         (prompts left-padded; plus ``pixel_values [B, 3, H, W]`` for a vision-language policy).
         ``sampling`` overrides the constructor's settings for this call. Returns CPU tensors in the
         layout of the module docstring."""
-        settings = {**self.sampling, **sampling}
+        settings = {**self.sampling, **sampling, "suppress_token_ids": self.suppress_token_ids}
         if "pixel_values" in batch:
             settings["pixel_values"] = batch["pixel_values"].to(self.device, self.model.dtype)
-            # a vision-language policy must not emit image placeholders (the scorers' forward would
-            # look for a picture for each of them)
-            settings["suppress_token_ids"] = [self.model.config.image_token_id]
         max_new_tokens = settings["max_new_tokens"]
         input_ids = batch["input_ids"].to(self.device)
         prompt_mask = batch["attention_mask"].to(self.device)

@@ -21,7 +21,7 @@ from rto.distributed.workers import (
     run_scoring_fn,
     weights_checksum,
 )
-from rto.models import ModelKind, load_model
+from rto.models import ModelKind, disable_dropout, load_model
 
 # A loss function: loss_fn(model, **minibatch) -> loss or (loss, {"metric": float, ...}).
 LossFn = Callable[..., "torch.Tensor | tuple[torch.Tensor, dict[str, float]]"]
@@ -137,6 +137,10 @@ class TrainableWorker(Worker):
         )
         transformers.set_seed(self.config.seed)
         model = load_model(self.model_path, self.model_kind, torch.float32)
+        # PPO compares this model's training forward with its scoring forward (ratio, value clip):
+        # they must compute the same thing, so no dropout (GPT-2/OPT configs have it; so does
+        # transformers' token-classification value head, 0.1 unless the config says otherwise)
+        disable_dropout(model)
         if self.config.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         cfg = self.config

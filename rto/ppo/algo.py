@@ -129,6 +129,7 @@ def clipped_policy_loss(
             "clip_frac": masked_mean((loss_clipped > loss_unclipped).to(ratio.dtype), response_mask).item(),
             "approx_kl": masked_mean((ratio - 1) - log_ratio, response_mask).item(),
             "ratio_mean": real_ratio.mean().item(),
+            "ratio_error": (real_ratio - 1).abs().max().item(),  # max |ratio − 1|: 0 before any update
             "ratio_min": real_ratio.min().item(),
             "ratio_max": real_ratio.max().item(),
         }

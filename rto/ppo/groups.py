@@ -14,6 +14,7 @@ from rto.distributed import (
     TrainableWorker,
     create_placement_group,
 )
+from rto.models import model_sampling_token_ids
 
 GROUP_NAMES = ("policy", "critic", "ref", "dpo", "rm", "rollout")
 
@@ -115,6 +116,7 @@ def build_groups(
         )
 
     frozen_dtype = dtype
+    tokens = model_sampling_token_ids(paths.policy)  # the one EOS, the pad, what is never sampled
     groups = Groups(
         policy=group(
             "policy", TrainableWorker, model_path=paths.policy, config=engine(ppo.actor_lr, res.policy.ranks)
@@ -142,6 +144,7 @@ def build_groups(
             top_p=ppo.top_p,
             seed=cfg.seed,
             dtype=frozen_dtype,
+            **tokens,
             **({"generate_fn": generate_fn} if generate_fn else {}),
         ),
     )

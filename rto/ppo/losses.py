@@ -9,8 +9,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from reward.scoring import image_inputs, position_ids_from_mask, response_logprobs
-from rto.ppo.algo import clipped_policy_loss, clipped_value_loss, entropy_bonus, masked_mean
+from reward.scoring import (
+    image_inputs,
+    position_ids_from_mask,
+    response_logits,
+    response_logprobs,
+    token_logprobs,
+)
+from rto.ppo.algo import (
+    clipped_policy_loss,
+    clipped_value_loss,
+    entropy_bonus,
+    entropy_from_logits,
+    masked_mean,
+)
 
 
 def critic_values(
@@ -42,14 +54,32 @@ def critic_values(
 
 
 def policy_scores(
-    model, sequences: Tensor, attention_mask: Tensor, prompt_len: int, pixel_values: Tensor | None = None
+    model,
+    sequences: Tensor,
+    attention_mask: Tensor,
+    prompt_len: int,
+    temperature: float = 1.0,
+    pixel_values: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """Dense log-probs and entropies of the response tokens under the current policy (the whole
-    picture, unpruned, for a vision-language policy: PPO's log-probs are always the dense model's)."""
-    logprobs, entropy = response_logprobs(
-        model, sequences, attention_mask, prompt_len, 64, return_entropy=True, pixel_values=pixel_values
-    )
-    return {"logprobs": logprobs, "entropy": entropy}
+    """The current policy on a rollout batch, from one forward: ``logprobs`` (the model's own
+    distribution, T = 1: what the token reward's KL term and the traces use), ``sampling_logprobs``
+    (at the rollouts' sampling temperature, before truncation: what PPO's ratio and the importance
+    weights compare) and ``entropy`` of the sampling distribution. Dense (the whole picture,
+    unpruned, for a vision-language policy): PPO's log-probs are always the dense model's."""
+    own, sampling, entropy = [], [], []
+    for _, logits, targets, mask in response_logits(
+        model, sequences, attention_mask, prompt_len, 64, pixel_values
+    ):
+        own.append(token_logprobs(logits, targets) * mask)
+        sampling.append(
+            token_logprobs(logits, targets, temperature) * mask if temperature != 1.0 else own[-1]
+        )
+        entropy.append(entropy_from_logits(logits / temperature) * mask)
+    return {
+        "logprobs": torch.cat(own),
+        "sampling_logprobs": torch.cat(sampling),
+        "entropy": torch.cat(entropy),
+    }
 
 
 def policy_loss(
@@ -63,11 +93,14 @@ def policy_loss(
     is_weights: Tensor | None = None,
     clip_eps: float = 0.2,
     entropy_coef: float = 0.0,
+    temperature: float = 1.0,
     pixel_values: Tensor | None = None,
 ):
+    """Clipped PPO loss; `old_logprobs` are `policy_scores`' ``sampling_logprobs`` of the same
+    rows, so the log-probs here are taken at the same `temperature` (ratio = 1 before any update)."""
     logprobs, entropy = response_logprobs(
         model, sequences, attention_mask, prompt_len, sequences.size(0), return_entropy=True,
-        pixel_values=pixel_values,
+        pixel_values=pixel_values, temperature=temperature,
     )  # fmt: skip
     loss, stats = clipped_policy_loss(
         logprobs, old_logprobs, advantages, response_mask, clip_eps=clip_eps, is_weights=is_weights

@@ -96,18 +96,23 @@ def prompt_indices(consumed: int, count: int, n_prompts: int, seed: int) -> list
     return indices
 
 
-def score_concurrently(groups: Groups, samples: dict, prompt_len: int, micro: int) -> dict:
-    """Every scorer sees the same sequences; their passes run at the same time on their own actors."""
+def score_concurrently(
+    groups: Groups, samples: dict, prompt_len: int, micro: int, temperature: float
+) -> dict:
+    """Every scorer sees the same sequences; their passes run at the same time on their own actors.
+    The trainable groups get equal shards (ZeRO-3 gathers parameters in every forward of every rank)."""
     batch = {"sequences": samples["sequences"], "attention_mask": samples["attention_mask"]}
     if "pixel_values" in samples:
         batch["pixel_values"] = samples["pixel_values"]
-    refs = {
-        "policy": groups.policy.async_run_sharded(
-            "score", batch, fn="rto.ppo.losses:policy_scores", prompt_len=prompt_len
+    pending = {
+        "policy": groups.policy.async_run_even(
+            "score", batch, fn="rto.ppo.losses:policy_scores", prompt_len=prompt_len, temperature=temperature
         ),
-        "values": groups.critic.async_run_sharded(
+        "values": groups.critic.async_run_even(
             "score", batch, fn="rto.ppo.losses:critic_values", prompt_len=prompt_len
         ),
+    }
+    refs = {
         "ref_logprobs": groups.ref.async_run_sharded(
             "score", batch, prompt_len=prompt_len, micro_batch_size=micro
         ),
@@ -119,8 +124,13 @@ def score_concurrently(groups: Groups, samples: dict, prompt_len: int, micro: in
     if groups.rm is not None:
         refs["rm_scores"] = groups.rm.async_run_sharded("score", batch, micro_batch_size=micro)
     out = {name: concat_results(ray.get(r)) for name, r in refs.items()}
+    out.update({name: p.get() for name, p in pending.items()})
     policy = out.pop("policy")
-    out["logprobs"], out["entropy"] = policy["logprobs"], policy["entropy"]
+    out["logprobs"], out["sampling_logprobs"], out["entropy"] = (
+        policy["logprobs"],
+        policy["sampling_logprobs"],
+        policy["entropy"],
+    )
     return out
 
 
@@ -130,14 +140,20 @@ def all_finite(mask: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
 
 
 def train_on_batch(groups: Groups, cfg: Config, experience: dict, step: int) -> dict[str, float]:
-    """PPO epochs × minibatches; each minibatch is split into the calls DeepSpeed accumulates."""
+    """PPO epochs × minibatches; each minibatch is split into the calls DeepSpeed accumulates.
+
+    Also returns the invariant every PPO step must hold, measured on the first minibatch of the
+    first epoch, whose every forward runs before any optimizer step: the policy ratio is 1
+    (``first_minibatch_ratio_error`` = max |ratio − 1| over its tokens) and no value is clipped
+    (``first_minibatch_value_clip_frac``), to float tolerance."""
     ppo, res = cfg.ppo, cfg.resources
     n = experience["sequences"].size(0)
     stats: dict[str, list[float]] = defaultdict(list)
+    first: dict[str, list[float]] = defaultdict(list)
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     policy_calls = ppo.accumulation_steps(res.policy.ranks)  # = the engine's gradient accumulation
     critic_calls = ppo.accumulation_steps(res.critic.ranks)
-    for _ in range(ppo.epochs):
+    for epoch in range(ppo.epochs):
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, ppo.train_batch_size):  # n is a multiple of train_batch_size
             rows = order[start : start + ppo.train_batch_size]
@@ -157,7 +173,12 @@ def train_on_batch(groups: Groups, cfg: Config, experience: dict, step: int) -> 
             for rank_results in ray.get([r for group_refs in refs for r in group_refs]):
                 for key, value in rank_results.items():
                     stats[key].append(value)
-    return {k: sum(v) / len(v) for k, v in stats.items() if k not in ("loss",)}
+                    if epoch == 0 and start == 0:
+                        first[key].append(value)
+    out = {k: sum(v) / len(v) for k, v in stats.items() if k not in ("loss", "ratio_error")}
+    out["first_minibatch_ratio_error"] = max(first["ratio_error"])
+    out["first_minibatch_value_clip_frac"] = max(first["value_clip_frac"])
+    return out
 
 
 def run_ppo(inputs: PPOInputs) -> dict:
@@ -250,7 +271,7 @@ def one_step(
     times["time_generate"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    scores = score_concurrently(groups, samples, prompt_len, ppo.micro_batch_size)
+    scores = score_concurrently(groups, samples, prompt_len, ppo.micro_batch_size, ppo.temperature)
     mask = samples["response_mask"].float()
     times["time_score"] = time.perf_counter() - t1
     responses, terminated, tokens = decode(tokenizer, samples, mask)
@@ -275,7 +296,7 @@ def one_step(
         rm_mean=inputs.rm_normalization[0] if inputs.rm_normalization else None,
         rm_std=inputs.rm_normalization[1] if inputs.rm_normalization else None,
     )
-    if not all_finite(mask, rewards.reward, scores["values"], scores["logprobs"]):
+    if not all_finite(mask, rewards.reward, scores["values"], scores["sampling_logprobs"]):
         state["skipped_batches"] += 1
         inputs.log(
             f"[yellow]warning: step {step}: non-finite reward/value/log-prob in the batch; skipped[/yellow]"
@@ -286,7 +307,10 @@ def one_step(
     train_advantages = masked_whiten(advantages, mask) if ppo.whiten_advantages else advantages
     is_weights = None
     if inputs.generate_fn is not None:
-        is_weights = truncated_is_weights(scores["logprobs"], samples["sampler_logprobs"], mask, ppo.is_cap)
+        # both at the sampling temperature, before truncation (how every sampler defines its log-prob)
+        is_weights = truncated_is_weights(
+            scores["sampling_logprobs"], samples["sampler_logprobs"], mask, ppo.is_cap
+        )
 
     keep = slice(None) if ppo.trace_samples is None else slice(0, ppo.trace_samples)
     write_traces(
@@ -317,13 +341,14 @@ def one_step(
         "sequences": samples["sequences"],
         "attention_mask": samples["attention_mask"],
         "response_mask": mask,
-        "old_logprobs": scores["logprobs"],
+        "old_logprobs": scores["sampling_logprobs"],  # PPO's ratio is taken at the sampling temperature
         "old_values": scores["values"],
         "advantages": train_advantages,
         "returns": returns,
         "is_weights": is_weights,
         "prompt_len": prompt_len,
         "clip_eps": ppo.clip_eps,
+        "temperature": ppo.temperature,
         "entropy_coef": ppo.entropy_coef,
         "value_clip": ppo.value_clip,
     }

@@ -1,0 +1,138 @@
+"""Every rollout sampler (dense HF generate, FTP, AdaptInfer) reports its log-probs the same way:
+log softmax(logits / T) of its model, before top-p/top-k truncation; so a pruned sampler that keeps
+everything reports exactly the dense policy's log-probs at the sampling temperature, which is how
+PPO scores the policy. And no sampler ever emits the pad token or a special token other than EOS."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from model_families import save_family_model
+
+from reward.scoring import response_logprobs
+from rto.distributed.rollout import RolloutWorker
+from rto.generation import encode_prompt, left_pad, sample
+from rto.models import load_tokenizer, model_sampling_token_ids
+
+T, TOP_P = 0.7, 0.9
+QUESTIONS = ["describe the cat", "tell me about the dog", "write about the sun", "talk about a king"]
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    """A Llama-3-like policy (no pad token: one is added) and a static, zero-sparsity FTP router."""
+    from prune.ftp.router import Router, model_fingerprint, save_router
+    from rto.models import load_model
+
+    root = tmp_path_factory.mktemp("sampling")
+    path = save_family_model("llama3", root / "policy")
+    model = load_model(str(path))
+    layers = model.config.num_hidden_layers
+    save_router(
+        root / "ftp", Router(), [0.0] * layers, model_fingerprint(model), kind="static", decode_thresholds=0.0
+    )
+    return {"path": str(path), "ftp": str(root / "ftp")}
+
+
+def prompt_batch(path: str, n: int = 8) -> dict:
+    tokenizer = load_tokenizer(path)
+    ids = [encode_prompt(tokenizer, [{"role": "user", "content": QUESTIONS[i % 4]}]) for i in range(n)]
+    input_ids, mask = left_pad(ids, tokenizer.pad_token_id)
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+def worker(policy, sampler: str, **settings) -> RolloutWorker:
+    from prune.ftp.rollout import make_generate_fn
+
+    fn = {"generate_fn": make_generate_fn(policy["ftp"])} if sampler == "ftp" else {}
+    return RolloutWorker(policy["path"], **fn, **settings)
+
+
+def favour(model, token_ids: list[int], bonus: float = 30.0):
+    """Fault injection: make the model put nearly all its mass on `token_ids`."""
+    index = torch.tensor(token_ids)
+
+    def hook(_module, _inputs, logits):
+        logits = logits.clone()
+        logits[..., index] += bonus
+        return logits
+
+    return model.lm_head.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("sampler", ["dense", "ftp"])
+def test_text_sampler_logprobs_are_the_policys_at_the_sampling_temperature(policy, sampler):
+    rollout = worker(policy, sampler, max_new_tokens=10, temperature=T, top_p=TOP_P)
+    batch = prompt_batch(policy["path"])
+    torch.manual_seed(0)
+    out = rollout.generate(batch)
+    mask = out["response_mask"].bool()
+    dense = response_logprobs(
+        rollout.model, out["sequences"], out["attention_mask"], batch["input_ids"].shape[1], temperature=T
+    )
+    assert mask.sum() > 20
+    torch.testing.assert_close(out["sampler_logprobs"][mask], dense[mask], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("sampler", ["dense", "ftp"])
+def test_text_samplers_never_emit_pad_or_special_tokens(policy, sampler):
+    rollout = worker(policy, sampler, max_new_tokens=12, temperature=1.0)
+    tokens = model_sampling_token_ids(policy["path"])
+    forbidden = tokens["suppress_token_ids"]
+    tokenizer = load_tokenizer(policy["path"])
+    assert tokenizer.pad_token_id in forbidden and tokenizer.bos_token_id in forbidden
+    assert tokenizer.convert_tokens_to_ids("<|end_of_text|>") in forbidden  # an end token, not the EOS
+    assert tokens["eos_token_id"] == tokenizer.convert_tokens_to_ids("<|eot_id|>") not in forbidden
+    hook = favour(rollout.model, forbidden)
+    try:
+        torch.manual_seed(0)
+        out = rollout.generate(prompt_batch(policy["path"], n=16))
+    finally:
+        hook.remove()
+    emitted = out["sequences"][:, -12:][out["response_mask"].bool()]
+    assert emitted.numel() > 100
+    assert not torch.isin(emitted, torch.tensor(forbidden)).any()
+    assert bool(torch.isfinite(out["sampler_logprobs"]).all())
+
+
+def test_eval_and_score_sampling_never_emit_special_tokens(policy):
+    """`rto.generation.sample` (the eval stage and `rto score`) suppresses the same tokens."""
+    from rto.models import load_model, sampling_token_ids
+
+    tokenizer = load_tokenizer(policy["path"])
+    model = load_model(policy["path"]).eval()
+    never = sampling_token_ids(tokenizer, model.config.vocab_size)["suppress_token_ids"]
+    hook = favour(model, never)
+    try:
+        torch.manual_seed(0)
+        ids = [encode_prompt(tokenizer, [{"role": "user", "content": q}]) for q in QUESTIONS * 4]
+        samples = sample(
+            model, ids, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, max_new_tokens=12,
+            temperature=0.7, suppress_token_ids=never,
+        )  # fmt: skip
+    finally:
+        hook.remove()
+    emitted = samples.responses[samples.response_mask.bool()]
+    assert emitted.numel() > 100 and not torch.isin(emitted, torch.tensor(never)).any()
+
+
+def test_rollouts_ignore_the_models_own_generation_defaults(policy, tmp_path):
+    """Qwen and Llama-3 ship generation configs with a repetition penalty, top-p, a minimum
+    length: rollouts must be samples of exactly the configured distribution, or the sampler
+    log-probs (and PPO's importance weights) describe another one."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(policy["path"])
+    model.generation_config.repetition_penalty = 50.0
+    model.generation_config.min_new_tokens = 12
+    model.save_pretrained(tmp_path / "policy")
+    AutoTokenizer.from_pretrained(policy["path"]).save_pretrained(tmp_path / "policy")
+    rollout = RolloutWorker(str(tmp_path / "policy"), max_new_tokens=12, temperature=1.0)
+    batch = prompt_batch(policy["path"])
+    torch.manual_seed(0)
+    out = rollout.generate(batch)
+    dense = response_logprobs(
+        rollout.model, out["sequences"], out["attention_mask"], batch["input_ids"].shape[1]
+    )
+    mask = out["response_mask"].bool()
+    torch.testing.assert_close(out["sampler_logprobs"][mask], dense[mask], atol=1e-4, rtol=0)
