@@ -65,7 +65,7 @@ def groups(tmp_path_factory):
     init_ray(num_cpus=2)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     pg = create_placement_group(2, {"CPU": 1})  # everything colocated on 2 bundles of 1 CPU
-    share = Resources(num_cpus=0.5)
+    share = Resources(num_cpus=0.4)  # leaves 0.2 of each bundle for the ZeRO-3 group of one test
     policy = ActorGroup(
         TrainableWorker,
         2,
@@ -91,7 +91,7 @@ def groups(tmp_path_factory):
         name="ref",
         worker_kwargs=dict(model_path=model_dir),
     )
-    yield {"policy": policy, "rollout": rollout, "ref": ref, "model_dir": model_dir}
+    yield {"policy": policy, "rollout": rollout, "ref": ref, "model_dir": model_dir, "pg": pg}
     for group in (policy, rollout, ref):
         group.shutdown()
     ray.util.remove_placement_group(pg)
@@ -256,3 +256,36 @@ def test_training_forward_builds_logits_only_for_the_response(groups):
     mask = torch.cat([batch["attention_mask"], torch.ones_like(response)], dim=1)
     widths = groups["policy"].run_all("call", _lm_head_widths, sequences, mask, batch["input_ids"].shape[1])
     assert widths == [[6], [6]]
+
+
+def test_zero3_group_scores_an_uneven_batch_in_bounded_time(groups):
+    """ZeRO-3 gathers parameters inside every forward, so all ranks must make the same calls: a
+    batch of 5 rows over 2 ranks (3 + 2, micro-batches of 2: two forwards against one) would hang.
+    `async_run_even` pads the shards to equal size and drops the padding from the result."""
+    z3 = ActorGroup(
+        TrainableWorker,
+        2,
+        placement_group=groups["pg"],
+        resources=Resources(num_cpus=0.1),
+        name="zero3",
+        worker_kwargs=dict(model_path=groups["model_dir"], config=EngineConfig(zero_stage=3)),
+    )
+    try:
+        batch = prompts(batch_size=5)
+        response = torch.randint(3, VOCAB, (5, 4))
+        scored = {
+            "sequences": torch.cat([batch["input_ids"], response], dim=1),
+            "attention_mask": torch.cat([batch["attention_mask"], torch.ones_like(response)], dim=1),
+        }
+        prompt_len = batch["input_ids"].shape[1]
+        pending = z3.async_run_even(
+            "score", scored, fn="reward.scoring:response_logprobs", prompt_len=prompt_len, micro_batch_size=2
+        )
+        ready, _ = ray.wait(pending.refs, num_returns=len(pending.refs), timeout=120)
+        assert len(ready) == 2, "the ZeRO-3 ranks did not finish: unequal forward calls"
+        expected = groups["ref"].run_sharded(
+            "score", scored, fn="reward.scoring:response_logprobs", prompt_len=prompt_len
+        )
+        torch.testing.assert_close(pending.get(), expected, atol=1e-5, rtol=0)
+    finally:
+        z3.shutdown()

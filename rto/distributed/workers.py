@@ -108,6 +108,12 @@ class Worker:
             LOCAL_RANK="0",  # Ray gives each actor its own CUDA_VISIBLE_DEVICES; device 0 is ours
         )
 
+    def peak_rss_mb(self) -> float:
+        """This worker process's peak resident memory so far, in MiB (Linux's ru_maxrss)."""
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
     def call(self, fn: Callable | str, *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(self, *args, **kwargs)`` in the worker (an escape hatch for one-off inspection)."""
         return resolve_function(fn)(self, *args, **kwargs)

@@ -240,6 +240,7 @@ def run_ppo(inputs: PPOInputs) -> dict:
                     else f"rm {record.get('rm_score', 0):.3f}"
                 )
                 progress.update(task, completed=step, info=info)
+        memory = {group.name: round(max(group.run_all("peak_rss_mb")), 1) for group in groups.all()}
         groups.policy.run_all("save_hf", str(inputs.out_dir / "policy"))
         groups.critic.run_all("save_hf", str(inputs.out_dir / "critic"))
         for folder in ("policy", "critic"):
@@ -248,7 +249,7 @@ def run_ppo(inputs: PPOInputs) -> dict:
         logger.close()
         groups.shutdown()
     shutil.rmtree(ckpt_root, ignore_errors=True)  # the finished stage's output replaces them
-    return logger.summary(state)
+    return {**logger.summary(state), "peak_rss_mb": memory}
 
 
 def one_step(
