@@ -62,7 +62,10 @@ def build_tokenizer(vocab_size: int):
     vocab += [f"tok{i}" for i in range(vocab_size - len(vocab))]
     core = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(vocab)}, unk_token="<|endoftext|>"))
     core.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(r"\n"), behavior="isolated"), pre_tokenizers.Split(" ", behavior="removed")]
+        [
+            pre_tokenizers.Split(Regex(r"\n"), behavior="isolated"),
+            pre_tokenizers.Split(" ", behavior="removed"),
+        ]
     )
     core.decoder = decoders.WordPiece(prefix="##", cleanup=False)
     return PreTrainedTokenizerFast(
@@ -116,7 +119,9 @@ def job(root: Path, model: Path, data: dict, zero: int, steps: dict) -> dict:
 def write_data(directory: Path) -> dict:
     from pipelines.tasks import text
 
-    settings = text.TaskSettings(seed=0, n_sft=256, n_pairs=128, n_prompts=64, n_eval=16, label_temperature=0.5, max_sentences=4)
+    settings = text.TaskSettings(
+        seed=0, n_sft=256, n_pairs=128, n_prompts=64, n_eval=16, label_temperature=0.5, max_sentences=4
+    )
     generated = {
         "sft": text.sft_records(settings),
         "pairs": text.preference_records(settings, split="train"),
@@ -142,7 +147,10 @@ def run_stage(config: Path, run_dir: Path, stage: str, log) -> dict:
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         raise SystemExit(f"stage {stage} failed (exit {process.returncode}); see {log.name}")
-    return {"wall_seconds": round(time.perf_counter() - started, 1), "driver_peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+    return {
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "driver_peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+    }
 
 
 def main() -> None:
@@ -181,7 +189,8 @@ def main() -> None:
             "ppo_peak_rss_mb_per_group": ppo["peak_rss_mb"],
             "ppo_seconds_per_step": [round(r["time_step"], 1) for r in ppo_steps],
             "ppo_step_times": [
-                {k: round(r[k], 1) for k in ("time_generate", "time_score", "time_train", "time_sync")} for r in ppo_steps
+                {k: round(r[k], 1) for k in ("time_generate", "time_score", "time_train", "time_sync")}
+                for r in ppo_steps
             ],
             "first_minibatch_ratio_error": [r["first_minibatch_ratio_error"] for r in ppo_steps],
             "first_minibatch_value_clip_frac": [r["first_minibatch_value_clip_frac"] for r in ppo_steps],

@@ -26,7 +26,9 @@ pytestmark = pytest.mark.slow
 
 
 def family_job(family: str, root: Path) -> Path:
-    data = write_family_data(family, root / "data", n_sft=128, n_pairs=64, n_eval_pairs=16, n_prompts=32, n_eval=8)
+    data = write_family_data(
+        family, root / "data", n_sft=128, n_pairs=64, n_eval_pairs=16, n_prompts=32, n_eval=8
+    )
     policy = save_family_model(family, root / "policy", size="policy", seed=0)
     reward_base = save_family_model(family, root / "rm-base", size="rm", seed=1)
     job = {
@@ -69,7 +71,11 @@ def ppo_metrics(run: Path) -> list[dict]:
 
 
 def trace_rows(run: Path) -> list[dict]:
-    return [row for step in (1, 2) for row in pq.read_table(run / "traces" / f"step-{step:06d}.parquet").to_pylist()]
+    return [
+        row
+        for step in (1, 2)
+        for row in pq.read_table(run / "traces" / f"step-{step:06d}.parquet").to_pylist()
+    ]
 
 
 def test_first_minibatch_has_ratio_one_and_no_clipped_value(family_run):
