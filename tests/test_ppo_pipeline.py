@@ -47,7 +47,9 @@ def test_reward_stages_report_their_figures(reward_run):
 
 
 def test_rollout_workers_receive_updated_weights(reward_run, tmp_path):
-    """One PPO iteration with a 2-rank DeepSpeed policy: the rollout copy changes and matches."""
+    """One PPO iteration with a 2-rank DeepSpeed policy: the rollout copy changes and matches, and the
+    minibatch of 8 is two accumulated calls of 2 rows per rank ending in exactly one optimizer step
+    (the trainer's calls and the engine's gradient accumulation come from one function)."""
     import ray
 
     from pipelines.prepare import prepare
@@ -60,7 +62,8 @@ def test_rollout_workers_receive_updated_weights(reward_run, tmp_path):
     from rto.rundir import RunDir
 
     run_dir = fresh_copy(reward_run, tmp_path)
-    cfg = load_config(write_job(tmp_path, stages=["ppo"]))
+    cfg = load_config(write_job(tmp_path, stages=["ppo"], ppo__micro_batch_size=2))
+    assert cfg.ppo.accumulation_steps(2) == 2 and cfg.ppo.accumulation_steps(1) == 4
     run = RunDir(run_dir)
     prepared = prepare(cfg, run)
     stages = run_dir / "stages"
@@ -98,6 +101,10 @@ def test_rollout_workers_receive_updated_weights(reward_run, tmp_path):
         policy_ranks = groups.policy.run_all("weights_checksum")
         assert after != before
         assert after[0] == policy_ranks[0] == policy_ranks[1]
+        for group in (groups.policy, groups.critic):  # no extra step, no gradient left pending
+            assert [s["global_steps"] for s in group.run_all("training_state")] == [1] * group.num_actors
+            assert all(s["optimizer_step"] == 1 for s in group.run_all("training_state"))
+        assert record["first_minibatch_ratio_error"] < 1e-4
         for key in (
             "gt_reward",
             "rm_score",
