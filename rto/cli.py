@@ -51,8 +51,14 @@ def run(
     resume: bool = typer.Option(
         False, "--resume", help="Continue an interrupted ppo stage from its last checkpoint"
     ),
+    secret_files: list[str] = typer.Option(
+        None, "--secret-file", help="NAME=PATH: read the file PATH into the environment variable NAME first"
+    ),
 ) -> None:
     """Run a job's stages; finished stages with the same settings are skipped."""
+    import os
+
+    read_secret_files(secret_files or [], os.environ)
     from rto.config import check_stage_inputs, load_config
     from rto.rundir import RunDir
     from rto.runner import run_job
@@ -64,6 +70,23 @@ def run(
     from rto.report_table import print_summary
 
     print_summary(summary, cfg.stages)
+
+
+def read_secret_files(pairs: list[str], environ) -> None:
+    """`--secret-file NAME=PATH`: the file's content (stripped) becomes the variable NAME; a
+    secret passed by reference never appears in a command line, a job's metadata or a config."""
+    for pair in pairs:
+        name, sep, path = pair.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"expected NAME=PATH, got '{name}=…'", field="--secret-file")
+        try:
+            environ[name] = Path(path).expanduser().read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(
+                f"cannot read the secret file for {name}: {type(exc).__name__}",
+                source=path,
+                field="--secret-file",
+            ) from None
 
 
 @app.command()
@@ -117,7 +140,16 @@ def submit(
     ),
     resume: bool = typer.Option(False, "--resume", help="Pass --resume to `rto run` (continue a ppo stage)"),
     job_id: str = typer.Option(
-        None, "--job-id", help="Submission id (default: rto-<config>-<time>-<random>)"
+        None, "--job-id", help="Submission id, [A-Za-z0-9._-] (default: rto-<config>-<time>-<random>)"
+    ),
+    secret_files: list[str] = typer.Option(
+        None,
+        "--secret-file",
+        help="NAME=PATH: the job reads the file PATH on the cluster into the environment variable NAME "
+        "(only the path is sent; repeatable)",
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="List exactly what would be sent (files, entrypoint, environment) and stop"
     ),
     follow: bool = typer.Option(
         False,
@@ -129,10 +161,27 @@ def submit(
     """Submit a job to a Ray cluster: the project's code and the resolved job file travel with it."""
     from rto import jobs
 
-    submitted, where = jobs.submit(config, address, overrides or [], run_dir, env or [], resume, job_id)
+    plan = jobs.prepare_submission(
+        config, overrides or [], run_dir, env or [], resume, job_id, secret_files or []
+    )
     addr = jobs.resolve_address(address)
+    if dry_run:
+        size = sum(source.stat().st_size for source, _ in plan.files) + len(plan.config_text)
+        typer.echo(
+            f"would submit {plan.job_id} to {addr}: {len(plan.files) + 1} files, {size / 1024:.0f} KiB"
+        )
+        for _, relative in plan.files:
+            typer.echo(f"  {relative}")
+        typer.echo(f"  {plan.config_rel}")
+        typer.echo(f"entrypoint: {plan.entrypoint}")
+        typer.echo("environment: " + " ".join(sorted(plan.env_vars)))
+        for path in plan.read_on_cluster:
+            typer.echo(f"read on the cluster (not sent): {path}")
+        typer.echo("nothing was sent (--dry-run)")
+        return
+    submitted = jobs.submit(plan, address)
     typer.echo(f"submitted {submitted} to {addr}")
-    typer.echo(f"run directory on the cluster: {where}")
+    typer.echo(f"run directory on the cluster: {plan.run_dir_shown}")
     if not follow:
         typer.echo(f"watch: rto jobs status {submitted} --wait --address {addr}")
         typer.echo(f"logs:  rto jobs logs {submitted} --follow --address {addr}")

@@ -3,12 +3,23 @@
 A job is `python -m rto.cli run <config> --run-dir <dir>` started by Ray's job-submission API on the
 cluster whose dashboard answers at `--address` (http://HEAD:8265). What travels with the job:
 
-* the project's code: a copy of the source checkout (`rto`, `reward`, `prune`, `pipelines`, configs,
-  small data files), without virtual environments, `.git`, `runs/`, caches and files over
-  `MAX_FILE_BYTES`; when rto is installed without a checkout, the four packages as `py_modules`;
+* an allow-list of files (`job_files`; `rto submit --dry-run` prints it): the four packages' code
+  (`rto`, `reward`, `prune`, `pipelines`), `configs/`, and the data files the job names that lie
+  inside the checkout; never a dotfile or a dot-folder, never key material (`.env`, tokens, `*.pem`,
+  `*.key`, SSH keys, credentials), never a file over `MAX_FILE_BYTES`. When rto is installed without
+  a checkout, the four packages travel as `py_modules`;
 * the job file, resolved (with the `--set` overrides) and with `resources.ray_address: auto`, so the
   job's Ray actors join the cluster the job runs on instead of starting a private Ray;
-* environment variables (`--env KEY=VALUE`, plus `PYTHONUNBUFFERED=1` so logs stream).
+* environment variables (`--env KEY=VALUE`, plus `PYTHONUNBUFFERED=1` so logs stream). Ray keeps them
+  in the job's runtime env, which its job API returns to anyone who can list jobs, so a secret-looking
+  name is refused: pass secrets by reference instead, `--secret-file NAME=PATH` (a file on the
+  cluster, read there into the job's environment) or an environment variable set where the cluster
+  was started (the job inherits it).
+
+The job id (`--job-id`, and the id given to `rto jobs ...`) is a plain name, `[A-Za-z0-9._-]`
+starting with a letter or digit: it becomes part of a path and of a URL. Every word of the
+entrypoint (a shell command on the head) is quoted. The cluster's token (`~/.ray/auth_token`) is
+sent only to an address that answers as a Ray dashboard in token mode.
 
 The job runs with the cluster's Python (`python` on the PATH of the process that ran `ray start`):
 its dependencies (torch, transformers, trl, deepspeed, ...) must be installed there; the submitted
@@ -22,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -30,6 +42,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
@@ -43,10 +56,6 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 PACKAGES = ("rto", "reward", "prune", "pipelines")
 MAX_FILE_BYTES = 20 * 2**20
 JOB_CONFIG_DIR = ".rto-job"
-SKIPPED_NAMES = {
-    ".git", ".venv", "venv", "runs", "__pycache__", ".pytest_cache", ".ruff_cache", ".mypy_cache",
-    "build", "dist", "node_modules", ".ipynb_checkpoints", JOB_CONFIG_DIR,
-}  # fmt: skip
 META_RUN_DIR = "rto_run_dir"
 META_CONFIG = "rto_config"
 
@@ -82,13 +91,15 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
 
 
 def connect(address: str | None) -> JobSubmissionClient:
-    """A job-submission client for the cluster at `address` (bad address: UserError)."""
+    """A job-submission client for the cluster at `address` (bad address: UserError). The cluster's
+    auth token is sent only if the address answers as a Ray dashboard that asks for one."""
     address = resolve_address(address)
     _check_reachable(address)
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    _use_auth_token_if_available()
+    if dashboard_auth_mode(address) == "token":
+        _use_auth_token_if_available()
     try:
         return JobSubmissionClient(address)
     except ConnectionError:
@@ -101,6 +112,27 @@ def connect(address: str | None) -> JobSubmissionClient:
         ) from None
     except RuntimeError as exc:  # an HTTP server that is not a Ray dashboard
         raise UserError(f"{address} is not a Ray dashboard ({_first_line(exc)})", field="--address") from None
+
+
+def dashboard_auth_mode(address: str, timeout_s: float = 10.0) -> str:
+    """Ask the dashboard's public endpoint which authentication it uses ("token" or "disabled"),
+    sending nothing secret; anything that does not answer like a Ray dashboard is a `UserError`."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    url = address.rstrip("/") + "/api/authentication_mode"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url), timeout=timeout_s) as response:
+            mode = json.loads(response.read(4096).decode())["authentication_mode"]
+    except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError) as exc:
+        reason = getattr(exc, "reason", None) or getattr(exc, "code", None) or type(exc).__name__
+        raise UserError(
+            f"{address} does not answer as a Ray dashboard ({reason}); no token was sent", field="--address"
+        ) from None
+    if not isinstance(mode, str):
+        raise UserError(f"{address} does not answer as a Ray dashboard; no token was sent", field="--address")
+    return mode
 
 
 def _use_auth_token_if_available() -> None:
@@ -142,6 +174,117 @@ def _job_errors(job_id: str, address: str) -> Iterator[None]:
 # ---------------------------------------------------------------- what a job carries
 
 
+JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+SECRET_ENV = re.compile(
+    r"TOKEN|SECRET|PASSW|PASSWD|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|CREDENTIAL", re.IGNORECASE
+)
+_KEY_MATERIAL = re.compile(
+    r"^(\.env.*|.*\.(pem|key|p12|pfx|keystore|jks|kdbx|gpg|asc)|id_(rsa|dsa|ecdsa|ed25519).*|"
+    r".*credential.*|.*secret.*|(.*[_.-])?token|auth_token|\.netrc|\.pgpass|known_hosts|authorized_keys)$",
+    re.IGNORECASE,
+)
+CODE_SUFFIXES = {".py", ".typed"}
+CONFIG_SUFFIXES = {".yaml", ".yml", ".json"}
+
+
+def check_job_id(job_id: str, field: str = "job id") -> str:
+    """A job id is a plain name: it becomes a path component and part of a URL on the cluster."""
+    if not JOB_ID.fullmatch(job_id or "") or ".." in job_id:
+        raise UserError(
+            f"'{job_id}' is not a job id: use 1-128 of [A-Za-z0-9._-], starting with a letter or digit, "
+            "without '..'",
+            field=field,
+        )
+    return job_id
+
+
+def looks_secret(name: str) -> bool:
+    """A file name that is key material or credentials (never sent to a cluster)."""
+    return bool(_KEY_MATERIAL.match(name))
+
+
+def check_env(env_vars: dict[str, str]) -> None:
+    for key in env_vars:
+        if SECRET_ENV.search(key):
+            raise UserError(
+                f"'{key}' looks like a secret, and Ray stores --env values in the job's runtime env, which "
+                f"its job API returns to anyone who can list jobs; pass it by reference: --secret-file "
+                f"{key}=/path/on/the/cluster, or set it in the environment where the cluster was started",
+                field="--env",
+            )
+
+
+def entrypoint(
+    config_rel: str,
+    run_dir: str | None,
+    job_id: str,
+    resume: bool,
+    secret_files: dict[str, str] | None = None,
+) -> str:
+    """The shell command the head runs for the job; every word is quoted (the job id is checked,
+    and only the default run directory's `$HOME` is left to the shell)."""
+    words = ["python", "-m", "rto.cli", "run", config_rel]
+    for name, path in (secret_files or {}).items():
+        words += ["--secret-file", f"{name}={path}"]
+    command = shlex.join(words) + " --run-dir " + make_run_dir_arg(run_dir, check_job_id(job_id))[0]
+    return command + (" --resume" if resume else "")
+
+
+def _sendable(path: Path, relative: Path) -> bool:
+    return (
+        path.is_file()
+        and not path.is_symlink()
+        and not any(part.startswith(".") or part == "__pycache__" for part in relative.parts)
+        and not looks_secret(path.name)
+        and path.stat().st_size <= MAX_FILE_BYTES
+    )
+
+
+def job_files(root: Path, cfg) -> list[tuple[Path, Path]]:
+    """What a submission from the checkout at `root` sends, as (file, path in the job's folder):
+    the packages' code, `configs/`, and the data files the job names that lie inside `root`.
+    A named data file that looks like key material is refused (`UserError`)."""
+    root = root.resolve()
+    files: list[tuple[Path, Path]] = []
+    for folder, suffixes in [*((p, CODE_SUFFIXES) for p in PACKAGES), ("configs", CONFIG_SUFFIXES)]:
+        for path in sorted((root / folder).rglob("*")):
+            relative = path.relative_to(root)
+            if path.suffix in suffixes and _sendable(path, relative):
+                files.append((path, relative))
+    named = {str(relative) for _, relative in files}
+    for path, field in named_data_files(cfg):
+        resolved = path.resolve()
+        if not resolved.is_relative_to(root):
+            continue  # outside the checkout: read on the cluster (shared storage)
+        relative = resolved.relative_to(root)
+        if str(relative) in named:
+            continue
+        if looks_secret(resolved.name) or any(part.startswith(".") for part in relative.parts):
+            raise UserError(
+                f"refusing to send '{relative}': a dotfile or key material is never sent to a cluster",
+                field=field,
+            )
+        if resolved.stat().st_size > MAX_FILE_BYTES:
+            raise UserError(
+                f"'{relative}' is over {MAX_FILE_BYTES // 2**20} MiB: put it on storage the cluster reads "
+                "and name it by an absolute path",
+                field=field,
+            )
+        files.append((resolved, relative))
+        named.add(str(relative))
+    return files
+
+
+def named_data_files(cfg) -> list[tuple[Path, str]]:
+    """(local file, field) for every data file the job names (Hub data set names are not files)."""
+    out = []
+    for role in ("sft", "pairs", "eval_pairs", "prompts", "eval_prompts"):
+        source = getattr(cfg.data, role)
+        if source is not None and Path(source.path).expanduser().is_file():
+            out.append((Path(source.path).expanduser(), f"data.{role}.path"))
+    return out
+
+
 def project_root() -> Path | None:
     """The source checkout rto runs from (it holds pyproject.toml and the packages), if any."""
     root = Path(__file__).resolve().parent.parent
@@ -150,29 +293,17 @@ def project_root() -> Path | None:
     return None
 
 
-def _skip(directory: str, names: list[str]) -> set[str]:
-    skipped = set()
-    for name in names:
-        path = Path(directory, name)
-        if name in SKIPPED_NAMES or name.endswith((".egg-info", ".pyc")):
-            skipped.add(name)
-        elif path.is_dir() and (path / "pyvenv.cfg").is_file():  # a virtual environment, any name
-            skipped.add(name)
-        elif path.is_symlink() or (path.is_file() and path.stat().st_size > MAX_FILE_BYTES):
-            skipped.add(name)
-    return skipped
-
-
-def stage_code(root: Path, target: Path) -> None:
-    """Copy the checkout at `root` into `target`, leaving out virtual environments, `.git`, `runs/`,
-    caches, build outputs, symlinks and files over `MAX_FILE_BYTES`."""
-    shutil.copytree(root, target, ignore=_skip, dirs_exist_ok=True)
+def stage_files(files: list[tuple[Path, Path]], target: Path) -> None:
+    """Copy `job_files` into the job's folder `target`."""
+    for source, relative in files:
+        (target / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target / relative)
 
 
 def make_run_dir_arg(run_dir: str | None, job_id: str) -> tuple[str, str]:
     """(shell word for the entrypoint, path as shown to the user) for the run directory."""
     if run_dir is None:
-        return f'"$HOME/rto-runs/{job_id}"', f"~/rto-runs/{job_id}"
+        return f'"$HOME"/rto-runs/{shlex.quote(check_job_id(job_id))}', f"~/rto-runs/{job_id}"
     if run_dir.startswith("~/"):
         return f'"$HOME"/{shlex.quote(run_dir[2:])}', run_dir
     if not os.path.isabs(run_dir):
@@ -195,40 +326,76 @@ def parse_env(pairs: list[str]) -> dict[str, str]:
 
 
 def new_job_id(config: Path) -> str:
-    stem = "".join(c if c.isalnum() or c in "-_" else "-" for c in config.stem)[:40]
+    stem = "".join(c if (c.isascii() and c.isalnum()) or c in "-_" else "-" for c in config.stem)[:40]
     return f"rto-{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
-def submit(
+@dataclass
+class Submission:
+    """What `rto submit` would send: the entrypoint, the files (source, path in the job's folder),
+    the environment, and the data the job names outside the checkout (read on the cluster)."""
+
+    job_id: str
+    entrypoint: str
+    config_label: str
+    run_dir_shown: str
+    config_rel: str
+    config_text: str
+    files: list[tuple[Path, Path]]
+    env_vars: dict[str, str]
+    read_on_cluster: list[str]
+    root: Path | None
+
+
+def prepare_submission(
     config: Path,
-    address: str | None,
     overrides: list[str],
     run_dir: str | None = None,
     env: list[str] | None = None,
     resume: bool = False,
     job_id: str | None = None,
-) -> tuple[str, str]:
-    """Validate the job file here, then submit it. Returns (job id, run directory on the cluster)."""
+    secret_files: list[str] | None = None,
+) -> Submission:
+    """Validate the job file and everything on the command line here, before anything connects."""
     from rto.config import check_stage_inputs, dump_config, load_config
 
+    job_id = check_job_id(job_id, "--job-id") if job_id is not None else new_job_id(config)
+    env_vars = parse_env(env or [])
+    check_env(env_vars)
+    env_vars = {"PYTHONUNBUFFERED": "1", **env_vars}
+    secrets_by_name = parse_secret_files(secret_files or [])
     cfg = load_config(config, [*overrides, "resources.ray_address=auto"])
     if run_dir is None and not resume:  # a fresh run directory on the cluster: no finished stages
         check_stage_inputs(cfg, set(), str(config))
-    env_vars = {"PYTHONUNBUFFERED": "1", **parse_env(env or [])}
-    job_id = job_id or new_job_id(config)
-    run_dir_word, run_dir_shown = make_run_dir_arg(run_dir, job_id)
+    run_dir_shown = make_run_dir_arg(run_dir, job_id)[1]
     config_rel = f"{JOB_CONFIG_DIR}/{config.stem}.yaml"
-    entrypoint = f"python -m rto.cli run {shlex.quote(config_rel)} --run-dir {run_dir_word}"
-    if resume:
-        entrypoint += " --resume"
+    root = project_root()
+    files = job_files(root, cfg) if root is not None else []
+    inside = {str(source) for source, _ in files}
+    outside = [str(path) for path, _ in named_data_files(cfg) if str(path.resolve()) not in inside]
+    return Submission(
+        job_id=job_id,
+        entrypoint=entrypoint(config_rel, run_dir, job_id, resume, secrets_by_name),
+        config_label=str(config),
+        run_dir_shown=run_dir_shown,
+        config_rel=config_rel,
+        config_text=dump_config(cfg),
+        files=files,
+        env_vars=env_vars,
+        read_on_cluster=outside,
+        root=root,
+    )
 
+
+def submit(plan: Submission, address: str | None) -> str:
+    """Send a prepared submission to the cluster; returns the job id."""
     client = connect(address)
     with tempfile.TemporaryDirectory(prefix="rto-submit-") as staging:
         working_dir = Path(staging) / "job"
-        root = project_root()
-        runtime_env: dict = {"working_dir": str(working_dir), "env_vars": env_vars}
-        if root is not None:
-            stage_code(root, working_dir)
+        working_dir.mkdir()
+        runtime_env: dict = {"working_dir": str(working_dir), "env_vars": plan.env_vars}
+        if plan.root is not None:
+            stage_files(plan.files, working_dir)
         else:  # installed without a checkout: ship the packages themselves
             import importlib
 
@@ -236,14 +403,26 @@ def submit(
                 str(Path(importlib.import_module(p).__file__).parent) for p in PACKAGES
             ]
         (working_dir / JOB_CONFIG_DIR).mkdir(parents=True, exist_ok=True)
-        (working_dir / config_rel).write_text(dump_config(cfg))
-        submitted = client.submit_job(
-            entrypoint=entrypoint,
-            submission_id=job_id,
+        (working_dir / plan.config_rel).write_text(plan.config_text)
+        return client.submit_job(
+            entrypoint=plan.entrypoint,
+            submission_id=plan.job_id,
             runtime_env=runtime_env,
-            metadata={META_CONFIG: str(config), META_RUN_DIR: run_dir_shown},
+            metadata={META_CONFIG: plan.config_label, META_RUN_DIR: plan.run_dir_shown},
         )
-    return submitted, run_dir_shown
+
+
+def parse_secret_files(pairs: list[str]) -> dict[str, str]:
+    """`NAME=PATH` pairs of --secret-file: PATH is a file on the cluster (absolute), read there."""
+    out = {}
+    for pair in pairs:
+        name, sep, path = pair.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or not path:
+            raise UserError(f"expected NAME=PATH, got '{pair.split('=')[0]}=…'", field="--secret-file")
+        if not (os.path.isabs(path) or path.startswith("~/")):
+            raise UserError(f"'{path}' must be an absolute path on the cluster", field="--secret-file")
+        out[name] = path
+    return out
 
 
 # ---------------------------------------------------------------- watching
@@ -259,6 +438,7 @@ def list_jobs(address: str | None) -> list[JobDetails]:
 
 
 def job_info(address: str | None, job_id: str) -> JobDetails:
+    check_job_id(job_id)
     client = connect(address)
     with _job_errors(job_id, resolve_address(address)):
         return client.get_job_info(job_id)
@@ -272,6 +452,7 @@ def wait_for(
     on_change: Callable[[JobDetails], None] | None = None,
 ) -> JobDetails:
     """Poll until the job reaches SUCCEEDED, FAILED or STOPPED (or `timeout_s` passes)."""
+    check_job_id(job_id)
     client = connect(address)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     last = None
@@ -287,6 +468,7 @@ def wait_for(
 
 
 def logs(address: str | None, job_id: str) -> str:
+    check_job_id(job_id)
     client = connect(address)
     with _job_errors(job_id, resolve_address(address)):
         return client.get_job_logs(job_id)
@@ -294,6 +476,7 @@ def logs(address: str | None, job_id: str) -> str:
 
 def follow_logs(address: str | None, job_id: str, write: Callable[[str], None]) -> None:
     """Stream the job's logs until it ends (from the beginning)."""
+    check_job_id(job_id)
     client = connect(address)
     with _job_errors(job_id, resolve_address(address)):
         client.get_job_info(job_id)  # an unknown id fails here, not inside the websocket
@@ -307,6 +490,7 @@ def follow_logs(address: str | None, job_id: str, write: Callable[[str], None]) 
 
 def stop(address: str | None, job_id: str) -> bool:
     """Ask the job to stop; False when it was not running."""
+    check_job_id(job_id)
     client = connect(address)
     with _job_errors(job_id, resolve_address(address)):
         return client.stop_job(job_id)

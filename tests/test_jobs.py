@@ -300,7 +300,9 @@ def test_bad_submissions_fail_before_connecting(tmp_path):
         assert stderr.count("\n") == 1
 
 
-def test_staged_code_leaves_out_environments_and_big_files(tmp_path):
+def test_staged_files_leave_out_environments_and_big_files(tmp_path):
+    from rto.config import load_config
+
     root = tmp_path / "checkout"
     for name in [
         "rto/cli.py",
@@ -315,10 +317,13 @@ def test_staged_code_leaves_out_environments_and_big_files(tmp_path):
     ]:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text("x")  # fmt: skip
-    with open(root / "data" / "huge.bin", "wb") as f:
+    with open(root / "rto" / "huge.py", "wb") as f:
         f.truncate(jobs.MAX_FILE_BYTES + 1)
+    (root / "data" / "small.jsonl").write_text('{"prompt": "describe the cat"}\n')
+    job = root / "configs" / "q.yaml"
+    job.write_text("stages: [ppo]\ndata: {prompts: {path: %s}}\n" % (root / "data" / "small.jsonl"))
     target = tmp_path / "staged"
-    jobs.stage_code(root, target)
+    jobs.stage_files(jobs.job_files(root, load_config(job)), target)
     staged = sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file())
     assert staged == ["configs/q.yaml", "data/small.jsonl", "rto/cli.py"]
     # this checkout is what a submission would carry
@@ -326,6 +331,6 @@ def test_staged_code_leaves_out_environments_and_big_files(tmp_path):
 
 
 def test_run_dir_words():
-    assert jobs.make_run_dir_arg(None, "rto-x-1") == ('"$HOME/rto-runs/rto-x-1"', "~/rto-runs/rto-x-1")
+    assert jobs.make_run_dir_arg(None, "rto-x-1") == ('"$HOME"/rto-runs/rto-x-1', "~/rto-runs/rto-x-1")
     assert jobs.make_run_dir_arg("~/runs/a b", "j") == ("\"$HOME\"/'runs/a b'", "~/runs/a b")
     assert jobs.make_run_dir_arg("/shared/runs/x", "j") == ("/shared/runs/x", "/shared/runs/x")
