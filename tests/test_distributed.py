@@ -6,6 +6,7 @@ import a test file, so this module is registered to be pickled by value.
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -289,3 +290,54 @@ def test_zero3_group_scores_an_uneven_batch_in_bounded_time(groups):
         torch.testing.assert_close(pending.get(), expected, atol=1e-5, rtol=0)
     finally:
         z3.shutdown()
+
+
+class _Payload:
+    """Unpickling this runs `touch <marker>`: what a run directory from elsewhere could carry."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(groups, tmp_path):
+    """DeepSpeed's own loader unpickles anything; ours reads every file with weights_only=True."""
+    from rto.errors import UserError
+    from rto.ppo import checkpoint
+
+    policy = groups["policy"]
+    policy.run_all("save_checkpoint", str(tmp_path / "policy"), checkpoint.TAG, client_state={"ppo_step": 1})
+    marker = tmp_path / "pwned"
+    (optim,) = list((tmp_path / "policy" / checkpoint.TAG).glob("zero_pp_rank_0_*optim_states.pt"))
+    torch.save({"optimizer_state_dict": _Payload(marker)}, optim)
+
+    class PolicyOnly:  # checkpoint.load needs the two trainable groups; the policy's files fail first
+        pass
+
+    both = PolicyOnly()
+    both.policy = both.critic = policy
+    (tmp_path / "state.json").write_text(json.dumps({"step": 1, "rng": checkpoint.rng_state()}))
+    with pytest.raises(UserError, match="refusing to load a checkpoint file") as error:
+        checkpoint.load(tmp_path, both)
+    assert "posix" in str(error.value) and "\n" not in str(error.value)  # the global it would call
+    assert not marker.exists()
+
+
+def test_checkpoint_rng_state_is_plain_json_and_checked(tmp_path):
+    import random
+
+    from rto.errors import UserError
+    from rto.ppo import checkpoint
+
+    state = checkpoint.rng_state()
+    text = json.dumps(state)  # nothing but JSON values
+    expected = (random.random(), torch.rand(1).item())
+    checkpoint.restore_rng(json.loads(text))
+    assert (random.random(), torch.rand(1).item()) == expected
+    for broken in ({**state, "python": [3, [1, 2], None]}, {**state, "torch": "not base64!"}, {"numpy": 1}):
+        with pytest.raises(UserError, match="unreadable RNG state"):
+            checkpoint.restore_rng(broken, "state.json")

@@ -78,6 +78,42 @@ class EngineConfig:
         }
 
 
+DEEPSPEED_STATE_TYPES = (
+    "deepspeed.runtime.fp16.loss_scaler:LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler:DynamicLossScaler",
+    "deepspeed.runtime.zero.config:ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment:fragment_address",
+)
+"""The non-tensor types DeepSpeed's ZeRO checkpoints hold (found by loading ZeRO-2 and ZeRO-3
+checkpoints with weights_only=True); nothing else is unpickled from a checkpoint."""
+
+
+def safe_checkpoint_load(path: str, map_location=None):
+    """`torch.load(weights_only=True)` with DeepSpeed's own state types allowed (see above)."""
+    import pickle
+
+    from rto.errors import UserError
+
+    allowed = []
+    for name in DEEPSPEED_STATE_TYPES:
+        module, _, attr = name.partition(":")
+        try:
+            allowed.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError):  # another DeepSpeed version: fewer types to allow
+            continue
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        detail = next((line for line in str(exc).splitlines() if "GLOBAL" in line), str(exc).splitlines()[0])
+        detail = detail.split(" was not an allowed global")[0].strip()
+        raise UserError(
+            f"refusing to load a checkpoint file that holds more than tensors and DeepSpeed's state ({detail}); "
+            "a run directory from elsewhere can be resumed only if its checkpoints are plain DeepSpeed ones",
+            source=path,
+        ) from None
+
+
 def _skip_shm_comm_op() -> None:
     """Stop DeepSpeed from JIT-compiling its CPU shared-memory all-reduce op at ``init_distributed``
     (about a minute with a C++ compiler, a failure without one). DeepSpeed 0.19 uses it only for
@@ -223,7 +259,13 @@ class TrainableWorker(Worker):
         self.engine.save_checkpoint(directory, tag=tag, client_state=client_state or {})
 
     def load_checkpoint(self, directory: str, tag: str) -> dict[str, Any]:
-        """Restore what :meth:`save_checkpoint` wrote; returns its ``client_state``. Collective."""
+        """Restore what :meth:`save_checkpoint` wrote; returns its ``client_state``. Collective.
+
+        Every file is read with ``torch.load(weights_only=True)``, allowing only tensors, plain
+        containers and the few state types DeepSpeed itself stores (`DEEPSPEED_STATE_TYPES`):
+        a checkpoint from elsewhere cannot run code here (DeepSpeed's own loader would unpickle
+        anything). Anything else is a `UserError` naming the file and the type."""
+        self.engine.checkpoint_engine.load = safe_checkpoint_load
         path, client_state = self.engine.load_checkpoint(
             directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
         )

@@ -6,12 +6,16 @@
 
 A checkpoint is written into `.step-000010.tmp/` and renamed when complete, so the newest folder
 named `step-*` is always whole; `state.json` is written last inside it.
+
+Nothing in a checkpoint can run code when it is loaded: `state.json` is plain JSON (the RNG states
+as numbers and base64 bytes, checked before use), and the DeepSpeed files are read with
+`torch.load(weights_only=True)` (`rto.distributed.trainable.safe_checkpoint_load`).
 """
 
 from __future__ import annotations
 
 import base64
-import pickle
+import json
 import random
 import shutil
 from pathlib import Path
@@ -19,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rto.errors import UserError
 from rto.rundir import atomic_write_json, replace_dir
 
 TAG = "ckpt"
@@ -40,16 +45,39 @@ def latest_checkpoint(root: Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def rng_state() -> str:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    return base64.b64encode(pickle.dumps(state)).decode()
+def rng_state() -> dict:
+    """The driver's RNG states as JSON values (no pickle)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+    }
 
 
-def restore_rng(blob: str) -> None:
-    state = pickle.loads(base64.b64decode(blob))
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+def restore_rng(state: dict, source: str = "state.json") -> None:
+    """Set the RNG states written by `rng_state`; anything malformed is a `UserError`."""
+    try:
+        version, internal, gauss = state["python"]
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        torch_bytes = base64.b64decode(state["torch"], validate=True)
+        if not (
+            isinstance(internal, list) and len(internal) == 625 and all(isinstance(x, int) for x in internal)
+        ):
+            raise ValueError("python state")
+        if kind != "MT19937" or len(keys) != 624:
+            raise ValueError("numpy state")
+        python_state = (int(version), tuple(internal), None if gauss is None else float(gauss))
+        numpy_state = (kind, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached))
+        torch_state = torch.frombuffer(bytearray(torch_bytes), dtype=torch.uint8)
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        torch.set_rng_state(torch_state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise UserError(
+            f"unreadable RNG state in the checkpoint ({exc})", source=source, field="rng"
+        ) from None
 
 
 def save(root: Path, step: int, groups, state: dict, keep: int) -> Path:
@@ -67,12 +95,29 @@ def save(root: Path, step: int, groups, state: dict, keep: int) -> Path:
 
 
 def load(path: Path, groups) -> dict:
-    import json
-
-    groups.policy.run_all("load_checkpoint", str(path / "policy"), TAG)
-    groups.critic.run_all("load_checkpoint", str(path / "critic"), TAG)
-    state = json.loads((path / "state.json").read_text())
-    restore_rng(state.pop("rng"))
+    state_file = path / "state.json"
+    try:
+        state = json.loads(state_file.read_text())
+        rng = state.pop("rng")
+        int(state["step"])
+    except (
+        OSError,
+        UnicodeDecodeError,
+        json.JSONDecodeError,
+        KeyError,
+        TypeError,
+        ValueError,
+        AttributeError,
+    ) as exc:
+        raise UserError(
+            f"unreadable checkpoint state ({type(exc).__name__})", source=str(state_file)
+        ) from None
+    try:
+        groups.policy.run_all("load_checkpoint", str(path / "policy"), TAG)
+        groups.critic.run_all("load_checkpoint", str(path / "critic"), TAG)
+    except UserError as exc:  # raised in a worker: Ray's error is also a UserError; keep its one line
+        raise UserError(str(exc).splitlines()[-1].removeprefix("rto.errors.UserError: ")) from None
+    restore_rng(rng, str(state_file))
     return state
 
 
