@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -196,12 +197,29 @@ def uses_space_markers(frame: pd.DataFrame) -> bool:
     return any(str(t).startswith(_SPACE_MARKERS) for tokens in frame["tokens"] for t in tokens)
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text) -> str:
+    """A trace string as it may reach a terminal: control characters (ANSI/OSC escape sequences
+    start with ESC or CSI, OSC ends with BEL) become visible escapes such as ``\x1b``. Rich markup
+    is not interpreted as long as the string goes into a `Text` (see `_cell`)."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
+
+
+def _cell(text):
+    """A table cell holding `text` literally (a plain string cell would be parsed as rich markup)."""
+    from rich.text import Text
+
+    return Text(printable(text))
+
+
 def display_tokens(tokens, space_markers: bool) -> list[str]:
     """Token strings as they read: word-start markers become spaces; without markers (a word-level
     tokenizer) tokens are separated by spaces."""
     out = []
     for i, token in enumerate(tokens):
-        token = str(token)
+        token = printable(token)
         if space_markers:
             if token.startswith(_SPACE_MARKERS):
                 token = " " + token[1:]
@@ -297,8 +315,9 @@ def _print_header(console, path, step, frame, color, scale) -> None:
         for name in ("total", "dpo", "kl", "rm", "gt")
         if figures[name].notna().any()
     )
-    console.print(f"[bold]step {step} · {len(frame)} samples[/bold] · mean length "
-                  f"{figures['length'].mean():.1f} · {path}")  # fmt: skip
+    header = Text(f"step {step} · {len(frame)} samples", style="bold")
+    header.append(f" · mean length {figures['length'].mean():.1f} · {printable(path)}")
+    console.print(header)
     console.print(f"step means: {means}")
     legend = Text(f"colour = {color}: ")
     for value in np.linspace(-scale, scale, 5):
@@ -332,7 +351,7 @@ def _print_sample(console, row: pd.Series, column: str, scale: float, markers: b
 
     text = Text()
     text.append(f"  #{int(row['sample_id'])} ", style="bold")
-    text.append(f"{row['prompt']}\n  → ", style="dim")
+    text.append(f"{printable(row['prompt'])}\n  → ", style="dim")
     values = row[column]
     for token, value in zip(display_tokens(row["tokens"], markers), values, strict=True):
         stripped = token.lstrip(" ")
@@ -355,5 +374,5 @@ def _print_token_table(console, row: pd.Series) -> None:
         table.add_column(headers[name], justify="right")
     for i, token in enumerate(row["tokens"]):
         c = token_components(row, i)
-        table.add_row(str(i), str(token), *[_fmt(c[name]) for name in names])
+        table.add_row(str(i), _cell(token), *[_fmt(c[name]) for name in names])
     console.print(table)

@@ -215,3 +215,33 @@ def test_load_step_reads_a_single_trace_file(run):
     assert step == 2 and len(frame) == 4
     with pytest.raises(UserError, match="--step"):
         load_step(run / "traces" / "step-000002.parquet", step=5)
+
+
+HOSTILE_TOKENS = ["[/bold]", "[red]x", "\x1b]0;pwned\x07", "\x1b[31m", "ok\x9b2J", "<eos>"]
+
+
+def test_trace_strings_are_shown_literally_never_as_markup_or_terminal_codes(tmp_path):
+    """Tokens and prompts come from models and users: rich markup in them ("[/bold]" crashed the
+    view) is printed as text, and ANSI/OSC escape sequences (which retitle or clear a terminal)
+    reach the terminal only as visible escapes."""
+    from _trace_run_fixtures import run_cli, sample_row
+
+    from reward.traces import trace_path, write_traces
+
+    rows = []
+    for i in range(2):
+        row = sample_row(1, i)
+        n = len(HOSTILE_TOKENS)
+        row.update(
+            prompt="describe [bold]the\x1b[2J cat[/]", response="x", tokens=HOSTILE_TOKENS, token_ids=list(range(n)),
+            **{k: (row[k] * 2)[:n] for k in ("logprob", "ref_logprob", "dpo_logprob", "reward_dpo", "reward_kl",
+                                            "reward", "value", "advantage", "return")},
+        )  # fmt: skip
+        rows.append(row)
+    write_traces(trace_path(tmp_path / "run" / "traces", 1), rows)
+    for extra in ([], ["--sample", "0"]):
+        code, out, err = run_cli("traces", str(tmp_path / "run"), *extra)
+        assert code == 0, err
+        assert "\x1b" not in out and "\x07" not in out and "\x9b" not in out
+        assert "[/bold]" in out and "[red]x" in out and "\\x1b]0;pwned\\x07" in out
+        assert "describe [bold]the\\x1b[2J cat[/]" in out
