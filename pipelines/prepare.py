@@ -2,7 +2,9 @@
 
 For the built-in task this generates the synthetic data and builds random-init models from configs;
 for external data it loads TRL-format files (JSONL/Parquet) or Hub data sets and checks their
-columns. The result is cached under `RUN_DIR/prepared/<hash>/`, keyed by the sections it depends on.
+columns. The result is cached under `RUN_DIR/prepared/<hash>/`, keyed by the sections it depends on
+and by the content of every local data file they name (size, modification time, SHA-256), so a file
+fixed in place is prepared again.
 """
 
 from __future__ import annotations
@@ -76,17 +78,49 @@ class Prepared:
         return self.task_name == "image"
 
 
+def data_fingerprint(cfg: Config) -> dict[str, list]:
+    """(size, mtime, SHA-256) of every local data file the job names, by role."""
+    import hashlib
+
+    out = {}
+    for role in ROLES:
+        source = getattr(cfg.data, role)
+        if source is None or not Path(source.path).is_file():
+            continue  # a Hub data set (its name and split are in the config hash)
+        path = Path(source.path)
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        stat = path.stat()
+        out[role] = [stat.st_size, stat.st_mtime_ns, digest.hexdigest()]
+    return out
+
+
+def prepared_key(cfg: Config) -> str:
+    import hashlib
+
+    sections = cfg.section_hash("task", "data", "policy", "reward_model", "seed")
+    files = json.dumps(data_fingerprint(cfg), sort_keys=True)
+    return sections if files == "{}" else hashlib.sha256(f"{sections}|{files}".encode()).hexdigest()[:16]
+
+
 def prepare(cfg: Config, run: RunDir, log: Callable[[str], None] = print) -> Prepared:
-    key = cfg.section_hash("task", "data", "policy", "reward_model", "seed")
+    key = prepared_key(cfg)
     final = run.prepared_dir / key
     if not (final / "prepared.json").is_file():
         log(f"preparing data and base models -> {final}")
-        tmp = run.prepared_dir / f".{key}.tmp"
         import shutil
 
-        shutil.rmtree(tmp, ignore_errors=True)
+        from rto.rundir import unique_suffix
+
+        tmp = run.prepared_dir / f".{key}.tmp-{unique_suffix()}"
         tmp.mkdir(parents=True)
-        _build(cfg, tmp, final)
+        try:
+            _build(cfg, tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         replace_dir(tmp, final)
     info = json.loads((final / "prepared.json").read_text())
     return Prepared(

@@ -59,15 +59,26 @@ def load_responses(path: Path) -> list[tuple[object, str]]:
 def score_responses(
     cfg: Config, run_dir: Path, responses: Path | None, out: Path | None, n_samples: int = 64
 ) -> Path:
+
+    from rto.rundir import check_output_file
+
+    run = RunDir(run_dir)
+    if out is not None:
+        check_output_file(out, "-o")  # before any scoring
+    run.check_usable()
+    with run.lock():
+        return _score(cfg, run.create(), responses, out, n_samples)
+
+
+def _score(cfg: Config, run: RunDir, responses: Path | None, out: Path | None, n_samples: int) -> Path:
     from pipelines.prepare import prepare
     from pipelines.stages.rm import load_normalization
     from reward.scoring import FrozenLM, FrozenRM, check_same_tokenizer
     from rto.models import load_causal_lm, load_tokenizer, sampling_token_ids
     from rto.runtime import resolve_device
 
-    run = RunDir(run_dir)
     device = resolve_device(cfg.device)
-    prepared = prepare(cfg, run.create())
+    prepared = prepare(cfg, run)
     if prepared.is_image_task:
         raise UserError(
             "`rto score` scores text policies; an image-task run's rewards are in its PPO traces "

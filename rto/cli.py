@@ -24,11 +24,20 @@ def default_run_dir(config: Path) -> Path:
     return Path("runs") / config.stem
 
 
+def run_dir_path(value: str | None, config: Path) -> Path:
+    """`--run-dir` as a path (default runs/<config name>); an empty value is an error, not '.'."""
+    if value is None:
+        return default_run_dir(config)
+    if not value.strip():
+        raise UserError("is empty; give a run directory", field="--run-dir")
+    return Path(value)
+
+
 @app.command()
 def validate(
     config: Path = typer.Argument(..., help="Job file (YAML)"),
     overrides: list[str] = SetOption,
-    run_dir: Path = typer.Option(
+    run_dir: str = typer.Option(
         None, "--run-dir", help="Run directory whose finished stages may provide the stages' inputs"
     ),
 ) -> None:
@@ -38,7 +47,7 @@ def validate(
     from rto.rundir import RunDir
 
     cfg = load_config(config, overrides or [])
-    finished = RunDir(run_dir).finished_stages() if run_dir else set()
+    finished = RunDir(run_dir_path(run_dir, config)).finished_stages() if run_dir is not None else set()
     check_stage_inputs(cfg, finished, str(config))
     typer.echo(f"{config}: ok (stages: {', '.join(cfg.stages)})")
 
@@ -47,7 +56,7 @@ def validate(
 def run(
     config: Path = typer.Argument(..., help="Job file (YAML)"),
     overrides: list[str] = SetOption,
-    run_dir: Path = typer.Option(None, "--run-dir", help="Run directory (default: runs/<config name>)"),
+    run_dir: str = typer.Option(None, "--run-dir", help="Run directory (default: runs/<config name>)"),
     resume: bool = typer.Option(
         False, "--resume", help="Continue an interrupted ppo stage from its last checkpoint"
     ),
@@ -64,7 +73,8 @@ def run(
     from rto.runner import run_job
 
     cfg = load_config(config, overrides or [])
-    run_dir = run_dir or default_run_dir(config)
+    run_dir = run_dir_path(run_dir, config)
+    RunDir(run_dir).check_usable()
     check_stage_inputs(cfg, RunDir(run_dir).finished_stages(), str(config))
     summary = run_job(cfg, run_dir, resume=resume)
     from rto.report_table import print_summary
@@ -93,7 +103,7 @@ def read_secret_files(pairs: list[str], environ) -> None:
 def score(
     config: Path = typer.Argument(..., help="Job file (YAML) whose reward settings to use"),
     overrides: list[str] = SetOption,
-    run_dir: Path = typer.Option(None, "--run-dir", help="Run directory with finished sft/dpo/rm stages"),
+    run_dir: str = typer.Option(None, "--run-dir", help="Run directory with finished sft/dpo/rm stages"),
     responses: Path = typer.Option(
         None, "--responses", help="JSONL/Parquet with prompt + response columns (default: sample the policy)"
     ),
@@ -109,7 +119,7 @@ def score(
     from rto.config import load_config
 
     cfg = load_config(config, overrides or [])
-    path = score_responses(cfg, run_dir or default_run_dir(config), responses, output, samples)
+    path = score_responses(cfg, run_dir_path(run_dir, config), responses, output, samples)
     typer.echo(f"wrote {path}")
 
 

@@ -360,7 +360,9 @@ def build_report(run_dir: Path, steps: list[int] | None = None, samples: int = 3
 
 
 def write_report(run_dir: Path, output: Path, steps: list[int] | None = None, samples: int = 3) -> Path:
+    from rto.rundir import check_output_file
+
+    output = check_output_file(output, "-o")  # before the work: a bad target wastes nothing
     page = build_report(run_dir, steps, samples)
-    output = Path(output)
     atomic_write_text(output, page)
     return output

@@ -24,19 +24,26 @@ def stage_hash(cfg: Config, name: str, run: RunDir, prepared_key: str) -> str:
 
 
 def run_job(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
-    """Run `cfg.stages` in `run_dir`; returns the run's summary."""
+    """Run `cfg.stages` in `run_dir`, holding its lock; returns the run's summary."""
+    quiet_libraries()
+    run = RunDir(run_dir)
+    run.check_usable()
+    with run.lock():
+        return _run_stages(cfg, run.create(), resume)
+
+
+def _run_stages(cfg: Config, run: RunDir, resume: bool) -> dict:
     from pipelines.prepare import prepare
     from pipelines.stages import STAGES, StageContext
 
-    quiet_libraries()
-    run = RunDir(run_dir).create()
-    atomic_write_text(run.config_path, dump_config(cfg))
     device = resolve_device(cfg.device)
     if cfg.resources.torch_threads:
         import torch
 
         torch.set_num_threads(cfg.resources.torch_threads)
     prepared = prepare(cfg, run, log=console.log)
+    # the run is accepted (its data and models are ready): only now does its config replace the record
+    atomic_write_text(run.config_path, dump_config(cfg))
     for name in cfg.stages:
         if name not in STAGES:
             from rto.errors import UserError
