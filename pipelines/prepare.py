@@ -359,12 +359,17 @@ def load_records(source: DataSource, role: str) -> list[dict]:
         records = records[: source.limit]
     if not records:
         raise UserError("the data set is empty", source=source.path, field=field)
+    if not isinstance(records[0], dict):
+        raise UserError(
+            f"row 1 is not an object but {_type_name(records[0])}", source=source.path, field=field
+        )
     columns = set(records[0])
     if not any(set(option) <= columns for option in REQUIRED_COLUMNS[role]):
         wanted = " or ".join("/".join(o) for o in REQUIRED_COLUMNS[role])
         raise UserError(
             f"missing columns: expected {wanted}, found {sorted(columns)}", source=source.path, field=field
         )
+    check_rows(records, role, source.path, field)
     for n, row in enumerate(records, 1):
         for col in ("chosen", "rejected", "completion", "prompt"):
             if (
@@ -374,6 +379,59 @@ def load_records(source: DataSource, role: str) -> list[dict]:
             ):
                 raise UserError(f"row {n} has an empty '{col}'", source=source.path, field=field)
     return records
+
+
+TEXT_COLUMNS = ("prompt", "completion", "chosen", "rejected", "messages", "text")
+
+
+def _type_name(value) -> str:
+    names = {str: "a string", list: "a list", dict: "an object", bool: "a boolean", type(None): "null",
+             int: "an integer", float: "a number"}  # fmt: skip
+    return names.get(type(value), f"a {type(value).__name__}")
+
+
+def _text_kind(value) -> str | None:
+    """'a string', 'a conversation' (a list of {role, content} strings), or None for anything else."""
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in value
+    ):
+        return "a conversation"
+    return None
+
+
+def check_rows(records: list[dict], role: str, source: str, field: str) -> None:
+    """Every row, not just the first: an object, with the columns row 1 has for this role, and each
+    text column of one kind (a string, or a conversation of {role, content} strings) throughout;
+    the first row that is not is a `UserError` naming the file, the row and the column."""
+    required = next(option for option in REQUIRED_COLUMNS[role] if set(option) <= set(records[0]))
+    kinds: dict[str, str] = {}
+    for n, row in enumerate(records, 1):
+        if not isinstance(row, dict):
+            raise UserError(f"row {n} is not an object but {_type_name(row)}", source=source, field=field)
+        for column in required:
+            if column not in row:
+                raise UserError(f"row {n} has no '{column}' (row 1 has)", source=source, field=field)
+        for column in TEXT_COLUMNS:
+            if column not in row or (
+                row[column] is None and column == "prompt" and role in ("pairs", "eval_pairs")
+            ):
+                continue
+            kind = _text_kind(row[column])
+            if kind is None:
+                raise UserError(
+                    f"row {n}: '{column}' must be a string or a list of {{role, content}} messages, "
+                    f"got {_type_name(row[column])}",
+                    source=source,
+                    field=field,
+                )
+            first = kinds.setdefault(column, kind)
+            if kind != first:
+                raise UserError(
+                    f"row {n}: '{column}' is {kind}, row 1's is {first}", source=source, field=field
+                )
 
 
 def _is_empty(value) -> bool:

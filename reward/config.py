@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from rto.errors import FieldError
+from rto.schema import Section
 
 RewardMode = Literal["rto", "ppo", "dpo"]
 
 
-class RewardConfig(BaseModel):
+class RewardConfig(Section):
     """How each response token is rewarded.
 
     r_h = β1·clip(log π_dpo − log π_ref) − β2·(log π − log π_ref) + [h = last]·β3·r_RM
@@ -20,8 +21,6 @@ class RewardConfig(BaseModel):
     * `ppo`: sentence-level baseline, RM score at the last token + KL (no DPO term, β1 must stay 0).
     * `dpo`: DPO term + KL, no RM.
     """
-
-    model_config = ConfigDict(extra="forbid")
 
     mode: RewardMode = Field(
         "rto", description="Reward mode: 'rto' (DPO + KL + RM), 'ppo' (RM + KL), 'dpo' (DPO + KL)."
@@ -82,19 +81,21 @@ class RewardConfig(BaseModel):
     @model_validator(mode="after")
     def _check_combination(self) -> RewardConfig:
         if self.mode in ("rto", "dpo") and self.beta1 <= 0:
-            raise ValueError(
-                f"beta1 must be > 0 in mode '{self.mode}' (got {self.beta1}); use mode 'ppo' for no DPO term"
+            raise FieldError(
+                "beta1",
+                f"beta1 must be > 0 in mode '{self.mode}' (got {self.beta1}); use mode 'ppo' for no DPO term",
             )
         if self.mode in ("rto", "ppo") and self.beta3 <= 0:
-            raise ValueError(
-                f"beta3 must be > 0 in mode '{self.mode}' (got {self.beta3}); use mode 'dpo' for no RM term"
+            raise FieldError(
+                "beta3",
+                f"beta3 must be > 0 in mode '{self.mode}' (got {self.beta3}); use mode 'dpo' for no RM term",
             )
         if self.beta2 < 0:
-            raise ValueError(f"beta2 must be >= 0 (got {self.beta2})")
+            raise FieldError("beta2", f"must be >= 0 (got {self.beta2})")
         if self.clip <= 0:
-            raise ValueError(f"clip must be > 0 (got {self.clip})")
+            raise FieldError("clip", f"must be > 0 (got {self.clip})")
         if self.rm_clamp <= 0:
-            raise ValueError(f"rm_clamp must be > 0 (got {self.rm_clamp})")
+            raise FieldError("rm_clamp", f"must be > 0 (got {self.rm_clamp})")
         if self.missing_eos == "penalty" and not self.uses_sentence_score:
             raise FieldError(
                 "missing_eos",

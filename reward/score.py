@@ -21,32 +21,56 @@ from rto.rundir import RunDir
 
 
 def load_responses(path: Path) -> list[tuple[object, str]]:
-    from pipelines.prepare import _is_empty
+    """(prompt, response text) rows of a JSONL/Parquet file; every row checked, the first bad one
+    a `UserError` naming the file, the row and the column."""
+    from pipelines.prepare import _is_empty, _text_kind, _type_name
 
+    if path.is_dir():
+        raise UserError("is a directory, not a responses file", source=str(path), field="--responses")
     if not path.is_file():
-        raise UserError("responses file not found", source=str(path))
+        raise UserError("responses file not found", source=str(path), field="--responses")
     if path.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        rows = pq.read_table(path).to_pylist()
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except (pa.ArrowException, OSError) as exc:
+            raise UserError(
+                f"not a readable Parquet file ({str(exc).splitlines()[0]})", source=str(path)
+            ) from None
     else:
         import json
 
         rows = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if line.strip():
+        for n, raw in enumerate(path.read_bytes().splitlines(), 1):
+            if raw.strip():
                 try:
-                    rows.append(json.loads(line))
+                    rows.append(json.loads(raw.decode("utf-8")))
+                except UnicodeDecodeError:
+                    raise UserError(f"line {n} is not UTF-8 text", source=str(path)) from None
                 except json.JSONDecodeError as exc:
                     raise UserError(f"line {n} is not valid JSON ({exc.msg})", source=str(path)) from None
     out = []
     for n, row in enumerate(rows, 1):
-        response = row.get("response", row.get("completion"))
+        if not isinstance(row, dict):
+            raise UserError(f"row {n} is not an object but {_type_name(row)}", source=str(path))
+        column = "response" if "response" in row else "completion"
+        response = row.get(column)
         if "prompt" not in row or response is None:
             raise UserError(
                 f"row {n} needs 'prompt' and 'response' (or 'completion') columns", source=str(path)
             )
+        for name, value in (("prompt", row["prompt"]), (column, response)):
+            if _text_kind(value) is None:
+                raise UserError(
+                    f"row {n}: '{name}' must be a string or a list of {{role, content}} messages, "
+                    f"got {_type_name(value)}",
+                    source=str(path),
+                )
         if isinstance(response, list):
+            if not response:
+                raise UserError(f"row {n} has an empty response", source=str(path))
             response = response[-1]["content"]
         if _is_empty(response):
             raise UserError(f"row {n} has an empty response", source=str(path))
@@ -65,12 +89,13 @@ def score_responses(
     run = RunDir(run_dir)
     if out is not None:
         check_output_file(out, "-o")  # before any scoring
+    pairs = load_responses(responses) if responses is not None else None
     run.check_usable()
     with run.lock():
-        return _score(cfg, run.create(), responses, out, n_samples)
+        return _score(cfg, run.create(), pairs, out, n_samples)
 
 
-def _score(cfg: Config, run: RunDir, responses: Path | None, out: Path | None, n_samples: int) -> Path:
+def _score(cfg: Config, run: RunDir, pairs: list | None, out: Path | None, n_samples: int) -> Path:
     from pipelines.prepare import prepare
     from pipelines.stages.rm import load_normalization
     from reward.scoring import FrozenLM, FrozenRM, check_same_tokenizer
@@ -101,8 +126,7 @@ def _score(cfg: Config, run: RunDir, responses: Path | None, out: Path | None, n
         check_same_tokenizer(dpo, policy)
     tokenizer = load_tokenizer(policy)
 
-    if responses is not None:
-        pairs = load_responses(responses)
+    if pairs is not None:
         encoded = [
             encode_completion(
                 tokenizer, p, r if not isinstance(p, list) else [{"role": "assistant", "content": r}]

@@ -236,13 +236,46 @@ def list_trace_steps(trace_dir: str | os.PathLike) -> list[int]:
 
 
 def _read_file(path: Path) -> pa.Table:
-    table = pq.read_table(path)
-    version = (table.schema.metadata or {}).get(_VERSION_KEY, b"").decode()
+    """One trace file, checked: readable Parquet, our schema version, every column of the schema
+    with its type (ValueError otherwise; `FileNotFoundError` passes through)."""
+    try:
+        table = pq.read_table(path)
+    except FileNotFoundError:
+        raise
+    except (pa.ArrowException, OSError) as exc:
+        raise ValueError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
+    version = (table.schema.metadata or {}).get(_VERSION_KEY, b"").decode(errors="replace")
     if version != TRACE_SCHEMA_VERSION:
         raise ValueError(
-            f"{path}: trace schema version {version or 'missing'}, expected {TRACE_SCHEMA_VERSION}"
+            f"{path}: trace schema version {version or 'missing'}, expected {TRACE_SCHEMA_VERSION} "
+            "(written by another version of rto)"
         )
-    return table
+    missing = [name for name in TRACE_COLUMNS if name not in table.column_names]
+    if missing:
+        raise ValueError(f"{path}: trace file of schema {version} lacks the columns {missing}")
+    for field in TRACE_SCHEMA:
+        actual = table.schema.field(field.name).type
+        if not _same_kind(actual, field.type):
+            raise ValueError(f"{path}: column '{field.name}' is {actual}, expected {field.type}")
+    return table.select(TRACE_COLUMNS).cast(TRACE_SCHEMA)
+
+
+def _same_kind(actual: pa.DataType, expected: pa.DataType) -> bool:
+    """Whether a column written by another Parquet writer holds what the schema means (lists of
+    numbers of any width, strings of either size, nulls where nothing was written)."""
+    if pa.types.is_null(actual):
+        return True
+    if pa.types.is_list(expected) or pa.types.is_large_list(expected):
+        return (pa.types.is_list(actual) or pa.types.is_large_list(actual)) and _same_kind(
+            actual.value_type, expected.value_type
+        )
+    if pa.types.is_floating(expected):
+        return pa.types.is_floating(actual) or pa.types.is_integer(actual)
+    if pa.types.is_integer(expected):
+        return pa.types.is_integer(actual)
+    if pa.types.is_string(expected):
+        return pa.types.is_string(actual) or pa.types.is_large_string(actual)
+    return actual.equals(expected)
 
 
 def read_traces(path_or_dir: str | os.PathLike, step: int | None = None) -> pd.DataFrame:

@@ -16,8 +16,6 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Discriminator,
     Field,
     Tag,
@@ -27,15 +25,12 @@ from pydantic import (
 )
 
 from rto.errors import FieldError, UserError
+from rto.schema import Section, Seed
 
 STAGE_ORDER = ("sft", "dpo", "rm", "ftp", "ppo", "eval")
 """Stages always run in this order, whatever order the job lists them in."""
 
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 def _looks_local(path: str) -> bool:
@@ -55,6 +50,61 @@ def check_path_or_hub(value: str, what: str) -> str:
 
 
 # ---------------------------------------------------------------- models and data
+
+
+_POSITIVE_INT = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "max_position_embeddings", "head_dim", "image_size", "patch_size",
+                 "projection_dim")  # fmt: skip
+_POSITIVE_FLOAT = ("rms_norm_eps", "layer_norm_eps", "rope_theta", "initializer_range")
+_FRACTION = ("attention_dropout",)
+_FLAG = ("tie_word_embeddings", "attention_bias", "mlp_bias")
+_ACT = ("hidden_act",)
+TEXT_ARCH = (
+    set(_POSITIVE_INT[:7])
+    | {"rms_norm_eps", "rope_theta", "initializer_range"}
+    | set(_FRACTION)
+    | set(_FLAG)
+    | set(_ACT)
+)
+"""Llama fields a built-in model's `arch` may override."""
+VISION_ARCH = {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+               "patch_size", "projection_dim", "layer_norm_eps", "hidden_act", "attention_dropout"}  # fmt: skip
+"""CLIP vision-tower fields `arch.vision` of tiny-llava may override."""
+
+
+def check_arch(arch: dict, allowed: set[str], prefix: str = "arch") -> None:
+    """Known keys with sensible values, and head counts that divide (transformers would fail later)."""
+    for key, value in arch.items():
+        field = f"{prefix}.{key}"
+        if key not in allowed:
+            raise FieldError(field, f"unknown architecture field; expected one of {sorted(allowed)}")
+        if key in _POSITIVE_INT and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise FieldError(field, f"must be a positive integer, got {value!r}")
+        if key in _POSITIVE_FLOAT and (
+            isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < float("inf")
+        ):
+            raise FieldError(field, f"must be a positive number, got {value!r}")
+        if key in _FRACTION and (
+            isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1
+        ):
+            raise FieldError(field, f"must be in [0, 1), got {value!r}")
+        if key in _FLAG and not isinstance(value, bool):
+            raise FieldError(field, f"must be true or false, got {value!r}")
+        if key in _ACT and value not in (
+            "silu",
+            "gelu",
+            "gelu_new",
+            "relu",
+            "quick_gelu",
+            "gelu_pytorch_tanh",
+        ):
+            raise FieldError(field, f"unknown activation {value!r}")
+    heads, kv = arch.get("num_attention_heads"), arch.get("num_key_value_heads")
+    hidden = arch.get("hidden_size")
+    if hidden and heads and "head_dim" not in arch and hidden % heads:
+        raise FieldError(f"{prefix}.num_attention_heads", f"{heads} heads do not divide hidden_size {hidden}")
+    if heads and kv and heads % kv:
+        raise FieldError(f"{prefix}.num_key_value_heads", f"{kv} key/value heads do not divide {heads} heads")
 
 
 class ModelSpec(Section):
@@ -83,6 +133,15 @@ class ModelSpec(Section):
             )
         if self.arch and self.builtin is None:
             raise ValueError("'arch' overrides only apply to a 'builtin' model")
+        if self.builtin is not None:
+            arch = dict(self.arch)
+            vision = arch.pop("vision", None)
+            if vision is not None and self.builtin != "tiny-llava":
+                raise FieldError("arch.vision", "only tiny-llava has a vision tower")
+            if vision is not None and not isinstance(vision, dict):
+                raise FieldError("arch.vision", f"must be a mapping of CLIP fields, got {vision!r}")
+            check_arch(arch, TEXT_ARCH)
+            check_arch(vision or {}, VISION_ARCH, "arch.vision")
         return self
 
 
@@ -102,7 +161,7 @@ class DataSource(Section):
 class BuiltinTaskConfig(Section):
     """What every built-in task has: a seed and the sizes of its generated data sets."""
 
-    seed: int = 0
+    seed: Seed = 0
     n_sft: int = Field(4000, gt=0, description="SFT examples")
     n_prompts: int = Field(1024, gt=0, description="PPO training prompts")
     n_eval: int = Field(128, gt=0, description="Held-out evaluation prompts")
@@ -248,7 +307,7 @@ AdaptInferConfig = _section("prune.adaptinfer.config", "AdaptInferConfig")
 
 
 class Config(Section):
-    seed: int = 0
+    seed: Seed = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     stages: list[str] = Field(description=f"Stages to run, from {list(STAGE_ORDER)}")
@@ -462,6 +521,26 @@ def check_stage_inputs(
 # ---------------------------------------------------------------- loading
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that names a key twice (the last would silently win)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key '{key}' appears twice (lines {seen[key]} and {key_node.start_mark.line + 1})",
+                    key_node.start_mark,
+                )  # fmt: skip
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise UserError("expected KEY=VALUE, e.g. --set ppo.steps=10", source="--set", field=item)
@@ -470,7 +549,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not all(re.fullmatch(r"[A-Za-z_][\w]*", p) for p in parts):
         raise UserError("expected a dotted key like ppo.steps", source="--set", field=key)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise UserError(f"cannot parse value '{raw}': {exc.problem}", source="--set", field=key) from None
     return parts, value
@@ -501,6 +580,9 @@ def _describe(error: dict) -> str:
         return "unknown key"
     if kind == "missing":
         return "required field is missing"
+    if kind == "union_tag_invalid":
+        tags = (error.get("ctx") or {}).get("expected_tags", "")
+        return f"unknown name {(error.get('ctx') or {}).get('tag')!r}; expected one of {tags}"
     msg = msg.removeprefix("Value error, ")
     if got is not None and not isinstance(got, dict | list) and kind != "value_error":
         return f"{msg} (got {got!r})"
@@ -511,6 +593,8 @@ def format_validation_error(exc: ValidationError, source: str, overridden: set[s
     errors = exc.errors()
     first = errors[0]
     field = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    if first["type"] == "union_tag_invalid" and field == "task":
+        field = "task.name"
     cause = (first.get("ctx") or {}).get("error")
     if isinstance(cause, FieldError):
         field = ".".join(p for p in (field if first["loc"] else "", cause.field) if p)
@@ -524,10 +608,18 @@ def format_validation_error(exc: ValidationError, source: str, overridden: set[s
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     path = Path(path)
+    if path.is_dir():
+        raise UserError("is a directory, not a job file", source=str(path))
     if not path.is_file():
         raise UserError("config file not found", source=str(path))
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"is not UTF-8 text (byte {exc.start})", source=str(path)) from None
+    except OSError as exc:
+        raise UserError(f"cannot read the job file ({exc.strerror or exc})", source=str(path)) from None
+    try:
+        data = yaml_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "YAML"

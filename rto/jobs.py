@@ -79,7 +79,10 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
     parsed = urlparse(address if "://" in address else f"http://{address}")
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise UserError(f"expected http://HOST:PORT (the dashboard), got '{address}'", field="--address")
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    except ValueError:
+        raise UserError(f"'{address}' has a port outside 1-65535", field="--address") from None
     try:
         socket.create_connection((parsed.hostname, port), timeout=timeout_s).close()
     except OSError as exc:

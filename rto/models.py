@@ -39,10 +39,20 @@ def guarded_from_pretrained(
     """`loader.from_pretrained(path, **kwargs)` after the path check; a failure is a `UserError`
     saying what could not be loaded from where, naming the field when there is one."""
     check_model_path(path, field)
+    folder = Path(path).expanduser()
+    if folder.is_dir() and not (folder / "config.json").is_file() and not any(folder.glob("*.json")):
+        raise UserError(f"cannot {what} '{path}': the folder holds no model (no config.json)", field=field)
     try:
         return loader.from_pretrained(path, **kwargs)
     except errors as exc:
-        raise UserError(f"cannot {what} '{path}': {str(exc).splitlines()[0]}", field=field) from None
+        raise UserError(f"cannot {what} '{path}': {_one_sentence(exc)}", field=field) from None
+
+
+def _one_sentence(exc: BaseException) -> str:
+    """The first sentence of a loader's error (they run on with advice and links)."""
+    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    end = line.find(". ")
+    return line if end < 0 else line[: end + 1]
 
 
 PAD_TOKEN = "<|pad|>"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import html
 import io
-import json
 import math
 import re
 import time
@@ -261,6 +260,8 @@ def _heatmaps(traces_dir: Path, steps: list[int] | None, samples: int) -> str:
             frame = read_traces(traces_dir, step)
         except FileNotFoundError:  # removed by a resuming writer after we listed it
             continue
+        except ValueError as exc:  # another schema version, missing columns, not Parquet
+            raise UserError(f"unreadable trace file: {exc}", source=str(traces_dir)) from None
         if not frame.empty:
             parts.append(_heatmap(step, frame, samples))
     options = "".join(f'<option value="{n}">{n}</option>' for n in COMPONENTS)
@@ -320,11 +321,8 @@ def build_report(run_dir: Path, steps: list[int] | None = None, samples: int = 3
         raise UserError("not a run directory (no config.yaml, metrics.jsonl, summary.json or traces/)",
                         source=str(run_dir))  # fmt: skip
     metrics = run.read_metrics()
-    try:
-        summary = run.read_summary()
-    except (json.JSONDecodeError, OSError):
-        summary = {}
-    config = run.config_path.read_text() if run.config_path.is_file() else ""
+    summary = run.read_summary()  # a corrupt one is rebuilt from the stages' records
+    config = run.config_path.read_text(errors="replace") if run.config_path.is_file() else ""
     done = (
         [p.name for p in sorted(run.stages_dir.glob("*")) if run.is_done(p.name)]
         if run.stages_dir.is_dir()

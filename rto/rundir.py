@@ -226,11 +226,13 @@ class RunDir:
         if not self.metrics_path.is_file():
             return []
         rows = []
-        for line in self.metrics_path.read_text().splitlines():
+        for raw in self.metrics_path.read_bytes().splitlines():
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash mid-write
+                row = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                continue  # a line cut by a crash mid-write (or damaged): not a record
+            if not isinstance(row, dict):
+                continue
             if stage is None or row.get("stage") == stage:
                 rows.append(row)
         return rows

@@ -42,6 +42,11 @@ def _run_stages(cfg: Config, run: RunDir, resume: bool) -> dict:
 
         torch.set_num_threads(cfg.resources.torch_threads)
     prepared = prepare(cfg, run, log=console.log)
+    if resume and not any(run.checkpoints_dir.glob("ppo-*/step-*/state.json")):
+        console.log(
+            f"[yellow]--resume: nothing to resume in {run.root} (no ppo checkpoint); "
+            "the stages run as they would without it[/yellow]"
+        )
     # the run is accepted (its data and models are ready): only now does its config replace the record
     atomic_write_text(run.config_path, dump_config(cfg))
     for name in cfg.stages:

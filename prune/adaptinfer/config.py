@@ -4,22 +4,21 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from prune.adaptinfer.schedule import PRESETS, proportional_schedule
 from rto.errors import UserError
+from rto.schema import Section, Seed
 
 Method = Literal["adaptinfer", "adaptinfer_no_prior", "fastv", "random"]
 
 
-class AdaptInferConfig(BaseModel):
+class AdaptInferConfig(Section):
     """Vision-token pruning for rollouts of a vision-language policy.
 
     Give exactly one of `preset`, `schedule` or `keep_ratio`; the schedule is resolved against the
     model (number of decoder layers and vision tokens) by `resolve`.
     """
-
-    model_config = ConfigDict(extra="forbid")
 
     enabled: bool = Field(True, description="Prune during rollouts; False generates densely.")
     method: Method = Field(
@@ -40,7 +39,7 @@ class AdaptInferConfig(BaseModel):
         description="Mean fraction of vision tokens per decoder layer; the schedule keeps the paper's "
         "shape (cuts at 1/32, 10/32, 20/32 of depth, counts 133:27:3).",
     )
-    seed: int = Field(0, description="Seed of the random baseline's scores.")
+    seed: Seed = Field(0, description="Seed of the random baseline's scores.")
 
     @field_validator("preset")
     @classmethod

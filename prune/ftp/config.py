@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from rto.errors import FieldError
+from rto.schema import Section, Seed
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+_Section = Section
 
 
 class FTPSearchConfig(_Section):
@@ -32,7 +33,7 @@ class FTPSearchConfig(_Section):
     @model_validator(mode="after")
     def _elite_fits(self) -> FTPSearchConfig:
         if self.elite >= self.population:
-            raise ValueError(f"elite ({self.elite}) must be smaller than population ({self.population})")
+            raise FieldError("elite", f"({self.elite}) must be smaller than population ({self.population})")
         return self
 
 
@@ -74,7 +75,7 @@ class FTPConfig(_Section):
     attention_probes: int = Field(
         8, ge=1, description="Latest tokens whose attention updates the attention table"
     )
-    seed: int = 0
+    seed: Seed = 0
     search: FTPSearchConfig = Field(default_factory=FTPSearchConfig)
     train: FTPTrainConfig = Field(default_factory=FTPTrainConfig)
 
@@ -109,7 +110,8 @@ class FTPConfig(_Section):
     @model_validator(mode="after")
     def _budget_reachable(self) -> FTPConfig:
         if self.sparsity > self.max_block_sparsity:
-            raise ValueError(
-                f"sparsity {self.sparsity} cannot be reached with max_block_sparsity {self.max_block_sparsity}"
+            raise FieldError(
+                "sparsity",
+                f"sparsity {self.sparsity} cannot be reached with max_block_sparsity {self.max_block_sparsity}",
             )
         return self

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from rto.errors import FieldError
+from rto.schema import Section
 
 
-class PPOConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
+class PPOConfig(Section):
     steps: int = Field(30, gt=0, description="PPO iterations (rollout + update)")
     rollout_batch_size: int = Field(64, gt=0, description="Prompts sampled per iteration")
     samples_per_prompt: int = Field(1, gt=0)
@@ -58,8 +57,9 @@ class PPOConfig(BaseModel):
     def _batches(self) -> PPOConfig:
         total = self.rollout_batch_size * self.samples_per_prompt
         if self.train_batch_size > total:
-            raise ValueError(
-                f"train_batch_size ({self.train_batch_size}) exceeds rollout samples per step ({total})"
+            raise FieldError(
+                "train_batch_size",
+                f"train_batch_size ({self.train_batch_size}) exceeds rollout samples per step ({total})",
             )
         if total % self.train_batch_size:
             raise FieldError(
