@@ -60,7 +60,11 @@ def one_step(model_dir: str, variant: str, batch: int, prompt: int, response: in
     before = rss_mb()
     worker.train_step(minibatch, "rto.ppo.losses:policy_loss")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"rss_before_mb": round(before, 1), "peak_mb": round(peak, 1), "step_peak_above_mb": round(peak - before, 1)}
+    return {
+        "rss_before_mb": round(before, 1),
+        "peak_mb": round(peak, 1),
+        "step_peak_above_mb": round(peak - before, 1),
+    }
 
 
 def main() -> None:
@@ -93,7 +97,12 @@ def main() -> None:
             print(variant, results[variant], flush=True)
     ratio = results["response_only"]["step_peak_above_mb"] / results["all_positions"]["step_peak_above_mb"]
     results["step_memory_ratio"] = round(ratio, 3)
-    settings = {"shape": SHAPE, "batch": args.batch, "prompt_tokens": args.prompt, "response_tokens": args.response}
+    settings = {
+        "shape": SHAPE,
+        "batch": args.batch,
+        "prompt_tokens": args.prompt,
+        "response_tokens": args.response,
+    }
     path = write_results("logits_memory", settings, results)
     print(f"step memory above the resting state: {ratio:.2f}x of before; wrote {path}")
 
