@@ -411,3 +411,11 @@ def test_fuzz_corrupted_data_files(world, tmp_path):
         data.write_bytes(blob)
         job = external_job(world, tmp_path / f"job-{i}", data={"sft": {"path": str(data)}})
         assert_clean_exit(*run_cli("run", str(job), "--run-dir", str(tmp_path / f"run-{i}"))[::2])
+
+
+def test_run_refuses_model_folders_that_hold_no_model(world, tmp_path):
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    job = external_job(world, tmp_path, policy={"path": str(empty)})
+    code, _, err = run_cli("run", str(job), "--run-dir", str(tmp_path / "run"))
+    one_line_error(code, err, ["policy.path", str(empty), "holds no model"])
