@@ -18,9 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import write_results  # noqa: E402
 
+from pipelines.runner import run_job  # noqa: E402
 from rto.config import load_config  # noqa: E402
 from rto.rundir import RunDir  # noqa: E402
-from rto.runner import run_job  # noqa: E402
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 

@@ -39,11 +39,11 @@ def rss_mb() -> float:
 def one_step(model_dir: str, variant: str, batch: int, prompt: int, response: int) -> dict:
     import torch
 
-    import reward.scoring
+    import rto.forward
     from rto.distributed import EngineConfig, TrainableWorker
 
     if variant == "all_positions":  # the old behaviour: the engine's signature hid logits_to_keep
-        reward.scoring._accepts = lambda model, argument: False
+        rto.forward._accepts = lambda model, argument: False
     worker = TrainableWorker(
         model_dir, EngineConfig(zero_stage=2, lr=1e-5, micro_batch_size=batch, gradient_accumulation_steps=1)
     )

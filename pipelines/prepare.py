@@ -14,9 +14,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipelines.tasks import image, image_data, image_model, text
+from pipelines.tasks.image_data import check_images, pin_images, record_reward
+from pipelines.tasks.text import reward
 from rto.config import Config, DataSource, ModelSpec
 from rto.errors import UserError
-from rto.rundir import RunDir, atomic_write_json, replace_dir
+from rto.generation import encode_completion, prompt_text
+from rto.models import load_tokenizer
+from rto.rundir import RunDir, atomic_write_json, replace_dir, unique_suffix
 
 ROLES = ("sft", "pairs", "eval_pairs", "prompts", "eval_prompts")
 REQUIRED_COLUMNS = {
@@ -53,7 +58,6 @@ class Prepared:
         prompt text alone decides (the text task; the image task's needs `record_ground_truth`)."""
         if not self.has_task or self.is_image_task:
             return None
-        from pipelines.tasks.text import reward
 
         return reward
 
@@ -63,10 +67,7 @@ class Prepared:
         if not self.has_task:
             return None
         if self.task_name == "image":
-            from pipelines.tasks.image_data import record_reward
-
             return record_reward
-        from rto.generation import prompt_text
 
         text_reward = self.ground_truth()
         return lambda record, response, terminated: text_reward(
@@ -112,8 +113,6 @@ def prepare(cfg: Config, run: RunDir, log: Callable[[str], None] = print) -> Pre
         log(f"preparing data and base models -> {final}")
         import shutil
 
-        from rto.rundir import unique_suffix
-
         tmp = run.prepared_dir / f".{key}.tmp-{unique_suffix()}"
         tmp.mkdir(parents=True)
         try:
@@ -143,8 +142,6 @@ def _build(cfg: Config, tmp: Path, final: Path) -> None:
     if cfg.task is not None and cfg.task.name == "image":
         tokenizer_ref = _build_image_task(cfg, tmp, data)
     elif cfg.task is not None:
-        from pipelines.tasks import text
-
         settings = text.TaskSettings(
             seed=cfg.task.seed,
             n_sft=cfg.task.n_sft,
@@ -172,8 +169,6 @@ def _build(cfg: Config, tmp: Path, final: Path) -> None:
         if source is not None:
             records = load_records(source, role)
             if cfg.task is not None and cfg.task.name == "image":
-                from pipelines.tasks.image_data import check_images, pin_images
-
                 records = pin_images(records, Path(source.path).parent, tmp, role)
                 check_images(records, tmp, source.path)
                 if role in IMAGE_REQUIRED:
@@ -217,8 +212,6 @@ def check_text_tokenizer(path: str, field: str, conversational: bool) -> None:
     """The policy's tokenizer can lay out what PPO needs: a pad token distinct from EOS (added
     if missing) and, for conversational data, a chat template whose assistant turn ends with EOS
     (responses end there, and the reward model is trained and scored at that token)."""
-    from rto.generation import encode_completion
-    from rto.models import load_tokenizer
 
     tokenizer = load_tokenizer(path, field)
     if not conversational:
@@ -260,7 +253,6 @@ def check_column(records: list[dict], source: str, field: str, column: str, why:
 
 def _build_image_task(cfg: Config, tmp: Path, data: dict[str, str]) -> str:
     """Pictures, records and the processor of the built-in image task; returns the tokenizer ref."""
-    from pipelines.tasks import image, image_data, text
 
     for role, records in image_data.build_records(cfg.task, tmp).items():
         text.write_jsonl(tmp / f"{role}.jsonl", records)
@@ -279,8 +271,6 @@ def _materialize(spec: ModelSpec, role: str, cfg: Config, tmp: Path) -> str:
         )
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from pipelines.tasks import text
 
     if (spec.builtin == "tiny-llava") != (cfg.task.name == "image"):
         raise UserError(
@@ -309,7 +299,6 @@ def _materialize(spec: ModelSpec, role: str, cfg: Config, tmp: Path) -> str:
 
 
 def _materialize_vlm(spec: ModelSpec, role: str, cfg: Config, tmp: Path) -> str:
-    from pipelines.tasks import image, image_model
 
     processor = image.build_processor()
     text_arch = {k: v for k, v in spec.arch.items() if k != "vision"}

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
+from rich.progress import Progress
+from transformers import TrainerCallback
+
 from rto.config import Config, TrainConfig
+from rto.progress import make_progress
 
 
 def trainer_kwargs(cfg: Config, train: TrainConfig, out_dir: Path, device: str) -> dict:
@@ -49,3 +54,34 @@ def save_model(trainer, tokenizer, out_dir: Path) -> None:
     trainer.save_model(str(out_dir))
     tokenizer.save_pretrained(out_dir)
     shutil.rmtree(out_dir / "trainer", ignore_errors=True)
+
+
+class ProgressCallback(TrainerCallback):
+    """Shows a rich progress bar for a HF/TRL trainer and appends its logs to metrics.jsonl."""
+
+    def __init__(self, description: str, log_metrics: Callable[[dict], None] | None = None):
+        self.description = description
+        self.log_metrics = log_metrics
+        self.progress: Progress | None = None
+        self.task = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.progress = make_progress()
+        self.progress.start()
+        self.task = self.progress.add_task(self.description, total=state.max_steps, info="")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.update(self.task, completed=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = dict(logs or {})
+        if self.progress is not None and "loss" in logs:
+            self.progress.update(self.task, info=f"loss {logs['loss']:.4f}")
+        if self.log_metrics is not None and logs:
+            self.log_metrics({"step": state.global_step, **logs})
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None

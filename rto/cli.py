@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import typer
 
+from rto import jobs
+from rto.config import check_stage_inputs, load_config
 from rto.errors import UserError
+from rto.progress import quiet_libraries
+from rto.report_table import print_summary
+from rto.rundir import RunDir
 
 app = typer.Typer(
     name="rto",
@@ -43,8 +49,6 @@ def validate(
 ) -> None:
     """Check a job file (and overrides) without running anything: every setting, and that each
     stage's inputs come from a listed stage (or, with --run-dir, one already finished there)."""
-    from rto.config import check_stage_inputs, load_config
-    from rto.rundir import RunDir
 
     cfg = load_config(config, overrides or [])
     finished = RunDir(run_dir_path(run_dir, config)).finished_stages() if run_dir is not None else set()
@@ -65,19 +69,15 @@ def run(
     ),
 ) -> None:
     """Run a job's stages; finished stages with the same settings are skipped."""
-    import os
 
     read_secret_files(secret_files or [], os.environ)
-    from rto.config import check_stage_inputs, load_config
-    from rto.rundir import RunDir
-    from rto.runner import run_job
+    from pipelines.runner import run_job  # deferred: torch, transformers, ray (start-up time of the CLI)
 
     cfg = load_config(config, overrides or [])
     run_dir = run_dir_path(run_dir, config)
     RunDir(run_dir).check_usable()
     check_stage_inputs(cfg, RunDir(run_dir).finished_stages(), str(config))
     summary = run_job(cfg, run_dir, resume=resume)
-    from rto.report_table import print_summary
 
     print_summary(summary, cfg.stages)
 
@@ -115,8 +115,7 @@ def score(
     ),
 ) -> None:
     """Score responses with the configured token reward and write one trace file (before any PPO)."""
-    from reward.score import score_responses
-    from rto.config import load_config
+    from pipelines.score import score_responses  # deferred: torch, transformers (start-up time)
 
     cfg = load_config(config, overrides or [])
     path = score_responses(cfg, run_dir_path(run_dir, config), responses, output, samples)
@@ -169,7 +168,6 @@ def submit(
     ),
 ) -> None:
     """Submit a job to a Ray cluster: the project's code and the resolved job file travel with it."""
-    from rto import jobs
 
     plan = jobs.prepare_submission(
         config, overrides or [], run_dir, env or [], resume, job_id, secret_files or []
@@ -210,7 +208,6 @@ app.add_typer(jobs_app, name="jobs")
 @jobs_app.command("list")
 def jobs_list(address: str = AddressOption) -> None:
     """Every job the cluster knows, oldest first."""
-    from rto import jobs
 
     columns = ["job", "status", "started", "duration", "config", "run dir"]
     rows = [[jobs.describe(job)[c] for c in columns] for job in jobs.list_jobs(address)]
@@ -229,7 +226,6 @@ def jobs_status(
     timeout: float = typer.Option(None, "--timeout", help="With --wait: give up after this many seconds"),
 ) -> None:
     """A job's status, run directory and timing."""
-    from rto import jobs
 
     if wait:
         info = jobs.wait_for(
@@ -250,7 +246,6 @@ def jobs_logs(
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep streaming until the job ends"),
 ) -> None:
     """A job's output (driver stdout and stderr)."""
-    from rto import jobs
 
     if follow:
         jobs.follow_logs(address, job_id, lambda chunk: typer.echo(chunk, nl=False))
@@ -261,7 +256,6 @@ def jobs_logs(
 @jobs_app.command("stop")
 def jobs_stop(job_id: str = JobIdArgument, address: str = AddressOption) -> None:
     """Ask a running job to stop (SIGTERM to its driver, then SIGKILL)."""
-    from rto import jobs
 
     if jobs.stop(address, job_id):
         typer.echo(f"stopping {job_id}")
@@ -286,7 +280,7 @@ def traces(
     top: int = typer.Option(3, "--top", min=1, help="Best and worst samples to show"),
 ) -> None:
     """Reward traces of a step: coloured tokens, per-sample breakdown, best and worst samples."""
-    from reward.views import show_traces
+    from reward.views import show_traces  # deferred: pandas, pyarrow (start-up time of the CLI)
 
     show_traces(run_dir, step=step, sample=sample, sort=sort, color=color, top=top)
 
@@ -303,14 +297,13 @@ def report(
     ),
 ) -> None:
     """One self-contained HTML page: curves, stage summary and token heatmaps (opens offline)."""
-    from rto.report import write_report
+    from rto.report import write_report  # deferred: pandas, pyarrow, matplotlib (start-up time)
 
     path = write_report(run_dir, output, steps=steps or None, samples=samples)
     typer.echo(f"wrote {path}")
 
 
 def main() -> None:
-    from rto.progress import quiet_libraries
 
     quiet_libraries()
     try:

@@ -24,11 +24,22 @@ from pydantic import (
     model_validator,
 )
 
+from prune.adaptinfer.config import AdaptInferConfig
+from prune.ftp.config import FTPConfig
+from prune.samplers import samplers
+from reward.config import RewardConfig
 from rto.errors import FieldError, UserError
+from rto.ppo.config import PPOConfig, ResourcesConfig
 from rto.schema import Section, Seed
 
-STAGE_ORDER = ("sft", "dpo", "rm", "ftp", "ppo", "eval")
-"""Stages always run in this order, whatever order the job lists them in."""
+
+def stage_order() -> tuple[str, ...]:
+    """The stages, in the order they always run (whatever order a job lists them in): derived from
+    the stage registry (`pipelines.stages`)."""
+    from pipelines.stages import stage_order as order  # deferred: the stage registry imports this module
+
+    return order()
+
 
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -262,55 +273,14 @@ class EvalConfig(Section):
     )
 
 
-class GroupResources(Section):
-    ranks: int = Field(1, ge=1, description="Ray actors in the group (DeepSpeed ranks for trainable groups)")
-    cpus: float = Field(0.25, gt=0, description="CPUs per actor (fractions allowed)")
-    gpus: float = Field(0.0, ge=0, description="GPUs per actor (fractions allowed)")
-
-
-class ResourcesConfig(Section):
-    ray_address: str | None = Field(
-        None, description="Existing cluster ('auto' or ray://host:port); None starts Ray in-process"
-    )
-    num_cpus: float | None = Field(None, gt=0, description="CPUs for an in-process Ray")
-    num_gpus: float | None = Field(None, ge=0)
-    torch_threads: int | None = Field(
-        None,
-        ge=1,
-        description="Torch threads of the driver process (sft/dpo/rm/eval); None keeps torch's default",
-    )
-    policy: GroupResources = Field(default_factory=GroupResources)
-    critic: GroupResources = Field(default_factory=GroupResources)
-    ref: GroupResources = Field(default_factory=GroupResources)
-    dpo: GroupResources = Field(default_factory=GroupResources)
-    rm: GroupResources = Field(default_factory=GroupResources)
-    rollout: GroupResources = Field(default_factory=GroupResources)
-    colocate: list[list[Literal["policy", "critic", "ref", "dpo", "rm", "rollout"]]] = Field(
-        default_factory=list, description="Groups that share one placement group's bundles"
-    )
-
-
 # ---------------------------------------------------------------- the job
-
-
-def _section(module: str, name: str):
-    """Sections owned by subsystems live beside their code."""
-    import importlib
-
-    return getattr(importlib.import_module(module), name)
-
-
-RewardConfig = _section("reward.config", "RewardConfig")
-PPOConfig = _section("rto.ppo.config", "PPOConfig")
-FTPConfig = _section("prune.ftp.config", "FTPConfig")
-AdaptInferConfig = _section("prune.adaptinfer.config", "AdaptInferConfig")
 
 
 class Config(Section):
     seed: Seed = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    stages: list[str] = Field(description=f"Stages to run, from {list(STAGE_ORDER)}")
+    stages: list[str] = Field(description="Stages to run, from the stage registry (rto.config.stage_order())")
     task: (
         Annotated[
             Annotated[TextTaskConfig, Tag("text")] | Annotated[ImageTaskConfig, Tag("image")],
@@ -339,10 +309,10 @@ class Config(Section):
     sft: SFTConfig = Field(default_factory=SFTConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
     rm: RMConfig = Field(default_factory=RMConfig)
-    reward: RewardConfig = Field(default_factory=RewardConfig)  # type: ignore[valid-type]
-    ppo: PPOConfig = Field(default_factory=PPOConfig)  # type: ignore[valid-type]
-    ftp: FTPConfig = Field(default_factory=FTPConfig)  # type: ignore[valid-type]
-    adaptinfer: AdaptInferConfig = Field(  # type: ignore[valid-type]
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
+    ftp: FTPConfig = Field(default_factory=FTPConfig)
+    adaptinfer: AdaptInferConfig = Field(
         default_factory=lambda: AdaptInferConfig(enabled=False),
         description="Vision-token pruning of image-task rollouts (used when ppo.rollout_pruner is adaptinfer)",
     )
@@ -354,12 +324,13 @@ class Config(Section):
     def _stages(cls, v: list[str]) -> list[str]:
         if not v:
             raise ValueError("list at least one stage")
-        unknown = [s for s in v if s not in STAGE_ORDER]
+        order = stage_order()
+        unknown = [s for s in v if s not in order]
         if unknown:
-            raise ValueError(f"unknown stage '{unknown[0]}'; expected some of {list(STAGE_ORDER)}")
+            raise ValueError(f"unknown stage '{unknown[0]}'; expected some of {list(order)}")
         if len(set(v)) != len(v):
             raise ValueError("a stage is listed twice")
-        return [s for s in STAGE_ORDER if s in v]
+        return [s for s in order if s in v]
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
@@ -374,11 +345,7 @@ class Config(Section):
             self._check_image_task()
         elif self.policy.builtin == "tiny-llava":
             raise FieldError("policy.builtin", "'tiny-llava' is the image task's model; set task.name: image")
-        elif self.ppo.rollout_pruner == "adaptinfer":
-            raise FieldError(
-                "ppo.rollout_pruner",
-                "'adaptinfer' prunes vision tokens: it needs a vision-language policy (task.name: image)",
-            )
+        self._check_sampler()
         if self.reward.sentence_reward == "ground_truth" and self.task is None:
             raise FieldError("reward.sentence_reward", "'ground_truth' needs a built-in task (task.name)")
         if self.dtype == "float16" and self.device == "cpu":
@@ -438,15 +405,29 @@ class Config(Section):
                 "reward.sentence_reward",
                 "'rm' needs a reward model, which task 'image' has no stage for; use 'ground_truth'",
             )
-        if self.ppo.rollout_pruner == "ftp":
+
+    def _check_sampler(self) -> None:
+        """`ppo.rollout_pruner` names a registered sampler (`prune.samplers`) that fits the policy."""
+        registry = samplers()
+        name = self.ppo.rollout_pruner
+        if name not in registry:
             raise FieldError(
-                "ppo.rollout_pruner", "'ftp' is for text policies; use 'adaptinfer' for task 'image'"
+                "ppo.rollout_pruner", f"unknown sampler {name!r}; known: {', '.join(registry.names())}"
             )
-        if self.ppo.rollout_pruner == "adaptinfer" and not self.adaptinfer.enabled:
+        spec = registry.get(name)
+        vision = isinstance(self.task, ImageTaskConfig)
+        if spec.policies == "text" and vision:
             raise FieldError(
-                "adaptinfer",
-                "ppo.rollout_pruner 'adaptinfer' needs a schedule: set adaptinfer.keep_ratio, .preset or .schedule",
+                "ppo.rollout_pruner",
+                f"'{name}' samples text policies; task 'image' has a vision-language one",
             )
+        if spec.policies == "vision" and not vision:
+            raise FieldError(
+                "ppo.rollout_pruner", f"'{name}' samples vision-language policies: it needs task.name: image"
+            )
+        problem = spec.check(self) if spec.check is not None else None
+        if problem is not None:
+            raise FieldError(*problem)
 
     def section_hash(self, *paths: str) -> str:
         """Hash of the named (dotted) sections, to tell whether a stage's output is still valid."""
@@ -490,13 +471,14 @@ def stage_inputs(cfg: Config) -> list[tuple[str, str, str, str]]:
                     "ppo.critic_init 'rm' starts the critic from the reward model",
                 )
             )
-        if ppo.rollout_pruner == "ftp":
+        sampler = samplers().get(ppo.rollout_pruner)
+        if sampler.stage is not None:
             needs.append(
                 (
                     "ppo",
-                    "ftp",
+                    sampler.stage,
                     "ppo.rollout_pruner",
-                    "ppo.rollout_pruner 'ftp' samples with the ftp stage's router",
+                    f"ppo.rollout_pruner '{sampler.name}' reads the {sampler.stage} stage's output",
                 )
             )
     return needs

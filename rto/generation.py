@@ -8,8 +8,34 @@ sampler_logprobs [B, R] = log-prob of each generated token under the sampling di
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
+
+
+class Sampler(Protocol):
+    """What generates rollouts: the dense `hf_generate`, or a pruned sampler (FTP, AdaptInfer; a new
+    one registers in `prune.samplers`). Prompts are left-padded; returns the response ids `[B, R']`
+    (R' <= max_new_tokens) and the sampler's log-probs of them `[B, R']`, defined as for every
+    sampler: log softmax(logits / T) of the sampling model, before top-p/top-k truncation and
+    token suppression (greedy: T = 1). `suppress_token_ids` are never sampled; `pixel_values` (one
+    picture per prompt) is given to vision-language policies only."""
+
+    def __call__(
+        self,
+        model: torch.nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        suppress_token_ids: list[int] | None = None,
+        pixel_values: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @dataclass
@@ -52,6 +78,66 @@ def left_pad(prompt_ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
     return ids, mask
 
 
+def hf_generate(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    pixel_values: torch.Tensor | None = None,
+    suppress_token_ids: list[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The default generate function: HF ``generate`` with sampling (greedy if ``temperature == 0``)
+    under exactly these settings: the model's own generation defaults (a repetition penalty, a
+    minimum length, its top-p, as Qwen and Llama-3 ship) are not applied, so the rollouts are
+    samples of softmax(logits / T) truncated by top-p/top-k and nothing else. ``pixel_values`` (one
+    picture per prompt) go to a vision-language policy; ``suppress_token_ids`` are never sampled.
+
+    Returns ``response_ids [B, R']`` (R' <= max_new_tokens) and the sampler's log-probs of those
+    tokens ``[B, R']``, defined as for every sampler: log softmax(logits / T) of the sampling model,
+    before top-p/top-k truncation and token suppression (greedy: T = 1). For this dense sampler
+    they equal the policy's log-probs at T (``rto.forward.response_logprobs(temperature=T)``).
+    Any function with this signature can replace it (pruned generators: FTP, AdaptInfer).
+    """
+    from transformers import GenerationConfig
+
+    do_sample = temperature > 0
+    settings = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        suppress_tokens=list(suppress_token_ids) if suppress_token_ids else None,
+        **({"temperature": temperature, "top_p": top_p, "top_k": top_k or None} if do_sample else {}),
+    )
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        generation_config=settings,
+        return_dict_in_generate=True,
+        output_logits=True,
+        **({"pixel_values": pixel_values} if pixel_values is not None else {}),
+    )
+    response_ids = out.sequences[:, input_ids.shape[1] :]
+    logits = torch.stack(out.logits, dim=1).float()  # [B, R', V]: the model's, before any processing
+    if do_sample and temperature != 1.0:
+        logits = logits / temperature
+    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
+    return response_ids, logprobs
+
+
+def response_mask(response_ids: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:
+    """1 for every response token up to and including the first EOS, 0 after it. ``[B, R]``."""
+    is_eos = torch.isin(response_ids, torch.tensor(eos_token_ids, device=response_ids.device))
+    eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()  # EOS tokens strictly before h
+    return (eos_before == 0).long()
+
+
 @torch.no_grad()
 def sample(
     model,
@@ -69,8 +155,6 @@ def sample(
     device = next(model.parameters()).device
     input_ids, attention_mask = left_pad(prompt_ids, pad_id)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    from rto.distributed.rollout import hf_generate, response_mask
-
     responses, logprobs = hf_generate(
         model, input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
         top_p=top_p, eos_token_id=eos_id, pad_token_id=pad_id, suppress_token_ids=suppress_token_ids,

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
+from rto.config import check_stage_inputs, dump_config, load_config
 from rto.errors import UserError
 
 if TYPE_CHECKING:
@@ -360,7 +361,6 @@ def prepare_submission(
     secret_files: list[str] | None = None,
 ) -> Submission:
     """Validate the job file and everything on the command line here, before anything connects."""
-    from rto.config import check_stage_inputs, dump_config, load_config
 
     job_id = check_job_id(job_id, "--job-id") if job_id is not None else new_job_id(config)
     env_vars = parse_env(env or [])

@@ -29,7 +29,7 @@ from reward.views import (
     uses_space_markers,
 )
 from rto.errors import UserError
-from rto.rundir import RunDir, atomic_write_text
+from rto.rundir import RunDir, atomic_write_text, check_output_file
 
 # (section title, [(panel title, {series label: metrics key})]) for the ppo curves
 PPO_FIGURES = [
@@ -358,7 +358,6 @@ def build_report(run_dir: Path, steps: list[int] | None = None, samples: int = 3
 
 
 def write_report(run_dir: Path, output: Path, steps: list[int] | None = None, samples: int = 3) -> Path:
-    from rto.rundir import check_output_file
 
     output = check_output_file(output, "-o")  # before the work: a bad target wastes nothing
     page = build_report(run_dir, steps, samples)

@@ -8,8 +8,8 @@ import torch
 
 from pipelines.tasks import image, image_data, image_model
 from prune.adaptinfer.rollout import AdaptInferGenerate, vision_shape
-from reward.scoring import response_logprobs
 from rto.distributed.rollout import RolloutWorker
+from rto.forward import response_logprobs
 from rto.generation import left_pad
 
 

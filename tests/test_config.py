@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rto.config import STAGE_ORDER, load_config
+from rto.config import load_config, stage_order
 from rto.errors import UserError
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
@@ -22,7 +22,8 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_quickstart_is_valid():
     cfg = load_config(QUICKSTART)
-    assert cfg.stages == [s for s in STAGE_ORDER if s in cfg.stages]
+    assert cfg.stages == [s for s in stage_order() if s in cfg.stages]
+    assert stage_order() == ("sft", "dpo", "rm", "ftp", "ppo", "eval")  # derived from what each uses
     assert cfg.reward.mode == "rto"
 
 
@@ -70,6 +71,10 @@ BAD = [
         ["ppo.rollout_batch_size", "ppo.train_batch_size", "dropped"],
     ),
     ("stages: [ppo]\nppo: {train_batch_size: 16, micro_batch_size: 32}\n", [], ["ppo.micro_batch_size"]),
+    ("stages: [sft]\nppo: {advantage_estimator: td0}\n", [], ["ppo.advantage_estimator", "gae"]),
+    ("stages: [sft]\nppo: {policy_loss: grpo}\n", [], ["ppo.policy_loss", "ppo_clip"]),
+    ("stages: [sft]\nppo: {rollout_pruner: magic}\n", [], ["ppo.rollout_pruner", "adaptinfer, ftp, none"]),
+    ("stages: [sft]\nppo: {rollout_pruner: adaptinfer}\n", [], ["ppo.rollout_pruner", "vision-language"]),
     ("stages: [sft]\ntask: null\n", [], ["data.sft", "no built-in task"]),
     ("stages: [sft]\ndevice: tpu\n", [], ["device", "cpu"]),
     ("stages: [sft]\ndevice: cpu\ndtype: float16\n", [], ["float16"]),

@@ -123,7 +123,7 @@ def test_frozen_worker_without_ray(tmp_path):
 
 
 def test_critic_loaded_from_reward_model_starts_as_its_score(tmp_path):
-    from reward.scoring import sequence_scores
+    from rto.forward import sequence_scores
     from rto.models import load_model
 
     config = transformers.AutoConfig.from_pretrained(make_tiny_llama(tmp_path / "lm"))
@@ -178,7 +178,7 @@ def test_generate_layout_and_sampler_logprobs(groups):
     # temperature 1, no truncation: the sampler's log-probs are the dense model's (here a frozen
     # copy scored with reward.scoring, imported lazily inside the worker) up to float error
     ref_logprobs = groups["ref"].run_sharded(
-        "score", out, fn="reward.scoring:response_logprobs", prompt_len=prompt_len, micro_batch_size=2
+        "score", out, fn="rto.forward:response_logprobs", prompt_len=prompt_len, micro_batch_size=2
     )
     torch.testing.assert_close(ref_logprobs, logprobs, atol=1e-4, rtol=1e-4)
 
@@ -237,7 +237,7 @@ def test_checkpoint_round_trip_restores_weights_and_optimizer(groups, tmp_path):
 
 def _lm_head_widths(worker, sequences, attention_mask, prompt_len):
     """Run inside a policy rank: the sequence width of the logits the training forward builds."""
-    from reward.scoring import response_logprobs
+    from rto.forward import response_logprobs
 
     widths = []
     hook = worker.model.lm_head.register_forward_hook(lambda _m, _i, out: widths.append(out.shape[1]))
@@ -280,12 +280,12 @@ def test_zero3_group_scores_an_uneven_batch_in_bounded_time(groups):
         }
         prompt_len = batch["input_ids"].shape[1]
         pending = z3.async_run_even(
-            "score", scored, fn="reward.scoring:response_logprobs", prompt_len=prompt_len, micro_batch_size=2
+            "score", scored, fn="rto.forward:response_logprobs", prompt_len=prompt_len, micro_batch_size=2
         )
         ready, _ = ray.wait(pending.refs, num_returns=len(pending.refs), timeout=120)
         assert len(ready) == 2, "the ZeRO-3 ranks did not finish: unequal forward calls"
         expected = groups["ref"].run_sharded(
-            "score", scored, fn="reward.scoring:response_logprobs", prompt_len=prompt_len
+            "score", scored, fn="rto.forward:response_logprobs", prompt_len=prompt_len
         )
         torch.testing.assert_close(pending.get(), expected, atol=1e-5, rtol=0)
     finally:

@@ -106,10 +106,10 @@ def test_token_sparsity_flops():
     assert 0.5 * dense < token_sparsity_prefill_flops(config, 100, [0.3] * 4) < 0.7 * dense
 
 
-def test_fit_save_and_generate_through_the_pruner_registry(tmp_path):
+def test_fit_save_and_generate_through_the_sampler_registry(tmp_path):
     from prune.ftp.fit import fit_ftp
     from prune.ftp.router import model_fingerprint, save_router
-    from prune.registry import PRUNERS
+    from prune.samplers import samplers
 
     model = random_causal_lm("llama")
     cfg = FTPConfig(
@@ -131,10 +131,12 @@ def test_fit_save_and_generate_through_the_pruner_registry(tmp_path):
         model_fingerprint(model),
         decode_thresholds=result.decode_thresholds,
     )
-    generate = PRUNERS.get("ftp")(model, str(tmp_path))
+    spec = samplers().get("ftp")
+    assert (spec.policies, spec.stage) == ("text", "ftp")
+    sampler = spec.build(None, "unused-policy-path", tmp_path)
     ids, mask = calibration(1)[0]
-    out = generate(ids, mask, max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None)
-    assert out.shape == (4, 23)
+    response, logprobs = sampler(model, ids, mask, max_new_tokens=3, temperature=0, pad_token_id=0)
+    assert response.shape == logprobs.shape == (4, 3)
 
 
 def test_static_router_fit_feeds_rollout_workers(tmp_path):

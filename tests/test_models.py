@@ -50,7 +50,7 @@ def test_reward_model_is_scored_at_the_token_trl_trains_it_on(family_dirs, famil
     """TRL's RewardTrainer trains through the model's own pooling (the rightmost token that is not
     the pad) on right-padded pairs; PPO scores padded rollouts with `sequence_scores` (the last
     attention-mask position). On the same padded batch the two read the same token: the EOS."""
-    from reward.scoring import sequence_scores
+    from rto.forward import sequence_scores
     from rto.generation import encode_completion, pack
 
     path = str(family_dirs[family])

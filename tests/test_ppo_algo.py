@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
+from rto.forward import entropy_from_logits
 from rto.ppo.algo import (
     ADVANTAGE_ESTIMATORS,
     POLICY_LOSSES,
     clipped_policy_loss,
     clipped_value_loss,
     entropy_bonus,
-    entropy_from_logits,
     gae_advantages,
     masked_mean,
     masked_var,

@@ -53,16 +53,27 @@ def test_rollout_workers_receive_updated_weights(reward_run, tmp_path):
     import ray
 
     from pipelines.prepare import prepare
+    from pipelines.prompts import TextPrompts
     from pipelines.stages.rm import load_normalization
     from rto.config import load_config
     from rto.distributed import init_ray
     from rto.models import load_tokenizer
+    from rto.ppo.algo import ADVANTAGE_ESTIMATORS, gae_advantages
     from rto.ppo.groups import ModelPaths, build_groups
-    from rto.ppo.trainer import PPOInputs, TextPrompts, one_step
+    from rto.ppo.trainer import PPOInputs, one_step
     from rto.rundir import RunDir
 
+    calls = []
+
+    @ADVANTAGE_ESTIMATORS.register("gae_counted")  # a new estimator: one decorated function
+    def counted(*args, **kwargs):
+        calls.append(kwargs)
+        return gae_advantages(*args, **kwargs)
+
     run_dir = fresh_copy(reward_run, tmp_path)
-    cfg = load_config(write_job(tmp_path, stages=["ppo"], ppo__micro_batch_size=2))
+    cfg = load_config(
+        write_job(tmp_path, stages=["ppo"], ppo__micro_batch_size=2, ppo__advantage_estimator="gae_counted")
+    )
     assert cfg.ppo.accumulation_steps(2) == 2 and cfg.ppo.accumulation_steps(1) == 4
     run = RunDir(run_dir)
     prepared = prepare(cfg, run)
@@ -83,20 +94,13 @@ def test_rollout_workers_receive_updated_weights(reward_run, tmp_path):
         prompts = prepared.records("prompts")
         tokenizer = load_tokenizer(paths.policy)
         inputs = PPOInputs(
-            cfg=cfg, run=run, out_dir=tmp_path / "out", paths=paths, prompts=prompts,
-            ground_truth=prepared.record_ground_truth(), rm_normalization=load_normalization(stages / "rm"),
-            stage_hash="test", resume=False,
+            cfg=cfg, run=run, out_dir=tmp_path / "out", paths=paths, prompts=TextPrompts(tokenizer, prompts),
+            tokenizer=tokenizer, processing_class=tokenizer, ground_truth=prepared.record_ground_truth(),
+            rm_normalization=load_normalization(stages / "rm"), stage_hash="test", resume=False,
         )  # fmt: skip
         run.traces_dir.mkdir(exist_ok=True)
         state = {"step": 0, "prompts_consumed": 0, "skipped_batches": 0}
-        record = one_step(
-            inputs,
-            groups,
-            tokenizer,
-            TextPrompts(tokenizer, prompts),
-            state,
-            1,
-        )
+        record = one_step(inputs, groups, state, 1)
         after = groups.rollout.run_all("weights_checksum")
         policy_ranks = groups.policy.run_all("weights_checksum")
         assert after != before
@@ -105,6 +109,7 @@ def test_rollout_workers_receive_updated_weights(reward_run, tmp_path):
             assert [s["global_steps"] for s in group.run_all("training_state")] == [1] * group.num_actors
             assert all(s["optimizer_step"] == 1 for s in group.run_all("training_state"))
         assert record["first_minibatch_ratio_error"] < 1e-4
+        assert calls == [{"gamma": cfg.ppo.gamma, "lam": cfg.ppo.lam}]  # the trainer asked the registry
         for key in (
             "gt_reward",
             "rm_score",
@@ -117,6 +122,7 @@ def test_rollout_workers_receive_updated_weights(reward_run, tmp_path):
         ):
             assert key in record, key
     finally:
+        ADVANTAGE_ESTIMATORS._functions.pop("gae_counted", None)
         groups.shutdown()
         ray.shutdown()
 
@@ -175,8 +181,8 @@ def test_nan_reward_skips_the_batch(reward_run, tmp_path, monkeypatch):
     import torch
 
     import rto.ppo.trainer as trainer
+    from pipelines.runner import run_job
     from rto.config import load_config
-    from rto.runner import run_job
 
     real = trainer.batch_rewards
     calls = {"n": 0}

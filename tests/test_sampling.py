@@ -9,8 +9,8 @@ import pytest
 import torch
 from model_families import save_family_model
 
-from reward.scoring import response_logprobs
 from rto.distributed.rollout import RolloutWorker
+from rto.forward import response_logprobs
 from rto.generation import encode_prompt, left_pad, sample
 from rto.models import load_tokenizer, model_sampling_token_ids
 

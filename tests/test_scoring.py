@@ -7,15 +7,9 @@ import torch
 from _reward_fixtures import EOS_ID, PAD_ID, save, tiny_lm, tiny_rm, tiny_tokenizer
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from reward.scoring import (
-    FrozenLM,
-    FrozenRM,
-    check_same_tokenizer,
-    position_ids_from_mask,
-    response_logprobs,
-    sequence_scores,
-)
+from reward.scoring import FrozenLM, FrozenRM, check_same_tokenizer
 from rto.errors import UserError
+from rto.forward import position_ids_from_mask, response_logprobs, sequence_scores
 
 # (prompt, response) pairs of different lengths; responses end in EOS except the truncated second one.
 SAMPLES = [

@@ -1,19 +1,28 @@
-"""Stage registry: a stage is one function `run(ctx) -> summary` behind `@register_stage`.
+"""Stage registry: a stage is one module here with one function `run(ctx) -> summary` behind
+`@register_stage`; the modules are found by name, and the order stages run in is derived from what
+each one uses (an earlier stage's output), so adding a stage touches nothing else.
 
-A stage declares the config sections its result depends on (for the cache hash) and the earlier
-stages whose outputs it may use. Importing this package registers the built-in stages.
+A stage declares the config sections its result depends on (for the cache hash), the stages whose
+outputs it may use, and its `rank` among stages that do not depend on each other. Validating a job
+imports every stage module, so they import their libraries inside the stage function.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rto.config import Config
 from rto.errors import UserError
 from rto.rundir import RunDir
+
+if TYPE_CHECKING:  # the data preparation is imported where a run prepares data
+    from pipelines.prepare import Prepared
 
 
 @dataclass(frozen=True)
@@ -22,19 +31,61 @@ class StageSpec:
     run: Callable[[StageContext], dict]
     sections: tuple[str, ...]
     uses: tuple[str, ...]
+    rank: int
 
 
 STAGES: dict[str, StageSpec] = {}
 
 
-def register_stage(name: str, *, sections: tuple[str, ...] = (), uses: tuple[str, ...] = ()) -> Callable:
-    """`sections`: dotted config paths the output depends on; `uses`: earlier stages it may read."""
+def register_stage(
+    name: str, *, rank: int, sections: tuple[str, ...] = (), uses: tuple[str, ...] = ()
+) -> Callable:
+    """`sections`: dotted config paths the output depends on; `uses`: earlier stages it may read;
+    `rank`: its place among stages that do not depend on each other (lower runs first)."""
 
     def decorator(fn: Callable[[StageContext], dict]) -> Callable[[StageContext], dict]:
-        STAGES[name] = StageSpec(name, fn, sections, uses)
+        if name in STAGES:
+            raise ValueError(f"stage {name!r} is registered twice")
+        STAGES[name] = StageSpec(name, fn, sections, uses, rank)
         return fn
 
     return decorator
+
+
+def stages() -> dict[str, StageSpec]:
+    """Every stage: the modules of this package, imported once."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+    return STAGES
+
+
+@functools.cache
+def stage_order() -> tuple[str, ...]:
+    """The stages in the order they run: each after every stage it uses, ties by rank."""
+    specs = stages()
+    order: list[str] = []
+    waiting = dict(specs)
+    while waiting:
+        ready = [s for s in waiting.values() if all(u in order or u not in specs for u in s.uses)]
+        if not ready:
+            raise ValueError(f"stages use each other in a cycle: {sorted(waiting)}")
+        first = min(ready, key=lambda s: (s.rank, s.name))
+        order.append(first.name)
+        del waiting[first.name]
+    return tuple(order)
+
+
+def no_grad(fn: Callable) -> Callable:
+    """`torch.no_grad()` as a decorator that imports torch only when the function runs."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import torch  # deferred: stage modules load without torch (a job is validated without it)
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 @dataclass
@@ -71,13 +122,3 @@ class StageContext:
 
     def metrics(self, record: dict) -> None:
         self.run.append_metrics({"stage": self.name, **record})
-
-
-from pipelines.prepare import Prepared  # noqa: E402
-
-for _module in ("sft", "dpo", "rm", "ftp", "ppo", "eval"):
-    try:
-        importlib.import_module(f"pipelines.stages.{_module}")
-    except ModuleNotFoundError as exc:  # a stage whose module is not part of this install
-        if exc.name != f"pipelines.stages.{_module}":
-            raise

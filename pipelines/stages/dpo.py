@@ -3,14 +3,8 @@ Output: π_dpo."""
 
 from __future__ import annotations
 
-import torch
-from datasets import Dataset
-
-from pipelines.pairs import encode_pairs, logprob_sums
-from pipelines.stages import StageContext, register_stage
-from pipelines.training import quiet, save_model, trainer_kwargs
-from rto.models import load_model, load_tokenizer
-from rto.progress import ProgressCallback
+from pipelines.stages import StageContext, no_grad, register_stage
+from rto.models import load_model, load_processor, load_tokenizer, load_vision_lm
 
 
 def preference_figures(
@@ -21,6 +15,10 @@ def preference_figures(
 
     "Prefers" compares the mean log-likelihood per token (chosen responses are longer on average,
     which alone lowers their total log-likelihood); the raw totals are reported too."""
+    # deferred: every stage module is imported to validate a job (start-up time)
+    import torch
+
+    from pipelines.pairs import encode_pairs, logprob_sums
     from reward.scoring import FrozenLM
 
     chosen, rejected = encode_pairs(tokenizer, pairs)
@@ -44,12 +42,16 @@ def preference_figures(
     }
 
 
-@register_stage("dpo", sections=("dpo",), uses=("sft",))
+@register_stage("dpo", rank=1, sections=("dpo",), uses=("sft",))
 def run_dpo(ctx: StageContext) -> dict:
     """TRL's DPOTrainer from the SFT model. A vision-language policy trains on picture + question
     pairs (TRL's vision path; right vs wrong answer for the built-in image task) with the SFT model
     loaded again as the explicit reference."""
+    # deferred: every stage module is imported to validate a job (start-up time)
+    from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
+
+    from pipelines.training import ProgressCallback, quiet, save_model, trainer_kwargs
 
     cfg = ctx.cfg
     init = ctx.policy_init()
@@ -60,8 +62,6 @@ def run_dpo(ctx: StageContext) -> dict:
         loss_type=[cfg.dpo.loss_type],
     )
     if ctx.prepared.is_image_task:
-        from rto.models import load_processor, load_vision_lm
-
         args.max_length = None  # never cut a prompt's image tokens
         processing_class = load_processor(init, field="policy.path")
         models = {name: load_vision_lm(init, field="policy.path") for name in ("model", "ref_model")}
@@ -112,6 +112,8 @@ def run_dpo(ctx: StageContext) -> dict:
 
 
 def _label_agreement(pairs: list[dict], gt) -> float:
+
+    # deferred: every stage module is imported to validate a job (start-up time)
     from rto.generation import prompt_text
 
     agree = [
@@ -129,6 +131,7 @@ def _text(value) -> str:
 def image_pair_rows(pairs: list[dict], root) -> list[dict]:
     """Image preference records as TRL's vision DPO rows: the picture, the chat-formatted prompt
     (the processor expands its ``<image>``), and each response followed by EOS, as SFT trains it."""
+    # deferred: every stage module is imported to validate a job (start-up time)
     from pipelines.tasks import image as task
     from pipelines.tasks.image_data import load_image, question_of
 
@@ -144,9 +147,12 @@ def image_pair_rows(pairs: list[dict], root) -> list[dict]:
     ]
 
 
-@torch.no_grad()
+@no_grad
 def image_response_logprob_sums(model, processor, pairs: list[dict], key: str, root, batch_size: int = 64):
     """Σ log π(response | picture, question) of each pair's `key` response (dense VLM forward)."""
+    # deferred: every stage module is imported to validate a job (start-up time)
+    import torch
+
     from pipelines.tasks import image as task
     from pipelines.tasks.image_data import encode_prompt
     from prune.adaptinfer.generate import vlm_token_logprobs
@@ -175,7 +181,6 @@ def image_preference_figures(
 ) -> dict:
     """Held-out image pairs: how often the reference (SFT) and the DPO model give the chosen
     response the higher log-likelihood, and how often DPO's implicit reward ranks it first."""
-    from rto.models import load_vision_lm
 
     totals = {}
     for name, path in (("dpo", policy_path), ("ref", ref_path)):

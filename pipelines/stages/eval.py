@@ -5,12 +5,8 @@ from __future__ import annotations
 
 import statistics
 
-import torch
-
-from pipelines.stages import StageContext, register_stage
-from rto.generation import Samples, decode_responses, encode_prompt, prompt_text, sample
-from rto.models import load_causal_lm, load_tokenizer, sampling_token_ids
-from rto.progress import make_progress
+from pipelines.stages import StageContext, no_grad, register_stage
+from rto.models import load_causal_lm, load_processor, load_tokenizer, load_vision_lm, sampling_token_ids
 
 
 def policy_paths(ctx: StageContext) -> dict[str, str]:
@@ -24,6 +20,10 @@ def policy_paths(ctx: StageContext) -> dict[str, str]:
 
 
 def evaluate_policy(ctx: StageContext, path: str, prompts: list, rm_scorer=None) -> dict:
+    # deferred: every stage module is imported to validate a job (start-up time)
+    from pipelines.tasks.text import grammaticality
+    from rto.generation import decode_responses, encode_prompt, prompt_text, sample
+
     cfg = ctx.cfg.eval
     tokenizer = load_tokenizer(path)
     model = load_causal_lm(path, device=ctx.device).eval()
@@ -49,8 +49,6 @@ def evaluate_policy(ctx: StageContext, path: str, prompts: list, rm_scorer=None)
                 "length": len(text.split()),
             }
             if gt is not None:
-                from pipelines.tasks.text import grammaticality
-
                 row["gt_reward"] = gt(row["prompt"], text, done)
                 row["grammatical"] = grammaticality(text)
             if score is not None:
@@ -67,9 +65,11 @@ def evaluate_policy(ctx: StageContext, path: str, prompts: list, rm_scorer=None)
 
 def rm_scorer_for(ctx: StageContext, policy_tokenizer_path: str):
     """Score samples with the trained RM (same tokenizer as the policy), or None."""
+    # deferred: every stage module is imported to validate a job (start-up time)
+    from reward.scoring import FrozenRM
+
     if not ctx.has_stage("rm"):
         return None
-    from reward.scoring import FrozenRM
 
     rm = FrozenRM(str(ctx.run.stage_dir("rm")), device=ctx.device)
 
@@ -79,16 +79,19 @@ def rm_scorer_for(ctx: StageContext, policy_tokenizer_path: str):
     return score
 
 
-@torch.no_grad()
+@no_grad
 def evaluate_vision_policy(
     ctx: StageContext, path: str, records: list[dict], schedules: dict[str, dict[int, int]]
 ) -> dict[str, dict]:
     """Image task: answer each held-out question about its picture, once per entry of `schedules`
     (label -> vision-token pruning schedule, {} = dense); ground truth per record. The model is
     loaded and each batch of pictures encoded once for all of them."""
+    # deferred: every stage module is imported to validate a job (start-up time)
+    import torch
+
     from pipelines.tasks.image_data import encode_prompts, prompt_label, record_reward
     from prune.adaptinfer import generate_pruned
-    from rto.models import load_processor, load_vision_lm
+    from rto.generation import Samples, decode_responses
 
     cfg = ctx.cfg.eval
     processor = load_processor(path)
@@ -142,15 +145,22 @@ def evaluate_vision_policy(
 
 def pruning_schedule(ctx: StageContext, path: str) -> dict[int, int] | None:
     """The configured AdaptInfer schedule resolved for the policy at `path` (None when disabled)."""
+    # deferred: every stage module is imported to validate a job (start-up time)
+    from prune.adaptinfer.rollout import resolve_for_model
+
     if not ctx.cfg.adaptinfer.enabled:
         return None
-    from prune.adaptinfer.rollout import resolve_for_model
 
     return resolve_for_model(ctx.cfg.adaptinfer, path, field="adaptinfer")
 
 
-@register_stage("eval", sections=("eval", "adaptinfer"), uses=("sft", "dpo", "rm", "ppo"))
+@register_stage("eval", rank=5, sections=("eval", "adaptinfer"), uses=("sft", "dpo", "rm", "ppo"))
 def run_eval(ctx: StageContext) -> dict:
+    # deferred: every stage module is imported to validate a job (start-up time)
+    import torch
+
+    from rto.progress import make_progress
+
     if ctx.prepared.is_image_task:
         return run_image_eval(ctx)
     prompts = [r["prompt"] for r in ctx.prepared.records("eval_prompts")]
@@ -193,6 +203,9 @@ def finish(ctx: StageContext, results: dict[str, dict], n_prompts: int) -> dict:
 def run_image_eval(ctx: StageContext) -> dict:
     """Held-out accuracy of each policy, dense and (when the adaptinfer section is enabled) with
     the rollouts' vision-token pruning, which tells how much of the policy's skill survives it."""
+    # deferred: every stage module is imported to validate a job (start-up time)
+    from rto.progress import make_progress
+
     records = [
         r for r in ctx.prepared.records("eval_prompts") for _ in range(ctx.cfg.eval.samples_per_prompt)
     ]

@@ -2,7 +2,7 @@
 
 Reads the SFT model (or the base policy when there is no SFT stage) and the SFT data; writes
 `router.safetensors` + `ftp.json` (model fingerprint, schedule, settings, metrics) to the stage
-folder, which `prune.registry.PRUNERS.get("ftp")(model, folder)` turns into a rollout generator.
+folder, which the `ftp` rollout sampler (`prune/ftp/rollout.py`, registered in `prune.samplers`) reads.
 """
 
 from __future__ import annotations
@@ -12,15 +12,17 @@ import random
 
 from pipelines.stages import StageContext, register_stage
 from prune.ftp.config import FTPConfig
-from prune.ftp.data import encode_record, left_padded_batches
-from prune.ftp.fit import fit_ftp
-from prune.ftp.router import Router, check_supported, model_fingerprint, save_router
-from rto.generation import encode_prompt
 from rto.models import load_causal_lm, load_tokenizer
 
 
-@register_stage("ftp", sections=("ftp",), uses=("sft",))
+@register_stage("ftp", rank=3, sections=("ftp",), uses=("sft",))
 def run_ftp(ctx: StageContext) -> dict:
+    # deferred: every stage module is imported to validate a job (start-up time)
+    from prune.ftp.data import encode_record, left_padded_batches
+    from prune.ftp.fit import fit_ftp
+    from prune.ftp.router import Router, check_supported, model_fingerprint, save_router
+    from rto.generation import encode_prompt
+
     cfg: FTPConfig = getattr(ctx.cfg, "ftp", None) or FTPConfig()
     path = ctx.policy_init()
     tokenizer = load_tokenizer(path)

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pipelines.stages import StageContext, register_stage
+from pipelines.stages.rm import load_normalization
+from prune.samplers import samplers
 from rto.errors import UserError
-from rto.ppo.groups import ModelPaths
-from rto.ppo.trainer import PPOInputs, run_ppo
+from rto.models import is_vision_language, load_processor, load_tokenizer
+
+if TYPE_CHECKING:  # the PPO core (torch, ray) is imported when the stage runs
+    from rto.ppo.groups import ModelPaths
 
 
 def model_paths(ctx: StageContext) -> ModelPaths:
+    # deferred: every stage module is imported to validate a job (start-up time)
+    from reward.scoring import check_same_tokenizer
+    from rto.ppo.groups import ModelPaths
+
     cfg = ctx.cfg
     policy = ctx.policy_init()
     dpo = rm = None
@@ -19,7 +29,6 @@ def model_paths(ctx: StageContext) -> ModelPaths:
                 source=str(ctx.run.config_path), field="stages",
             )  # fmt: skip
         dpo = str(ctx.run.stage_dir("dpo"))
-        from reward.scoring import check_same_tokenizer
 
         check_same_tokenizer(dpo, policy)
     if cfg.reward.needs_rm or cfg.ppo.critic_init == "rm":
@@ -31,7 +40,6 @@ def model_paths(ctx: StageContext) -> ModelPaths:
                 field="stages",
             )
         rm = str(ctx.run.stage_dir("rm"))
-        from reward.scoring import check_same_tokenizer
 
         check_same_tokenizer(rm, policy)  # the RM and a critic made from it read the policy's token ids
     critic = rm if cfg.ppo.critic_init == "rm" else policy
@@ -41,36 +49,34 @@ def model_paths(ctx: StageContext) -> ModelPaths:
 
 
 def pruned_sampler(ctx: StageContext, policy: str):
-    pruner = ctx.cfg.ppo.rollout_pruner
-    if pruner == "none":
-        return None
-    if pruner == "adaptinfer":
-        from prune.adaptinfer.rollout import make_generate_fn as adaptinfer_generate_fn
-
-        return adaptinfer_generate_fn(ctx.cfg.adaptinfer, policy)
-    from prune.ftp.rollout import make_generate_fn  # provided by the ftp package
-
-    return make_generate_fn(ctx.stage_dir("ftp"))
+    """The configured rollout sampler (`prune.samplers`), or None for the dense policy."""
+    spec = samplers().get(ctx.cfg.ppo.rollout_pruner)
+    return spec.build(ctx.cfg, policy, ctx.stage_dir(spec.stage) if spec.stage else None)
 
 
 @register_stage(
-    "ppo", sections=("ppo", "reward", "resources", "adaptinfer"), uses=("sft", "dpo", "rm", "ftp")
+    "ppo", rank=4, sections=("ppo", "reward", "resources", "adaptinfer"), uses=("sft", "dpo", "rm", "ftp")
 )
 def run_ppo_stage(ctx: StageContext) -> dict:
-    from pipelines.stages.rm import load_normalization
+
+    # deferred: every stage module is imported to validate a job (start-up time)
+    from rto.ppo.trainer import PPOInputs, run_ppo
 
     paths = model_paths(ctx)
     normalization = (
         load_normalization(ctx.run.stage_dir("rm")) if paths.rm and ctx.cfg.reward.rm_normalize else None
     )
     stage_hash = ctx.extras.get("stage_hash", "default")
+    prompts, tokenizer, processing_class = prompt_set(ctx, paths.policy)
     return run_ppo(
         PPOInputs(
             cfg=ctx.cfg,
             run=ctx.run,
             out_dir=ctx.out_dir,
             paths=paths,
-            prompts=ctx.prepared.records("prompts"),
+            prompts=prompts,
+            tokenizer=tokenizer,
+            processing_class=processing_class,
             ground_truth=ctx.prepared.record_ground_truth(),
             rm_normalization=normalization,
             stage_hash=stage_hash,
@@ -79,6 +85,20 @@ def run_ppo_stage(ctx: StageContext) -> dict:
             device=ctx.device,
             generate_fn=pruned_sampler(ctx, paths.policy),
             log=ctx.log,
-            image_root=ctx.prepared.root,
         )
     )
+
+
+def prompt_set(ctx: StageContext, policy: str):
+    """(the PPO prompts, the tokenizer that decodes responses, what is saved with the models):
+    a vision-language policy's prompts carry pictures (encoded by its processor)."""
+    # deferred: every stage module is imported to validate a job (start-up time)
+    from pipelines.prompts import TextPrompts
+    from pipelines.tasks.image_data import ImagePrompts
+
+    records = ctx.prepared.records("prompts")
+    if is_vision_language(policy):
+        processor = load_processor(policy)
+        return ImagePrompts(processor, records, ctx.prepared.root), processor.tokenizer, processor
+    tokenizer = load_tokenizer(policy)
+    return TextPrompts(tokenizer, records), tokenizer, tokenizer

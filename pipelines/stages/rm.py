@@ -6,19 +6,13 @@ responses, which the token reward uses to normalise the RM score.
 The pairs are tokenized here, as rollouts are laid out (the prompt ready for generation, then the
 response up to and including EOS; chat-template text after EOS, such as ChatML's newline, cut), and
 the tokenizer has a pad token distinct from EOS: TRL's pooling (the rightmost token that is not the
-pad) then trains the score on the EOS, the very token `reward.scoring.sequence_scores` reads.
+pad) then trains the score on the EOS, the very token `rto.forward.sequence_scores` reads.
 """
 
 from __future__ import annotations
 
-import torch
-from datasets import Dataset
-
-from pipelines.pairs import encode_pairs, rm_scores
 from pipelines.stages import StageContext, register_stage
-from pipelines.training import quiet, save_model, trainer_kwargs
 from rto.models import load_model, load_tokenizer
-from rto.progress import ProgressCallback
 from rto.rundir import atomic_write_json
 
 NORMALIZATION_FILE = "normalization.json"
@@ -30,10 +24,15 @@ def rm_init(ctx: StageContext) -> str:
     return ctx.prepared.model("reward_model")
 
 
-@register_stage("rm", sections=("rm",), uses=("sft",))
+@register_stage("rm", rank=2, sections=("rm",), uses=("sft",))
 def run_rm(ctx: StageContext) -> dict:
+    # deferred: every stage module is imported to validate a job (start-up time)
+    import torch
+    from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
+    from pipelines.pairs import encode_pairs, rm_scores
+    from pipelines.training import ProgressCallback, quiet, save_model, trainer_kwargs
     from reward.scoring import FrozenRM
 
     cfg = ctx.cfg
@@ -75,6 +74,9 @@ def run_rm(ctx: StageContext) -> dict:
 def tokenized_pairs(tokenizer, pairs: list[dict]) -> list[dict]:
     """TRL's pre-tokenized preference rows (`chosen_ids`, `rejected_ids`): prompt + response ids
     exactly as a rollout lays them out, ending at EOS (`rto.generation.encode_completion`)."""
+    # deferred: every stage module is imported to validate a job (start-up time)
+    from pipelines.pairs import encode_pairs
+
     chosen, rejected = encode_pairs(tokenizer, pairs)
     return [
         {"chosen_ids": p + c, "rejected_ids": q + r} for (p, c), (q, r) in zip(chosen, rejected, strict=True)

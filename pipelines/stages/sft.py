@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from datasets import Dataset
-
 from pipelines.stages import StageContext, register_stage
-from pipelines.training import quiet, save_model, trainer_kwargs
-from rto.models import load_model, load_tokenizer
-from rto.progress import ProgressCallback
+from rto.models import load_model, load_processor, load_tokenizer, load_vision_lm
 
 
-@register_stage("sft", sections=("sft",))
+@register_stage("sft", rank=0, sections=("sft",))
 def run_sft(ctx: StageContext) -> dict:
+    # deferred: every stage module is imported to validate a job (start-up time)
+    from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
+
+    from pipelines.training import ProgressCallback, trainer_kwargs
 
     cfg = ctx.cfg
     base = ctx.prepared.model("policy")
@@ -34,10 +34,12 @@ def run_sft(ctx: StageContext) -> dict:
 def run_image_sft(ctx: StageContext, base: str) -> dict:
     """SFT of a vision-language policy: TRL's SFTTrainer with the image task's collator (pictures
     through the processor, loss on the answer and EOS)."""
+    # deferred: every stage module is imported to validate a job (start-up time)
+    from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     from pipelines.tasks.image_data import SFTCollator
-    from rto.models import load_processor, load_vision_lm
+    from pipelines.training import ProgressCallback, trainer_kwargs
 
     cfg = ctx.cfg
     model = load_vision_lm(base, field="policy.path")
@@ -62,6 +64,9 @@ def run_image_sft(ctx: StageContext, base: str) -> dict:
 
 
 def train_and_save(trainer, processing_class, ctx: StageContext, n_examples: int) -> dict:
+    # deferred: every stage module is imported to validate a job (start-up time)
+    from pipelines.training import quiet, save_model
+
     result = quiet(trainer).train()
     save_model(trainer, processing_class, ctx.out_dir)
     return {

@@ -21,6 +21,7 @@ import torch
 
 from pipelines.tasks import image as task
 from rto.errors import UserError
+from rto.generation import left_pad
 
 
 def build_records(settings, root: Path) -> dict[str, list[dict]]:
@@ -139,7 +140,6 @@ def encode_prompt(processor, record: dict, base: Path | None = None) -> tuple[li
 def encode_prompts(processor, records: list[dict], base: Path | None = None) -> dict:
     """A generation batch of records: left-padded ``input_ids`` / ``attention_mask`` (whatever side
     the processor's tokenizer pads) and ``pixel_values [B, 3, H, W]``."""
-    from rto.generation import left_pad
 
     encoded = [encode_prompt(processor, r, base) for r in records]
     input_ids, attention_mask = left_pad([e[0] for e in encoded], processor.tokenizer.pad_token_id)
@@ -178,3 +178,19 @@ class SFTCollator:
         labels[torch.arange(width)[None, :] < width - n_answer[:, None]] = -100  # left padding
         batch["labels"] = labels
         return batch
+
+
+class ImagePrompts:
+    """Prompt records of a vision-language policy: one picture each, encoded by the processor when a
+    step draws them (pixel tensors of a whole prompt set would not fit in memory at real sizes).
+    The pictures were checked when the data was prepared (`pipelines.prepare`)."""
+
+    def __init__(self, processor, records: list[dict], image_root: Path | None):
+        self.processor, self.records, self.root = processor, records, image_root
+        self.labels = [prompt_label(r) for r in records]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def batch(self, indices: list[int]) -> dict:
+        return encode_prompts(self.processor, [self.records[i] for i in indices], self.root)

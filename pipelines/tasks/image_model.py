@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from pipelines.tasks import image as task
+from prune.adaptinfer.engine import attention_mask_for, image_embeddings, select_rows
 
 TINY_VISION = dict(
     hidden_size=64,
@@ -137,7 +138,6 @@ def loss_with_dropped_vision_tokens(
     of them, as large VLMs do (their text tokens have read the picture within the first layers),
     for every method alike.
     """
-    from prune.adaptinfer.engine import attention_mask_for, image_embeddings, select_rows
 
     cuts = dict(cuts) if cuts is not None else {-1: keep}  # layer -> image tokens kept after it
     embeds, vision = image_embeddings(model, batch["input_ids"], batch["pixel_values"])

@@ -8,11 +8,23 @@ Public API (what rollout workers call):
   `mean_vision_tokens` for schedules; `AdaptInferConfig` for the YAML config.
 """
 
-from prune.adaptinfer.config import AdaptInferConfig
-from prune.adaptinfer.engine import PruneTrace, decode, prefill
-from prune.adaptinfer.generate import PrunedGeneration, generate_pruned, vlm_token_logprobs
-from prune.adaptinfer.schedule import PRESETS, mean_vision_tokens, proportional_schedule
-from prune.adaptinfer.scoring import SCORERS, adaptinfer_scores, text_prior_weights
+import importlib
+
+_EXPORTS = {
+    "AdaptInferConfig": "config", "PruneTrace": "engine", "decode": "engine", "prefill": "engine",
+    "PrunedGeneration": "generate", "generate_pruned": "generate", "vlm_token_logprobs": "generate",
+    "PRESETS": "schedule", "mean_vision_tokens": "schedule", "proportional_schedule": "schedule",
+    "SCORERS": "scoring", "adaptinfer_scores": "scoring", "text_prior_weights": "scoring",
+}  # fmt: skip
+
+
+def __getattr__(name: str):
+    """The public names, imported on first use: the job schema imports this package's config,
+    which must not pull torch into `rto validate` and `rto --help` (start-up time)."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'prune.adaptinfer' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"prune.adaptinfer.{_EXPORTS[name]}"), name)
+
 
 __all__ = [
     "PRESETS",

@@ -74,7 +74,7 @@ class AdaptInferConfig(Section):
         if self.keep_ratio is not None:
             return proportional_schedule(n_layers, n_vision, self.keep_ratio * n_vision)
         schedule = PRESETS[self.preset] if self.preset is not None else self.schedule
-        from prune.adaptinfer.engine import check_schedule
+        from prune.adaptinfer.engine import check_schedule  # deferred: torch; the job schema loads without it
 
         try:
             return dict(check_schedule(schedule, n_layers, n_vision))

@@ -13,9 +13,11 @@ picture has is a config error before any Ray actor starts.
 
 from __future__ import annotations
 
-import torch
+from pathlib import Path
 
+from prune.samplers import register_sampler
 from rto.errors import UserError
+from rto.models import check_model_path
 
 
 def vision_shape(config) -> tuple[int, int]:
@@ -34,8 +36,6 @@ def vision_shape(config) -> tuple[int, int]:
 def resolve_for_model(settings, model_path: str, field: str = "adaptinfer") -> dict[int, int]:
     """The schedule of an `AdaptInferConfig` for the model at `model_path`; errors name the field."""
     from transformers import AutoConfig
-
-    from rto.models import check_model_path
 
     check_model_path(model_path, "policy.path")
     config = AutoConfig.from_pretrained(model_path)
@@ -56,12 +56,13 @@ class AdaptInferGenerate:
         self.method = method
         self.seed = seed
 
-    @torch.no_grad()
     def __call__(
         self, model, input_ids, attention_mask, *, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
         eos_token_id=None, pad_token_id=None, pixel_values=None, suppress_token_ids=None,
     ):  # fmt: skip
-        from prune.adaptinfer.generate import generate_pruned
+        import torch  # deferred: the sampler registry loads without torch
+
+        from prune.adaptinfer.generate import generate_pruned  # deferred: torch
 
         if pixel_values is None:
             raise ValueError("AdaptInfer rollouts need pixel_values (one picture per prompt)")
@@ -69,24 +70,40 @@ class AdaptInferGenerate:
         generator = None
         if self.method == "random":  # the random baseline's scores follow the step's seed (resumable)
             generator = torch.Generator(device=input_ids.device).manual_seed(self.seed + torch.initial_seed())
-        out = generate_pruned(
-            model,
-            {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values},
-            self.schedule,
-            self.method,
-            max_new_tokens=max_new_tokens,
-            do_sample=sampling,
-            temperature=temperature if sampling else 1.0,
-            top_k=top_k or None,
-            top_p=top_p,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-            generator=generator,
-            suppress_token_ids=suppress_token_ids,
-        )
+        with torch.no_grad():
+            out = generate_pruned(
+                model,
+                {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values},
+                self.schedule,
+                self.method,
+                max_new_tokens=max_new_tokens,
+                do_sample=sampling,
+                temperature=temperature if sampling else 1.0,
+                top_k=top_k or None,
+                top_p=top_p,
+                eos_token_id=eos_token_id,
+                pad_token_id=pad_token_id,
+                generator=generator,
+                suppress_token_ids=suppress_token_ids,
+            )
         return out.sequences[:, input_ids.shape[1] :], out.sampler_logprobs
 
 
 def make_generate_fn(settings, model_path: str) -> AdaptInferGenerate:
     """The rollout generate function of an enabled `AdaptInferConfig` for the policy at `model_path`."""
     return AdaptInferGenerate(resolve_for_model(settings, model_path), settings.method, settings.seed)
+
+
+def _schedule_given(job) -> tuple[str, str] | None:
+    if not job.adaptinfer.enabled:
+        return (
+            "adaptinfer",
+            "ppo.rollout_pruner 'adaptinfer' needs a schedule: set adaptinfer.keep_ratio, .preset or .schedule",
+        )
+    return None
+
+
+@register_sampler("adaptinfer", policies="vision", check=_schedule_given)
+def adaptinfer_sampler(job, policy: str, stage_dir: Path | None) -> AdaptInferGenerate:
+    """Rollouts from the vision-language policy with the `adaptinfer` section's vision-token pruning."""
+    return make_generate_fn(job.adaptinfer, policy)

@@ -10,7 +10,9 @@ PPO can weight each token by min(π_dense/π_sampler, C).
 
 from __future__ import annotations
 
-import torch
+from pathlib import Path
+
+from prune.samplers import register_sampler
 
 
 class FTPGenerate:
@@ -22,7 +24,7 @@ class FTPGenerate:
 
     def _router(self, model):
         if self._loaded is None or self._loaded[0] is not model:
-            from prune.ftp.router import load_router
+            from prune.ftp.router import load_router  # deferred: torch (the sampler registry loads light)
 
             router, schedule, meta = load_router(self.ftp_dir, model)
             threshold = meta.get("decode_thresholds", meta.get("decode_threshold", 0.5))
@@ -32,27 +34,37 @@ class FTPGenerate:
     def __getstate__(self):
         return {"ftp_dir": self.ftp_dir, "_loaded": None}
 
-    @torch.no_grad()
     def __call__(
         self, model, input_ids, attention_mask, *, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
-        eos_token_id=None, pad_token_id=None, suppress_token_ids=None,
+        eos_token_id=None, pad_token_id=None, suppress_token_ids=None, pixel_values=None,
     ):  # fmt: skip
-        from prune.ftp.generate import generate_pruned
+        import torch  # deferred: the sampler registry loads without torch
 
+        from prune.ftp.generate import generate_pruned  # deferred: torch
+
+        if pixel_values is not None:
+            raise ValueError("FTP samples text policies; this batch has pictures")
         router, schedule, threshold, n_probes = self._router(model)
         if hasattr(router, "to"):
             router.to(input_ids.device)
         logprobs: list[torch.Tensor] = []
         sampling = temperature > 0
-        sequences = generate_pruned(
-            model, router, schedule, input_ids, attention_mask, threshold=threshold, n_probes=n_probes,
-            logprobs_out=logprobs, suppress_token_ids=suppress_token_ids, max_new_tokens=max_new_tokens, do_sample=sampling,
-            temperature=temperature if sampling else None, top_p=top_p if sampling else None,
-            top_k=top_k if sampling else None, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-        )  # fmt: skip
+        with torch.no_grad():
+            sequences = generate_pruned(
+                model, router, schedule, input_ids, attention_mask, threshold=threshold, n_probes=n_probes,
+                logprobs_out=logprobs, suppress_token_ids=suppress_token_ids, max_new_tokens=max_new_tokens,
+                do_sample=sampling, temperature=temperature if sampling else None, top_p=top_p if sampling else None,
+                top_k=top_k if sampling else None, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+            )  # fmt: skip
         response_ids = sequences[:, input_ids.shape[1] :]
         return response_ids, torch.stack(logprobs, dim=1)[:, : response_ids.shape[1]]
 
 
 def make_generate_fn(ftp_dir) -> FTPGenerate:
     return FTPGenerate(ftp_dir)
+
+
+@register_sampler("ftp", policies="text", stage="ftp")
+def ftp_sampler(job, policy: str, stage_dir: Path | None) -> FTPGenerate:
+    """Rollouts from the policy with the `ftp` stage's token router."""
+    return FTPGenerate(stage_dir)

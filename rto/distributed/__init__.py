@@ -25,7 +25,7 @@ from rto.distributed.groups import (
     init_ray,
     split_batch,
 )
-from rto.distributed.rollout import RolloutWorker, hf_generate
+from rto.distributed.rollout import RolloutWorker
 from rto.distributed.trainable import EngineConfig, TrainableWorker
 from rto.distributed.workers import FrozenModelWorker, Worker, state_dict_checksum, weights_checksum
 
@@ -49,7 +49,6 @@ __all__ = [
     "Worker",
     "concat_results",
     "create_placement_group",
-    "hf_generate",
     "init_ray",
     "push_weights",
     "split_batch",

@@ -5,78 +5,19 @@ Layout of what :meth:`RolloutWorker.generate` returns (the rest of the pipeline 
 length R (always ``max_new_tokens``, so shards and steps share one shape); ``attention_mask
 [B, P + R]``; ``response_mask [B, R]`` (1 for response tokens up to and including the first EOS);
 ``sampler_logprobs [B, R]`` (0 where ``response_mask`` is 0). Same layout and names as
-``rto.generation.Samples`` and ``reward.scoring``.
+``rto.generation.Samples`` and ``rto.forward``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from rto.distributed.workers import Worker, default_device, resolve_function, weights_checksum
+from rto.errors import UserError
+from rto.generation import Sampler, hf_generate, response_mask
 from rto.models import load_model, model_sampling_token_ids
-
-
-def hf_generate(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    *,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    eos_token_id: int | list[int] | None = None,
-    pad_token_id: int | None = None,
-    pixel_values: torch.Tensor | None = None,
-    suppress_token_ids: list[int] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The default generate function: HF ``generate`` with sampling (greedy if ``temperature == 0``)
-    under exactly these settings: the model's own generation defaults (a repetition penalty, a
-    minimum length, its top-p, as Qwen and Llama-3 ship) are not applied, so the rollouts are
-    samples of softmax(logits / T) truncated by top-p/top-k and nothing else. ``pixel_values`` (one
-    picture per prompt) go to a vision-language policy; ``suppress_token_ids`` are never sampled.
-
-    Returns ``response_ids [B, R']`` (R' <= max_new_tokens) and the sampler's log-probs of those
-    tokens ``[B, R']``, defined as for every sampler: log softmax(logits / T) of the sampling model,
-    before top-p/top-k truncation and token suppression (greedy: T = 1). For this dense sampler
-    they equal the policy's log-probs at T (``reward.scoring.response_logprobs(temperature=T)``).
-    Any function with this signature can replace it (pruned generators: FTP, AdaptInfer).
-    """
-    from transformers import GenerationConfig
-
-    do_sample = temperature > 0
-    settings = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-        suppress_tokens=list(suppress_token_ids) if suppress_token_ids else None,
-        **({"temperature": temperature, "top_p": top_p, "top_k": top_k or None} if do_sample else {}),
-    )
-    out = model.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        generation_config=settings,
-        return_dict_in_generate=True,
-        output_logits=True,
-        **({"pixel_values": pixel_values} if pixel_values is not None else {}),
-    )
-    response_ids = out.sequences[:, input_ids.shape[1] :]
-    logits = torch.stack(out.logits, dim=1).float()  # [B, R', V]: the model's, before any processing
-    if do_sample and temperature != 1.0:
-        logits = logits / temperature
-    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
-    return response_ids, logprobs
-
-
-def response_mask(response_ids: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:
-    """1 for every response token up to and including the first EOS, 0 after it. ``[B, R]``."""
-    is_eos = torch.isin(response_ids, torch.tensor(eos_token_ids, device=response_ids.device))
-    eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()  # EOS tokens strictly before h
-    return (eos_before == 0).long()
 
 
 class RolloutWorker(Worker):
@@ -96,7 +37,7 @@ class RolloutWorker(Worker):
     def __init__(
         self,
         model_path: str,
-        generate_fn: Callable | str = hf_generate,
+        generate_fn: Sampler | str = hf_generate,
         max_new_tokens: int = 32,
         temperature: float = 1.0,
         top_p: float = 1.0,
@@ -131,7 +72,6 @@ class RolloutWorker(Worker):
     def _token_ids(self, model_path: str) -> dict:
         """The tokenizer's ids (:func:`rto.models.model_sampling_token_ids`); a bare model folder
         without a tokenizer falls back to its generation config (nothing suppressed)."""
-        from rto.errors import UserError
 
         try:
             return model_sampling_token_ids(model_path)

@@ -21,6 +21,7 @@ from rto.distributed.workers import (
     run_scoring_fn,
     weights_checksum,
 )
+from rto.errors import UserError
 from rto.models import ModelKind, disable_dropout, load_model
 
 # A loss function: loss_fn(model, **minibatch) -> loss or (loss, {"metric": float, ...}).
@@ -91,8 +92,6 @@ checkpoints with weights_only=True); nothing else is unpickled from a checkpoint
 def safe_checkpoint_load(path: str, map_location=None):
     """`torch.load(weights_only=True)` with DeepSpeed's own state types allowed (see above)."""
     import pickle
-
-    from rto.errors import UserError
 
     allowed = []
     for name in DEEPSPEED_STATE_TYPES:

@@ -4,7 +4,7 @@ them. What they compute comes from pure functions passed in (scoring functions, 
 function); the workers only hold the model and run those functions on their slice of the batch.
 
 A "function" argument is a callable or an import path ``"package.module:function"`` (import paths are
-resolved lazily inside the worker, so e.g. ``reward.scoring`` is only imported where it runs). It is
+resolved lazily inside the worker, so e.g. ``rto.forward`` is only imported where it runs). It is
 called as ``fn(model, **batch, **kwargs)`` with only the batch entries its signature names (all of
 them if it takes ``**kwargs``), so one experience dict can feed scorers that each need a few keys.
 """
@@ -150,7 +150,7 @@ class FrozenModelWorker(Worker):
         model_path: a Hugging Face model folder.
         model_kind: ``causal_lm`` (ref/dpo log-probs) or ``sequence_classification`` (reward model).
         scoring_fn: default function for :meth:`score`, called as
-            ``scoring_fn(model, **batch, **kwargs)``; e.g. ``"reward.scoring:response_logprobs"``.
+            ``scoring_fn(model, **batch, **kwargs)``; e.g. ``"rto.forward:response_logprobs"``.
         dtype: model dtype (``"bfloat16"`` on GPU).
     """
 

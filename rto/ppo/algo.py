@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from rto.registry import Registry
@@ -129,7 +128,6 @@ def clipped_policy_loss(
             "clip_frac": masked_mean((loss_clipped > loss_unclipped).to(ratio.dtype), response_mask).item(),
             "approx_kl": masked_mean((ratio - 1) - log_ratio, response_mask).item(),
             "ratio_mean": real_ratio.mean().item(),
-            "ratio_error": (real_ratio - 1).abs().max().item(),  # max |ratio − 1|: 0 before any update
             "ratio_min": real_ratio.min().item(),
             "ratio_max": real_ratio.max().item(),
         }
@@ -154,12 +152,6 @@ def clipped_value_loss(
         clip_frac = masked_mean((clipped > unclipped).to(values.dtype), response_mask)
     loss = 0.5 * masked_mean(per_token, response_mask)
     return loss, {"value_clip_frac": float(clip_frac)}
-
-
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy of softmax(logits) over the last dim: logsumexp(z) − Σ softmax(z)·z. [..., V] → [...]."""
-    probs = F.softmax(logits.float(), dim=-1)
-    return torch.logsumexp(logits.float(), dim=-1) - (probs * logits.float()).sum(dim=-1)
 
 
 def entropy_bonus(entropy: Tensor, response_mask: Tensor, coef: float) -> Tensor:

@@ -3,10 +3,11 @@ the RTO paper's recipe for Llama-3-8B is in configs/llama3-8b-rto.yaml."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal, Protocol
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from reward.config import RewardConfig
 from rto.errors import FieldError
 from rto.schema import Section
 
@@ -26,6 +27,10 @@ class PPOConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0)
     clip_eps: float = Field(0.2, gt=0, description="Policy ratio clip")
     value_clip: float = Field(0.2, gt=0, description="Value clip around the rollout's values")
+    advantage_estimator: str = Field(
+        "gae", description="Advantage estimator, a name in `rto.ppo.algo.ADVANTAGE_ESTIMATORS`"
+    )
+    policy_loss: str = Field("ppo_clip", description="Policy loss, a name in `rto.ppo.algo.POLICY_LOSSES`")
     gamma: float = Field(1.0, ge=0, le=1)
     lam: float = Field(0.95, ge=0, le=1)
     entropy_coef: float = Field(0.0, ge=0)
@@ -39,10 +44,10 @@ class PPOConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = 2
     checkpoint_every: int = Field(5, gt=0, description="Save a resumable checkpoint every N steps")
     keep_checkpoints: int = Field(2, gt=0)
-    rollout_pruner: Literal["none", "ftp", "adaptinfer"] = Field(
+    rollout_pruner: str = Field(
         "none",
-        description="Generate rollouts with a pruned policy: ftp (text; needs the ftp stage) or "
-        "adaptinfer (vision-language policies; settings in the adaptinfer section)",
+        description="The rollout sampler, a name in `prune.samplers`: none (the dense policy), ftp (text; "
+        "needs the ftp stage) or adaptinfer (vision-language policies; settings in the adaptinfer section)",
     )
     is_cap: float = Field(
         2.0, gt=0, description="Truncation C of importance weights min(pi_dense/pi_sampler, C)"
@@ -52,6 +57,21 @@ class PPOConfig(Section):
     )
     tensorboard: bool = True
     wandb: bool = Field(False, description="Also log to Weights & Biases (needs `pip install wandb`)")
+
+    @field_validator("advantage_estimator", "policy_loss")
+    @classmethod
+    def _registered(cls, value: str, info: ValidationInfo) -> str:
+        """A name in its registry (the defaults are; others are checked against the registry)."""
+        if value == cls.model_fields[info.field_name].default:
+            return value
+        from rto.ppo import algo  # deferred: torch; only a name other than the default needs the registry
+
+        registry = (
+            algo.ADVANTAGE_ESTIMATORS if info.field_name == "advantage_estimator" else algo.POLICY_LOSSES
+        )
+        if value not in registry:
+            raise ValueError(f"unknown {registry.kind} {value!r}; known: {', '.join(registry.names())}")
+        return value
 
     @model_validator(mode="after")
     def _batches(self) -> PPOConfig:
@@ -86,3 +106,43 @@ class PPOConfig(Section):
                 f"({self.micro_batch_size} × {ranks})"
             )
         return self.train_batch_size // rows_per_call
+
+
+class GroupResources(Section):
+    ranks: int = Field(1, ge=1, description="Ray actors in the group (DeepSpeed ranks for trainable groups)")
+    cpus: float = Field(0.25, gt=0, description="CPUs per actor (fractions allowed)")
+    gpus: float = Field(0.0, ge=0, description="GPUs per actor (fractions allowed)")
+
+
+class ResourcesConfig(Section):
+    ray_address: str | None = Field(
+        None, description="Existing cluster ('auto' or ray://host:port); None starts Ray in-process"
+    )
+    num_cpus: float | None = Field(None, gt=0, description="CPUs for an in-process Ray")
+    num_gpus: float | None = Field(None, ge=0)
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="Torch threads of the driver process (sft/dpo/rm/eval); None keeps torch's default",
+    )
+    policy: GroupResources = Field(default_factory=GroupResources)
+    critic: GroupResources = Field(default_factory=GroupResources)
+    ref: GroupResources = Field(default_factory=GroupResources)
+    dpo: GroupResources = Field(default_factory=GroupResources)
+    rm: GroupResources = Field(default_factory=GroupResources)
+    rollout: GroupResources = Field(default_factory=GroupResources)
+    colocate: list[list[Literal["policy", "critic", "ref", "dpo", "rm", "rollout"]]] = Field(
+        default_factory=list, description="Groups that share one placement group's bundles"
+    )
+
+
+class PPOJob(Protocol):
+    """The parts of a job the PPO core reads; the job file's `rto.config.Config` has them (the
+    core does not import it: the job schema sits above the core, beside the stages)."""
+
+    seed: int
+    ppo: PPOConfig
+    reward: RewardConfig
+    resources: ResourcesConfig
+
+    def model_dump(self, **kwargs: Any) -> dict: ...

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rto.config import Config, GroupResources
 from rto.distributed import (
     ActorGroup,
     EngineConfig,
@@ -15,6 +14,7 @@ from rto.distributed import (
     create_placement_group,
 )
 from rto.models import model_sampling_token_ids
+from rto.ppo.config import GroupResources, PPOJob
 
 GROUP_NAMES = ("policy", "critic", "ref", "dpo", "rm", "rollout")
 
@@ -52,7 +52,7 @@ def _resources(spec: GroupResources, gpu_share: float) -> Resources:
     return Resources(num_cpus=spec.cpus, num_gpus=spec.gpus or gpu_share)
 
 
-def default_gpu_share(cfg: Config, wanted: set[str], device: str) -> float:
+def default_gpu_share(cfg: PPOJob, wanted: set[str], device: str) -> float:
     """On CUDA with no `gpus` set anywhere, every actor gets an equal share of one GPU, so that
     `--set device=cuda` alone runs the whole job on one device."""
     res = cfg.resources
@@ -63,7 +63,7 @@ def default_gpu_share(cfg: Config, wanted: set[str], device: str) -> float:
 
 
 def build_groups(
-    cfg: Config, paths: ModelPaths, optimizer_steps: int, dtype: str, generate_fn=None, device: str = "cpu"
+    cfg: PPOJob, paths: ModelPaths, optimizer_steps: int, dtype: str, generate_fn=None, device: str = "cpu"
 ) -> Groups:
     """Create every group; groups listed together in `resources.colocate` share one placement group."""
     res = cfg.resources
@@ -132,7 +132,7 @@ def build_groups(
             "ref",
             FrozenModelWorker,
             model_path=paths.ref,
-            scoring_fn="reward.scoring:response_logprobs",
+            scoring_fn="rto.forward:response_logprobs",
             dtype=frozen_dtype,
         ),
         rollout=group(
@@ -153,12 +153,12 @@ def build_groups(
             "dpo",
             FrozenModelWorker,
             model_path=paths.dpo,
-            scoring_fn="reward.scoring:response_logprobs",
+            scoring_fn="rto.forward:response_logprobs",
             dtype=frozen_dtype,
         )
     if paths.rm:
         groups.rm = group(
             "rm", FrozenModelWorker, model_path=paths.rm, model_kind="sequence_classification",
-            scoring_fn="reward.scoring:sequence_scores", dtype=frozen_dtype,
+            scoring_fn="rto.forward:sequence_scores", dtype=frozen_dtype,
         )  # fmt: skip
     return groups

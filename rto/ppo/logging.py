@@ -6,13 +6,15 @@ import os
 import shutil
 import time
 
-from rto.config import Config
+from reward.traces import read_traces, trace_path
+from reward.views import best_and_worst, markdown_sample, rank
 from rto.errors import UserError
-from rto.rundir import RunDir
+from rto.ppo.config import PPOJob
+from rto.rundir import RunDir, atomic_write_text
 
 
 class StepLogger:
-    def __init__(self, run: RunDir, tensorboard: bool, wandb: bool, cfg: Config):
+    def __init__(self, run: RunDir, tensorboard: bool, wandb: bool, cfg: PPOJob):
         self.run = run
         self.mode = cfg.reward.mode if cfg is not None else None
         self.sentence_reward = cfg.reward.sentence_reward if cfg is not None else "rm"
@@ -45,8 +47,6 @@ class StepLogger:
         if old:
             import json
 
-            from rto.rundir import atomic_write_text
-
             atomic_write_text(
                 self.run.root / "archive" / f"ppo-metrics-{stamp}.jsonl",
                 "".join(json.dumps(r) + "\n" for r in old),
@@ -68,8 +68,6 @@ class StepLogger:
     def _log_trace_text(self, step: int) -> None:
         """The step's best and worst samples (by total reward) with their per-token rewards, as
         Markdown in TensorBoard's text tab. A step without a trace file (skipped batch) has none."""
-        from reward.traces import read_traces, trace_path
-        from reward.views import best_and_worst, markdown_sample, rank
 
         path = trace_path(self.run.traces_dir, step)
         if not path.is_file():

@@ -9,20 +9,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from reward.scoring import (
+from rto.forward import (
+    entropy_from_logits,
     image_inputs,
     position_ids_from_mask,
     response_logits,
     response_logprobs,
     token_logprobs,
 )
-from rto.ppo.algo import (
-    clipped_policy_loss,
-    clipped_value_loss,
-    entropy_bonus,
-    entropy_from_logits,
-    masked_mean,
-)
+from rto.ppo.algo import POLICY_LOSSES, clipped_value_loss, entropy_bonus, masked_mean
 
 
 def critic_values(
@@ -94,17 +89,22 @@ def policy_loss(
     clip_eps: float = 0.2,
     entropy_coef: float = 0.0,
     temperature: float = 1.0,
+    policy_loss_name: str = "ppo_clip",
     pixel_values: Tensor | None = None,
 ):
-    """Clipped PPO loss; `old_logprobs` are `policy_scores`' ``sampling_logprobs`` of the same
-    rows, so the log-probs here are taken at the same `temperature` (ratio = 1 before any update)."""
+    """The configured policy loss (`ppo.policy_loss`, a name in `POLICY_LOSSES`); `old_logprobs`
+    are `policy_scores`' ``sampling_logprobs`` of the same rows, so the log-probs here are taken at
+    the same `temperature` (ratio = 1 before any update: ``ratio_error`` = max |ratio − 1|)."""
     logprobs, entropy = response_logprobs(
         model, sequences, attention_mask, prompt_len, sequences.size(0), return_entropy=True,
         pixel_values=pixel_values, temperature=temperature,
     )  # fmt: skip
-    loss, stats = clipped_policy_loss(
+    loss, stats = POLICY_LOSSES.get(policy_loss_name)(
         logprobs, old_logprobs, advantages, response_mask, clip_eps=clip_eps, is_weights=is_weights
     )
+    with torch.no_grad():
+        ratio = torch.exp(logprobs - old_logprobs)[response_mask > 0]
+        stats["ratio_error"] = float((ratio - 1).abs().max()) if ratio.numel() else 0.0
     if entropy_coef > 0:
         loss = loss - entropy_bonus(entropy, response_mask, entropy_coef)
     stats["entropy"] = float(masked_mean(entropy.detach(), response_mask))

@@ -11,79 +11,66 @@ from __future__ import annotations
 import shutil
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import ray
 import torch
 
 from reward.compose import batch_rewards, rm_score_column
 from reward.traces import list_trace_steps, remove_stale_temp_files, trace_columns, trace_path, write_traces
-from rto.config import Config
 from rto.distributed import concat_results, init_ray, push_weights
 from rto.errors import UserError
-from rto.generation import encode_prompt, left_pad, prompt_text
-from rto.models import is_vision_language, load_processor, load_tokenizer
+from rto.generation import Sampler
 from rto.ppo import checkpoint
-from rto.ppo.algo import gae_advantages, masked_mean, masked_whiten, truncated_is_weights
+from rto.ppo.algo import ADVANTAGE_ESTIMATORS, masked_mean, masked_whiten, truncated_is_weights
+from rto.ppo.config import PPOJob
 from rto.ppo.groups import Groups, ModelPaths, build_groups
 from rto.ppo.logging import StepLogger
 from rto.progress import make_progress
 from rto.rundir import RunDir
 
 
+class PromptSet(Protocol):
+    """The prompts a PPO run draws from (a task's: `pipelines.prompts.TextPrompts`,
+    `pipelines.tasks.image_data.ImagePrompts`)."""
+
+    records: list[dict]  # the prompt records, as the ground truth reads them
+    labels: list[str]  # each prompt as the traces show it
+
+    def __len__(self) -> int: ...
+
+    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """``input_ids`` and ``attention_mask`` (left-padded) of these prompts, plus
+        ``pixel_values`` for a vision-language policy."""
+        ...
+
+
+class GroundTruth(Protocol):
+    """A task's rule reward of a response to a prompt record (None where the task has none)."""
+
+    def __call__(self, record: dict, response: str, terminated: bool) -> float: ...
+
+
 @dataclass
 class PPOInputs:
-    cfg: Config
+    cfg: PPOJob
     run: RunDir
     out_dir: Path
     paths: ModelPaths
-    prompts: list[dict]  # prompt records: {"prompt": TRL prompt (string or conversation), ["image": ...]}
-    ground_truth: object  # gt(record, response_text, terminated) -> float, or None
+    prompts: PromptSet
+    tokenizer: Any  # decodes responses (a vision-language policy's: its processor's tokenizer)
+    processing_class: Any  # saved beside the trained policy and critic (the tokenizer, or the processor)
+    ground_truth: GroundTruth | None
     rm_normalization: tuple[float, float] | None
     stage_hash: str
     resume: bool
     dtype: str = "float32"
     device: str = "cpu"
-    generate_fn: object = None  # a pruned sampler (FTP, AdaptInfer) or None for the dense policy
-    log: object = print
-    image_root: Path | None = None  # where relative image paths of the records are looked up
-
-
-class TextPrompts:
-    """Prompt records of a text policy, tokenised once."""
-
-    def __init__(self, tokenizer, records: list[dict]):
-        self.pad_token_id = tokenizer.pad_token_id
-        self.ids = [encode_prompt(tokenizer, r["prompt"]) for r in records]
-        self.labels = [prompt_text(r["prompt"]) for r in records]
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def batch(self, indices: list[int]) -> dict:
-        input_ids, attention_mask = left_pad([self.ids[i] for i in indices], self.pad_token_id)
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
-
-
-class ImagePrompts:
-    """Prompt records of a vision-language policy: one picture each, encoded by the processor when a
-    step draws them (pixel tensors of a whole prompt set would not fit in memory at real sizes).
-    The pictures were checked when the data was prepared (`pipelines.prepare`)."""
-
-    def __init__(self, processor, records: list[dict], image_root: Path | None):
-        from pipelines.tasks.image_data import prompt_label
-
-        self.processor, self.records, self.root = processor, records, image_root
-        self.labels = [prompt_label(r) for r in records]
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def batch(self, indices: list[int]) -> dict:
-        from pipelines.tasks.image_data import encode_prompts
-
-        return encode_prompts(self.processor, [self.records[i] for i in indices], self.root)
+    generate_fn: Sampler | None = None  # a pruned sampler (FTP, AdaptInfer), or None: dense HF generate
+    log: Callable[[str], None] = print
 
 
 def prompt_indices(consumed: int, count: int, n_prompts: int, seed: int) -> list[int]:
@@ -139,7 +126,7 @@ def all_finite(mask: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
     return all(t is None or bool(torch.isfinite(t[keep] if t.dim() == 2 else t).all()) for t in tensors)
 
 
-def train_on_batch(groups: Groups, cfg: Config, experience: dict, step: int) -> dict[str, float]:
+def train_on_batch(groups: Groups, cfg: PPOJob, experience: dict, step: int) -> dict[str, float]:
     """PPO epochs × minibatches; each minibatch is split into the calls DeepSpeed accumulates.
 
     Also returns the invariant every PPO step must hold, measured on the first minibatch of the
@@ -184,14 +171,6 @@ def train_on_batch(groups: Groups, cfg: Config, experience: dict, step: int) -> 
 def run_ppo(inputs: PPOInputs) -> dict:
     cfg, run, log = inputs.cfg, inputs.run, inputs.log
     ppo = cfg.ppo
-    processor = None
-    if is_vision_language(inputs.paths.policy):
-        processor = load_processor(inputs.paths.policy)
-        tokenizer = processor.tokenizer
-        prompts = ImagePrompts(processor, inputs.prompts, inputs.image_root)
-    else:
-        tokenizer = load_tokenizer(inputs.paths.policy)
-        prompts = TextPrompts(tokenizer, inputs.prompts)
     ckpt_root = run.checkpoints_dir / f"ppo-{inputs.stage_hash}"
     latest = checkpoint.latest_checkpoint(ckpt_root)
     if latest is not None and not inputs.resume:
@@ -223,7 +202,7 @@ def run_ppo(inputs: PPOInputs) -> dict:
         with make_progress() as progress:
             task = progress.add_task("ppo", total=ppo.steps, completed=state["step"], info="")
             for step in range(state["step"] + 1, ppo.steps + 1):
-                record = one_step(inputs, groups, tokenizer, prompts, state, step)
+                record = one_step(inputs, groups, state, step)
                 logger.log(step, record)
                 state["step"] = step
                 if step % ppo.checkpoint_every == 0 and step < ppo.steps:
@@ -244,7 +223,7 @@ def run_ppo(inputs: PPOInputs) -> dict:
         groups.policy.run_all("save_hf", str(inputs.out_dir / "policy"))
         groups.critic.run_all("save_hf", str(inputs.out_dir / "critic"))
         for folder in ("policy", "critic"):
-            (processor or tokenizer).save_pretrained(inputs.out_dir / folder)
+            inputs.processing_class.save_pretrained(inputs.out_dir / folder)
     finally:
         logger.close()
         groups.shutdown()
@@ -252,10 +231,8 @@ def run_ppo(inputs: PPOInputs) -> dict:
     return {**logger.summary(state), "peak_rss_mb": memory}
 
 
-def one_step(
-    inputs: PPOInputs, groups: Groups, tokenizer, prompts: TextPrompts | ImagePrompts, state: dict, step: int
-) -> dict:
-    cfg = inputs.cfg
+def one_step(inputs: PPOInputs, groups: Groups, state: dict, step: int) -> dict:
+    cfg, tokenizer, prompts = inputs.cfg, inputs.tokenizer, inputs.prompts
     ppo = cfg.ppo
     times = {}
     t0 = time.perf_counter()
@@ -279,7 +256,7 @@ def one_step(
     record: dict = {"samples": len(chosen)}
     if inputs.ground_truth is not None:
         gts = [
-            inputs.ground_truth(inputs.prompts[i], r, t)
+            inputs.ground_truth(prompts.records[i], r, t)
             for i, r, t in zip(chosen, responses, terminated, strict=True)
         ]
         record["gt_reward"] = sum(gts) / len(gts)
@@ -304,7 +281,8 @@ def one_step(
         )
         return {**record, "skipped": 1, "skipped_batches": state["skipped_batches"], **times}
 
-    advantages, returns = gae_advantages(rewards.reward, scores["values"], mask, ppo.gamma, ppo.lam)
+    estimator = ADVANTAGE_ESTIMATORS.get(ppo.advantage_estimator)
+    advantages, returns = estimator(rewards.reward, scores["values"], mask, gamma=ppo.gamma, lam=ppo.lam)
     train_advantages = masked_whiten(advantages, mask) if ppo.whiten_advantages else advantages
     is_weights = None
     if inputs.generate_fn is not None:
@@ -349,6 +327,7 @@ def one_step(
         "is_weights": is_weights,
         "prompt_len": prompt_len,
         "clip_eps": ppo.clip_eps,
+        "policy_loss_name": ppo.policy_loss,
         "temperature": ppo.temperature,
         "entropy_coef": ppo.entropy_coef,
         "value_clip": ppo.value_clip,
@@ -386,7 +365,7 @@ def one_step(
     return {k: v for k, v in record.items() if v is not None}
 
 
-def _raw_sentence_score(cfg: Config, scores: dict, gts: list[float] | None) -> float | None:
+def _raw_sentence_score(cfg: PPOJob, scores: dict, gts: list[float] | None) -> float | None:
     """Mean sentence-level score before normalisation: the RM's, or the ground truth used in its place."""
     if "rm_scores" in scores:
         return float(scores["rm_scores"].mean())

@@ -12,18 +12,22 @@ from pathlib import Path
 
 import torch
 
+from pipelines.prepare import _is_empty, _text_kind, _type_name, prepare
+from pipelines.stages.rm import load_normalization
 from reward.compose import batch_rewards, rm_score_column
+from reward.scoring import FrozenLM, FrozenRM, check_same_tokenizer
 from reward.traces import trace_columns, write_traces
 from rto.config import Config
 from rto.errors import UserError
 from rto.generation import decode_responses, encode_completion, encode_prompt, pack, prompt_text, sample
-from rto.rundir import RunDir
+from rto.models import load_causal_lm, load_tokenizer, sampling_token_ids
+from rto.rundir import RunDir, check_output_file
+from rto.runtime import resolve_device
 
 
 def load_responses(path: Path) -> list[tuple[object, str]]:
     """(prompt, response text) rows of a JSONL/Parquet file; every row checked, the first bad one
     a `UserError` naming the file, the row and the column."""
-    from pipelines.prepare import _is_empty, _text_kind, _type_name
 
     if path.is_dir():
         raise UserError("is a directory, not a responses file", source=str(path), field="--responses")
@@ -84,8 +88,6 @@ def score_responses(
     cfg: Config, run_dir: Path, responses: Path | None, out: Path | None, n_samples: int = 64
 ) -> Path:
 
-    from rto.rundir import check_output_file
-
     run = RunDir(run_dir)
     if out is not None:
         check_output_file(out, "-o")  # before any scoring
@@ -96,11 +98,6 @@ def score_responses(
 
 
 def _score(cfg: Config, run: RunDir, pairs: list | None, out: Path | None, n_samples: int) -> Path:
-    from pipelines.prepare import prepare
-    from pipelines.stages.rm import load_normalization
-    from reward.scoring import FrozenLM, FrozenRM, check_same_tokenizer
-    from rto.models import load_causal_lm, load_tokenizer, sampling_token_ids
-    from rto.runtime import resolve_device
 
     device = resolve_device(cfg.device)
     prepared = prepare(cfg, run)

@@ -6,16 +6,18 @@ import hashlib
 import time
 from pathlib import Path
 
+from pipelines.prepare import prepare
+from pipelines.stages import StageContext, stages
 from rto.config import Config, dump_config
+from rto.errors import UserError
 from rto.progress import console, quiet_libraries
 from rto.rundir import RunDir, atomic_write_text
 from rto.runtime import resolve_device, seed_everything
 
 
 def stage_hash(cfg: Config, name: str, run: RunDir, prepared_key: str) -> str:
-    from pipelines.stages import STAGES
 
-    spec = STAGES[name]
+    spec = stages()[name]
     parts = [name, prepared_key, cfg.section_hash(*spec.sections, "seed", "device", "dtype")]
     for upstream in spec.uses:
         record = run.stage_record(upstream)
@@ -33,8 +35,6 @@ def run_job(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
 
 
 def _run_stages(cfg: Config, run: RunDir, resume: bool) -> dict:
-    from pipelines.prepare import prepare
-    from pipelines.stages import STAGES, StageContext
 
     device = resolve_device(cfg.device)
     if cfg.resources.torch_threads:
@@ -50,9 +50,7 @@ def _run_stages(cfg: Config, run: RunDir, resume: bool) -> dict:
     # the run is accepted (its data and models are ready): only now does its config replace the record
     atomic_write_text(run.config_path, dump_config(cfg))
     for name in cfg.stages:
-        if name not in STAGES:
-            from rto.errors import UserError
-
+        if name not in stages():
             raise UserError(
                 f"stage '{name}' is not available in this install",
                 source=str(run.config_path),
@@ -77,7 +75,7 @@ def _run_stages(cfg: Config, run: RunDir, resume: bool) -> dict:
             log=console.log,
             extras={"stage_hash": key},
         )
-        summary = STAGES[name].run(ctx) or {}
+        summary = stages()[name].run(ctx) or {}
         summary["seconds"] = round(time.time() - started, 1)
         run.finish_stage(name, tmp, key, summary)
         console.log(f"[green]stage {name}: done in {summary['seconds']} s[/green]")
