@@ -14,12 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.tasks import image, image_data, image_model, text
-from pipelines.tasks.image_data import check_images, pin_images, record_reward
-from pipelines.tasks.text import reward
+from pipelines.tasks import image, image_model, task, text
 from rto.config import Config, DataSource, ModelSpec
 from rto.errors import UserError
-from rto.generation import encode_completion, prompt_text
+from rto.generation import encode_completion
 from rto.models import load_tokenizer
 from rto.rundir import RunDir, atomic_write_json, replace_dir, unique_suffix
 
@@ -56,23 +54,12 @@ class Prepared:
     def ground_truth(self) -> Callable[[str, str, bool], float] | None:
         """`gt(prompt_text, response_text, terminated) -> reward` where the task has one that the
         prompt text alone decides (the text task; the image task's needs `record_ground_truth`)."""
-        if not self.has_task or self.is_image_task:
-            return None
-
-        return reward
+        return task(self.task_name).prompt_reward() if self.has_task else None
 
     def record_ground_truth(self) -> Callable[[dict, str, bool], float] | None:
         """`gt(record, response_text, terminated) -> reward` where the task has one; unlike
         `ground_truth` it sees the whole prompt record (the image task's answer lives there)."""
-        if not self.has_task:
-            return None
-        if self.task_name == "image":
-            return record_reward
-
-        text_reward = self.ground_truth()
-        return lambda record, response, terminated: text_reward(
-            prompt_text(record["prompt"]), response, terminated
-        )
+        return task(self.task_name).record_reward if self.has_task else None
 
     @property
     def is_image_task(self) -> bool:
@@ -139,48 +126,28 @@ def _build(cfg: Config, tmp: Path, final: Path) -> None:
     data: dict[str, str] = {}
     models: dict[str, str] = {}
     tokenizer_ref = None
-    if cfg.task is not None and cfg.task.name == "image":
-        tokenizer_ref = _build_image_task(cfg, tmp, data)
-    elif cfg.task is not None:
-        settings = text.TaskSettings(
-            seed=cfg.task.seed,
-            n_sft=cfg.task.n_sft,
-            n_pairs=cfg.task.n_pairs,
-            n_prompts=cfg.task.n_prompts,
-            n_eval=cfg.task.n_eval,
-            label_temperature=cfg.task.label_temperature,
-            max_sentences=cfg.task.max_sentences,
-        )
-        generated = {
-            "sft": text.sft_records(settings),
-            "pairs": text.preference_records(settings, split="train"),
-            "eval_pairs": text.preference_records(settings, cfg.task.n_eval_pairs, split="eval"),
-            "prompts": text.prompt_records(settings, settings.n_prompts, "train"),
-            "eval_prompts": text.prompt_records(settings, settings.n_eval, "eval"),
-        }
+    the_task = task(cfg.task.name) if cfg.task is not None else None
+    if the_task is not None:
+        generated, tokenizer = the_task.build(cfg.task, tmp)
         for role, records in generated.items():
-            text.write_jsonl(tmp / f"{role}.jsonl", records)
+            _write_jsonl(tmp / f"{role}.jsonl", records)
             data[role] = f"{role}.jsonl"
-        tokenizer = text.build_tokenizer()
         tokenizer.save_pretrained(tmp / "tokenizer")
         tokenizer_ref = "local:tokenizer"
     for role in ROLES:
         source: DataSource | None = getattr(cfg.data, role)
         if source is not None:
             records = load_records(source, role)
-            if cfg.task is not None and cfg.task.name == "image":
-                records = pin_images(records, Path(source.path).parent, tmp, role)
-                check_images(records, tmp, source.path)
-                if role in IMAGE_REQUIRED:
-                    check_column(records, source.path, f"data.{role}.path", *IMAGE_REQUIRED[role])
+            if the_task is not None:
+                records = the_task.external(records, role, source.path, tmp)
             _write_jsonl(tmp / f"{role}.jsonl", records)
             data[role] = f"{role}.jsonl"
     roles = (("policy", cfg.policy),)
-    if cfg.task is None or cfg.task.name == "text":  # the image task has no reward-model stage
+    if the_task is None or the_task.uses_reward_model:
         roles += (("reward_model", cfg.reward_model),)
     for role, spec in roles:
         models[role] = _materialize(spec, role, cfg, tmp)
-    if cfg.task is None or cfg.task.name == "text":
+    if the_task is None or the_task.name == "text":
         check_text_tokenizer(_local(models["policy"], tmp), "policy.path", _conversational(tmp, data))
     atomic_write_json(
         tmp / "prepared.json",
@@ -233,32 +200,6 @@ def check_text_tokenizer(path: str, field: str, conversational: bool) -> None:
             "assistant turn, so no response could end",
             field=field,
         )
-
-
-IMAGE_REQUIRED = {
-    "prompts": ("answer", "the image task's ground truth compares the response with it"),
-    "eval_prompts": ("answer", "the image task's ground truth compares the response with it"),
-    "pairs": ("prompt", "the image task's pairs answer a question about the picture"),
-    "eval_pairs": ("prompt", "the image task's pairs answer a question about the picture"),
-}
-"""Image-task data roles -> (column every row must fill, why)."""
-
-
-def check_column(records: list[dict], source: str, field: str, column: str, why: str) -> None:
-    """Every row has a non-empty `column`; the first that does not is a `UserError`."""
-    for n, record in enumerate(records, 1):
-        if not str(record.get(column) or "").strip():
-            raise UserError(f"row {n} has no '{column}' ({why})", source=source, field=field)
-
-
-def _build_image_task(cfg: Config, tmp: Path, data: dict[str, str]) -> str:
-    """Pictures, records and the processor of the built-in image task; returns the tokenizer ref."""
-
-    for role, records in image_data.build_records(cfg.task, tmp).items():
-        text.write_jsonl(tmp / f"{role}.jsonl", records)
-        data[role] = f"{role}.jsonl"
-    image.build_processor().save_pretrained(tmp / "tokenizer")
-    return "local:tokenizer"
 
 
 def _materialize(spec: ModelSpec, role: str, cfg: Config, tmp: Path) -> str:

@@ -177,6 +177,10 @@ class BuiltinTaskConfig(Section):
     n_prompts: int = Field(1024, gt=0, description="PPO training prompts")
     n_eval: int = Field(128, gt=0, description="Held-out evaluation prompts")
 
+    def adjust_job(self, job: Config) -> None:
+        """Apply the task's defaults to the rest of `job` and check what the task cannot run."""
+        raise NotImplementedError
+
 
 class TextTaskConfig(BuiltinTaskConfig):
     """The built-in synthetic text task (design §8)."""
@@ -186,6 +190,9 @@ class TextTaskConfig(BuiltinTaskConfig):
     n_eval_pairs: int = Field(400, gt=0, description="Held-out preference pairs")
     label_temperature: float = Field(0.5, gt=0, description="Bradley-Terry annotator temperature (noise)")
     max_sentences: int = Field(4, ge=1, le=8)
+
+    def adjust_job(self, job: Config) -> None:
+        """The text task asks nothing of the rest of the job."""
 
 
 class ImageTaskConfig(BuiltinTaskConfig):
@@ -203,6 +210,45 @@ class ImageTaskConfig(BuiltinTaskConfig):
         description="Share of SFT examples that ask for a full description of the picture (dense "
         "supervision that teaches a tiny model to read the image much sooner)",
     )
+
+    def adjust_job(self, job: Config) -> None:
+        """The image task's defaults and rules for the rest of the job (called by `Config`)."""
+        unsupported = [s for s in job.stages if s not in IMAGE_TASK_STAGES]
+        if unsupported:
+            raise FieldError(
+                "stages",
+                f"stage '{unsupported[0]}' does not support task 'image' (supported: {list(IMAGE_TASK_STAGES)})",
+            )
+        if "policy" not in job.model_fields_set:  # the image task's default policy is the tiny VLM
+            job.policy = ModelSpec(builtin="tiny-llava")
+        elif job.policy.builtin == "tiny-llama":
+            raise FieldError(
+                "policy.builtin", "task 'image' needs a vision-language policy: tiny-llava or a path"
+            )
+        # no reward-model stage: the sentence-level reward is the rule reward, the critic the policy's;
+        # the token reward is RTO's when there is a DPO model, else PPO's (rule reward + KL)
+        mode = "rto" if "dpo" in job.stages else "ppo"
+        unset = {k: v for k, v in (("mode", mode), ("sentence_reward", "ground_truth"))
+                 if k not in job.reward.model_fields_set}  # fmt: skip
+        if unset:
+            job.reward = type(job.reward).model_validate({**job.reward.model_dump(), **unset})
+        if "critic_init" not in job.ppo.model_fields_set:
+            job.ppo.critic_init = "policy"
+        if job.ppo.critic_init == "rm":
+            raise FieldError(
+                "ppo.critic_init",
+                "'rm' needs a reward model, which task 'image' has no stage for; use 'policy'",
+            )
+        if "ppo" in job.stages and job.reward.needs_dpo and "dpo" not in job.stages:
+            raise FieldError(
+                "reward.mode",
+                f"'{job.reward.mode}' needs a DPO model: add 'dpo' to stages, or use reward.mode ppo",
+            )
+        if "ppo" in job.stages and job.reward.needs_rm:
+            raise FieldError(
+                "reward.sentence_reward",
+                "'rm' needs a reward model, which task 'image' has no stage for; use 'ground_truth'",
+            )
 
 
 def _task_name(value: Any) -> str:
@@ -341,9 +387,9 @@ class Config(Section):
                     raise FieldError(
                         "stages", f"stage '{stage}' needs data.{source} when there is no built-in task"
                     )
-        if isinstance(self.task, ImageTaskConfig):
-            self._check_image_task()
-        elif self.policy.builtin == "tiny-llava":
+        if self.task is not None:
+            self.task.adjust_job(self)
+        if not isinstance(self.task, ImageTaskConfig) and self.policy.builtin == "tiny-llava":
             raise FieldError("policy.builtin", "'tiny-llava' is the image task's model; set task.name: image")
         self._check_sampler()
         if self.reward.sentence_reward == "ground_truth" and self.task is None:
@@ -367,44 +413,6 @@ class Config(Section):
                     f"({ppo.micro_batch_size} × {ranks} = {ppo.micro_batch_size * ranks}): every rank of the "
                     f"{group} group takes micro_batch_size rows per forward/backward",
                 )
-
-    def _check_image_task(self) -> None:
-        unsupported = [s for s in self.stages if s not in IMAGE_TASK_STAGES]
-        if unsupported:
-            raise FieldError(
-                "stages",
-                f"stage '{unsupported[0]}' does not support task 'image' (supported: {list(IMAGE_TASK_STAGES)})",
-            )
-        if "policy" not in self.model_fields_set:  # the image task's default policy is the tiny VLM
-            self.policy = ModelSpec(builtin="tiny-llava")
-        elif self.policy.builtin == "tiny-llama":
-            raise FieldError(
-                "policy.builtin", "task 'image' needs a vision-language policy: tiny-llava or a path"
-            )
-        # no reward-model stage: the sentence-level reward is the rule reward, the critic the policy's;
-        # the token reward is RTO's when there is a DPO model, else PPO's (rule reward + KL)
-        mode = "rto" if "dpo" in self.stages else "ppo"
-        unset = {k: v for k, v in (("mode", mode), ("sentence_reward", "ground_truth"))
-                 if k not in self.reward.model_fields_set}  # fmt: skip
-        if unset:
-            self.reward = type(self.reward).model_validate({**self.reward.model_dump(), **unset})
-        if "critic_init" not in self.ppo.model_fields_set:
-            self.ppo.critic_init = "policy"
-        if self.ppo.critic_init == "rm":
-            raise FieldError(
-                "ppo.critic_init",
-                "'rm' needs a reward model, which task 'image' has no stage for; use 'policy'",
-            )
-        if "ppo" in self.stages and self.reward.needs_dpo and "dpo" not in self.stages:
-            raise FieldError(
-                "reward.mode",
-                f"'{self.reward.mode}' needs a DPO model: add 'dpo' to stages, or use reward.mode ppo",
-            )
-        if "ppo" in self.stages and self.reward.needs_rm:
-            raise FieldError(
-                "reward.sentence_reward",
-                "'rm' needs a reward model, which task 'image' has no stage for; use 'ground_truth'",
-            )
 
     def _check_sampler(self) -> None:
         """`ppo.rollout_pruner` names a registered sampler (`prune.samplers`) that fits the policy."""

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from pipelines.tasks import TASKS
 from pipelines.tasks import image as task
 from rto.errors import UserError
 from rto.generation import left_pad
@@ -194,3 +195,48 @@ class ImagePrompts:
 
     def batch(self, indices: list[int]) -> dict:
         return encode_prompts(self.processor, [self.records[i] for i in indices], self.root)
+
+
+IMAGE_REQUIRED = {
+    "prompts": ("answer", "the image task's ground truth compares the response with it"),
+    "eval_prompts": ("answer", "the image task's ground truth compares the response with it"),
+    "pairs": ("prompt", "the image task's pairs answer a question about the picture"),
+    "eval_pairs": ("prompt", "the image task's pairs answer a question about the picture"),
+}
+"""Image-task data roles -> (column every row must fill, why)."""
+
+
+def check_column(records: list[dict], source: str, field: str, column: str, why: str) -> None:
+    """Every row has a non-empty `column`; the first that does not is a `UserError`."""
+    for n, record in enumerate(records, 1):
+        if not str(record.get(column) or "").strip():
+            raise UserError(f"row {n} has no '{column}' ({why})", source=source, field=field)
+
+
+class ImageTask:
+    """The built-in image task (the `task` section with `name: image`): generated pictures and
+    questions; no reward-model stage (its sentence-level reward is the ground truth)."""
+
+    name = "image"
+    uses_reward_model = False
+
+    def build(self, settings, folder: Path):
+        from pipelines.tasks import image  # the task's pictures and processor
+
+        return build_records(settings, folder), image.build_processor()
+
+    def external(self, records: list[dict], role: str, source: str, folder: Path) -> list[dict]:
+        records = pin_images(records, Path(source).parent, folder, role)
+        check_images(records, folder, source)
+        if role in IMAGE_REQUIRED:
+            check_column(records, source, f"data.{role}.path", *IMAGE_REQUIRED[role])
+        return records
+
+    def record_reward(self, record: dict, response: str, terminated: bool) -> float:
+        return record_reward(record, response, terminated)
+
+    def prompt_reward(self):
+        return None  # the answer is in the record (and the picture), not the prompt's text
+
+
+TASKS.register("image")(ImageTask())

@@ -26,6 +26,9 @@ import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from pipelines.tasks import TASKS
 
 # ---------------------------------------------------------------- vocabulary
 
@@ -426,3 +429,39 @@ def llama_config(tokenizer, overrides: dict | None = None, **extra):
         eos_token_id=tokenizer.eos_token_id,
         **fields,
     )
+
+
+class TextTask:
+    """The built-in synthetic text task (the `task` section with `name: text`)."""
+
+    name = "text"
+    uses_reward_model = True
+
+    def build(self, settings, folder: Path) -> tuple[dict[str, list[dict]], Any]:
+        task = TaskSettings(
+            seed=settings.seed, n_sft=settings.n_sft, n_pairs=settings.n_pairs, n_prompts=settings.n_prompts,
+            n_eval=settings.n_eval, label_temperature=settings.label_temperature,
+            max_sentences=settings.max_sentences,
+        )  # fmt: skip
+        records = {
+            "sft": sft_records(task),
+            "pairs": preference_records(task, split="train"),
+            "eval_pairs": preference_records(task, settings.n_eval_pairs, split="eval"),
+            "prompts": prompt_records(task, task.n_prompts, "train"),
+            "eval_prompts": prompt_records(task, task.n_eval, "eval"),
+        }
+        return records, build_tokenizer()
+
+    def external(self, records: list[dict], role: str, source: str, folder: Path) -> list[dict]:
+        return records
+
+    def record_reward(self, record: dict, response: str, terminated: bool) -> float:
+        from rto.generation import prompt_text  # deferred: torch (the task registry loads light)
+
+        return reward(prompt_text(record["prompt"]), response, terminated)
+
+    def prompt_reward(self):
+        return reward
+
+
+TASKS.register("text")(TextTask())
