@@ -10,7 +10,7 @@ from pipelines.prepare import prepare
 from pipelines.stages import StageContext, stages
 from rto.config import Config, dump_config
 from rto.errors import UserError
-from rto.progress import console, quiet_libraries
+from rto.progress import LOG_FILE, console, library_output, quiet_libraries
 from rto.rundir import RunDir, atomic_write_text
 from rto.runtime import resolve_device, seed_everything
 
@@ -25,12 +25,14 @@ def stage_hash(cfg: Config, name: str, run: RunDir, prepared_key: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def run_job(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
-    """Run `cfg.stages` in `run_dir`, holding its lock; returns the run's summary."""
+def run_job(cfg: Config, run_dir: str | Path, resume: bool = False, verbose: bool = False) -> dict:
+    """Run `cfg.stages` in `run_dir`, holding its lock; returns the run's summary. Library output
+    goes to RUN_DIR/rto.log unless `verbose`."""
     quiet_libraries()
     run = RunDir(run_dir)
     run.check_usable()
     with run.lock():
+        library_output(run.root / LOG_FILE, verbose)
         return _run_stages(cfg, run.create(), resume)
 
 

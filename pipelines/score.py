@@ -21,6 +21,7 @@ from rto.config import Config
 from rto.errors import UserError
 from rto.generation import decode_responses, encode_completion, encode_prompt, pack, prompt_text, sample
 from rto.models import load_causal_lm, load_tokenizer, sampling_token_ids
+from rto.progress import LOG_FILE, library_output
 from rto.rundir import RunDir, check_output_file
 from rto.runtime import resolve_device
 
@@ -85,15 +86,22 @@ def load_responses(path: Path) -> list[tuple[object, str]]:
 
 
 def score_responses(
-    cfg: Config, run_dir: Path, responses: Path | None, out: Path | None, n_samples: int = 64
+    cfg: Config,
+    run_dir: Path,
+    responses: Path | None,
+    out: Path | None,
+    n_samples: int = 64,
+    verbose: bool = False,
 ) -> Path:
-
+    """Score `responses` (or samples of the policy) in the run directory, holding its lock;
+    library output goes to RUN_DIR/rto.log unless `verbose`."""
     run = RunDir(run_dir)
     if out is not None:
         check_output_file(out, "-o")  # before any scoring
     pairs = load_responses(responses) if responses is not None else None
     run.check_usable()
     with run.lock():
+        library_output(run.root / LOG_FILE, verbose)
         return _score(cfg, run.create(), pairs, out, n_samples)
 
 

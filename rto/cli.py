@@ -24,6 +24,9 @@ app = typer.Typer(
 )
 
 SetOption = typer.Option(None, "--set", help="Override a config field: --set ppo.steps=10 (repeatable)")
+VerboseOption = typer.Option(
+    False, "--verbose", "-v", help="Show the libraries' output too (by default it goes to RUN_DIR/rto.log)"
+)
 
 
 def default_run_dir(config: Path) -> Path:
@@ -67,9 +70,9 @@ def run(
     secret_files: list[str] = typer.Option(
         None, "--secret-file", help="NAME=PATH: read the file PATH into the environment variable NAME first"
     ),
+    verbose: bool = VerboseOption,
 ) -> None:
     """Run a job's stages; finished stages with the same settings are skipped."""
-
     read_secret_files(secret_files or [], os.environ)
     from pipelines.runner import run_job  # deferred: torch, transformers, ray (start-up time of the CLI)
 
@@ -77,8 +80,7 @@ def run(
     run_dir = run_dir_path(run_dir, config)
     RunDir(run_dir).check_usable()
     check_stage_inputs(cfg, RunDir(run_dir).finished_stages(), str(config))
-    summary = run_job(cfg, run_dir, resume=resume)
-
+    summary = run_job(cfg, run_dir, resume=resume, verbose=verbose)
     print_summary(summary, cfg.stages)
 
 
@@ -113,12 +115,13 @@ def score(
     samples: int = typer.Option(
         64, "--samples", min=1, help="Responses to sample when --responses is not given"
     ),
+    verbose: bool = VerboseOption,
 ) -> None:
     """Score responses with the configured token reward and write one trace file (before any PPO)."""
     from pipelines.score import score_responses  # deferred: torch, transformers (start-up time)
 
     cfg = load_config(config, overrides or [])
-    path = score_responses(cfg, run_dir_path(run_dir, config), responses, output, samples)
+    path = score_responses(cfg, run_dir_path(run_dir, config), responses, output, samples, verbose)
     typer.echo(f"wrote {path}")
 
 

@@ -32,7 +32,7 @@ MARKER = ".rto-stage.json"
 LOCK_FILE = ".rto-lock"
 RUN_ENTRIES = {
     "config.yaml", "prepared", "stages", "metrics.jsonl", "traces", "checkpoints", "summary.json",
-    "tensorboard", "archive", "scores", LOCK_FILE,
+    "tensorboard", "archive", "scores", "rto.log", LOCK_FILE,
 }  # fmt: skip
 """What a run writes into its directory (anything else there means it is someone else's folder)."""
 

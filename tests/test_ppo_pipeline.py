@@ -153,6 +153,11 @@ def test_kill_during_ppo_then_resume(reward_run, tmp_path):
     result = rto("run", str(job), "--run-dir", str(run_dir), "--resume")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stderr
+    # quiet by default: rto's own progress on the console, the libraries' output in RUN_DIR/rto.log
+    for noise in ("Warning", "WARNING", "Started a local Ray", "Token authentication", "Loading weights",
+                  "Writing model shards", "pid="):  # fmt: skip
+        assert noise not in result.stderr, noise
+    assert (run_dir / "rto.log").is_file()
     assert ppo_steps(run_dir) == list(range(1, 9))  # no gap, no duplicate
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     for record in (r for r in metrics if r["stage"] == "ppo"):  # resumed steps too
@@ -284,8 +289,9 @@ def test_ftp_pruned_rollouts_are_importance_weighted(reward_run, tmp_path):
         ppo__temperature=0.7, ppo__top_p=0.9,
         ftp={"search": {"population": 4, "generations": 2, "calib_samples": 8, "elite": 1}, "train": {"steps": 5, "batch_size": 4}},
     )  # fmt: skip
-    result = rto("run", str(job), "--run-dir", str(run_dir))
+    result = rto("run", str(job), "--run-dir", str(run_dir), "--verbose")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "Started a local Ray instance" in result.stderr  # --verbose: the libraries' output too
     (record,) = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"ppo"' in x]
     assert 0.0 < record["is_weight_mean"] <= 2.0
     assert (run_dir / "stages" / "ftp" / "router.safetensors").is_file()

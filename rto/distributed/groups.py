@@ -41,6 +41,10 @@ def init_ray(address: str | None = None, num_cpus: float | None = None, **kwargs
     """
     if ray.is_initialized():
         return
+    from rto.progress import route_library_logs, verbose  # deferred: rto.progress is base, imported light
+
+    kwargs.setdefault("log_to_driver", verbose())  # workers' output stays in Ray's logs unless --verbose
+    route_library_logs()
     if address is None:
         kwargs.setdefault("include_dashboard", False)
         if num_cpus is not None:
