@@ -1,4 +1,4 @@
-"""Token reward composition (design §4): RTO, sentence-level PPO and DPO-only.
+"""Token reward composition (docs/design.md, "The token reward (RTO)"): RTO, sentence-level PPO and DPO-only.
 
 Tensor convention (shared by the whole PPO layer): per-token tensors are **response-aligned**
 `[B, R]` — position t is the t-th generated token. `response_mask [B, R]` is 1 for real response

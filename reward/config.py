@@ -1,4 +1,4 @@
-"""Settings of the token reward (design §4): which mode, and the coefficients of each term."""
+"""Settings of the token reward (docs/design.md, "The token reward (RTO)"): which mode, and the coefficients of each term."""
 
 from __future__ import annotations
 

@@ -183,7 +183,7 @@ class BuiltinTaskConfig(Section):
 
 
 class TextTaskConfig(BuiltinTaskConfig):
-    """The built-in synthetic text task (design §8)."""
+    """The built-in synthetic text task (`pipelines/tasks/text.py`)."""
 
     name: Literal["text"] = "text"
     n_pairs: int = Field(3000, gt=0, description="Training preference pairs")
@@ -196,7 +196,7 @@ class TextTaskConfig(BuiltinTaskConfig):
 
 
 class ImageTaskConfig(BuiltinTaskConfig):
-    """The built-in image task (design §8): generated pictures, questions with known answers."""
+    """The built-in image task (`pipelines/tasks/image.py`): generated pictures, questions with known answers."""
 
     name: Literal["image"] = "image"
     n_sft: int = Field(16000, gt=0, description="SFT examples")

@@ -1,4 +1,4 @@
-"""The run directory (design §7) and the atomic file operations every stage relies on.
+"""The run directory (docs/design.md, "The contract") and the atomic file operations every stage relies on.
 
     RUN_DIR/config.yaml          resolved job configuration
     RUN_DIR/prepared/<hash>/     tokenizer, data files and base models the stages start from

@@ -179,6 +179,16 @@ def test_kill_during_ppo_then_resume(reward_run, tmp_path):
         for h in range(n):
             expected = row["reward_dpo"][h] + row["reward_kl"][h] + (row["rm_score"] if h == n - 1 else 0.0)
             assert abs(row["reward"][h] - expected) < 1e-5
+        # advantages and returns recompute from the logged rewards and values by GAE (γ = 1, λ = 0.95)
+        advantage, following = [0.0] * n, 0.0
+        for h in reversed(range(n)):
+            next_value = row["value"][h + 1] if h + 1 < n else 0.0
+            following = row["reward"][h] + next_value - row["value"][h] + 0.95 * following
+            advantage[h] = following
+        assert max(abs(a - b) for a, b in zip(advantage, row["advantage"], strict=True)) < 1e-4
+        assert (
+            max(abs(a + v - g) for a, v, g in zip(advantage, row["value"], row["return"], strict=True)) < 1e-4
+        )
 
 
 def test_nan_reward_skips_the_batch(reward_run, tmp_path, monkeypatch):

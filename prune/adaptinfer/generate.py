@@ -4,7 +4,7 @@
 sequences and the sampler's per-token log-probs out. Because the pruned sampler is not the dense
 policy, PPO recomputes log-probs with `vlm_token_logprobs` on the dense model (differentiable,
 plain transformers forward, so DeepSpeed wraps it as usual) and corrects the mismatch with
-truncated importance sampling (design §5).
+truncated importance sampling (docs/design.md, "PPO": off-policy rollouts).
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ class FTPTrainConfig(_Section):
 
 
 class FTPConfig(_Section):
-    """FTP: learned token routing for cheaper rollouts (design §6)."""
+    """FTP: learned token routing for cheaper rollouts (docs/ftp.md)."""
 
     sparsity: float = Field(0.3, description="Global token sparsity target, in [0, 1)")
     max_block_sparsity: float = Field(0.8, description="Upper bound on any one block's sparsity, in (0, 1)")

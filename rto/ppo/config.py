@@ -1,4 +1,4 @@
-"""Settings of the `ppo` stage (design §5). Defaults suit the built-in task on a laptop CPU;
+"""Settings of the `ppo` stage (docs/design.md, "One PPO iteration on Ray"). Defaults suit the built-in task on a laptop CPU;
 the RTO paper's recipe for Llama-3-8B is in configs/llama3-8b-rto.yaml."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The PPO loop (design §5), read top to bottom:
+"""The PPO loop (docs/design.md, "One PPO iteration on Ray"), read top to bottom:
 
     prompts → rollout workers generate → policy/ref/dpo/rm/critic score concurrently
     → token rewards (reward.compose) → GAE → whitening → epochs × minibatches → push weights
