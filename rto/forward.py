@@ -43,6 +43,31 @@ def _accepts(model: nn.Module, argument: str) -> bool:
     return argument in inspect.signature(wrapped.forward).parameters
 
 
+def forward_micro_batches(
+    model: nn.Module,
+    sequences: Tensor,
+    attention_mask: Tensor,
+    micro_batch_size: int,
+    pixel_values: Tensor | None = None,
+    **kwargs,
+):
+    """Yield ``(ids, mask, output)`` for each micro-batch of rows: the model's forward with position
+    ids from the attention mask (so padding changes nothing), no cache, and the rows' pictures for
+    a vision-language model; `kwargs` go to the forward as well."""
+    for start in range(0, sequences.size(0), micro_batch_size):
+        ids = sequences[start : start + micro_batch_size]
+        mask = attention_mask[start : start + micro_batch_size]
+        output = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position_ids_from_mask(mask),
+            use_cache=False,
+            **kwargs,
+            **image_inputs(model, pixel_values, start, micro_batch_size),
+        )
+        yield ids, mask, output
+
+
 def response_logits(
     model: nn.Module,
     sequences: Tensor,
@@ -51,7 +76,7 @@ def response_logits(
     micro_batch_size: int = 8,
     pixel_values: Tensor | None = None,
 ):
-    """Yield, micro-batch by micro-batch, ``(rows, logits [b, R, V] float32, targets [b, R],
+    """Yield, micro-batch by micro-batch, ``(logits [b, R, V] float32, targets [b, R],
     response_mask [b, R])``: the logits that predict each response token `sequences[:, prompt_len:]`.
     Only the R + 1 last positions are computed where the model takes ``logits_to_keep``."""
     if sequences.shape != attention_mask.shape or sequences.dim() != 2:
@@ -65,24 +90,11 @@ def response_logits(
         )
     # Logits at positions P−1 … P+R−2 predict the response tokens P … P+R−1.
     keep = {"logits_to_keep": response_len + 1} if _accepts(model, "logits_to_keep") else {}
-    for start in range(0, sequences.size(0), micro_batch_size):
-        ids = sequences[start : start + micro_batch_size]
-        mask = attention_mask[start : start + micro_batch_size]
-        logits = model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=position_ids_from_mask(mask),
-            use_cache=False,
-            **keep,
-            **image_inputs(model, pixel_values, start, micro_batch_size),
-        ).logits
-        logits = logits[:, -(response_len + 1) : -1].float()  # [b, R, V]
-        yield (
-            slice(start, start + ids.size(0)),
-            logits,
-            ids[:, prompt_len:],
-            mask[:, prompt_len:].to(logits.dtype),
-        )
+    for ids, mask, output in forward_micro_batches(
+        model, sequences, attention_mask, micro_batch_size, pixel_values, **keep
+    ):
+        logits = output.logits[:, -(response_len + 1) : -1].float()  # [b, R, V]
+        yield logits, ids[:, prompt_len:], mask[:, prompt_len:].to(logits.dtype)
 
 
 def token_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0) -> Tensor:
@@ -111,7 +123,7 @@ def response_logprobs(
 
     Differentiable when called with grad enabled (the policy's training pass uses it too)."""
     logprob_chunks, entropy_chunks = [], []
-    for _, logits, targets, response_mask in response_logits(
+    for logits, targets, response_mask in response_logits(
         model, sequences, attention_mask, prompt_len, micro_batch_size, pixel_values
     ):
         logprob_chunks.append(token_logprobs(logits, targets, temperature) * response_mask)

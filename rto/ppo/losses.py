@@ -11,8 +11,7 @@ from torch import Tensor
 
 from rto.forward import (
     entropy_from_logits,
-    image_inputs,
-    position_ids_from_mask,
+    forward_micro_batches,
     response_logits,
     response_logprobs,
     token_logprobs,
@@ -33,16 +32,9 @@ def critic_values(
     picture per row for a vision-language critic."""
     chunks = []
     response_len = sequences.size(1) - prompt_len
-    for start in range(0, sequences.size(0), micro_batch_size):
-        ids = sequences[start : start + micro_batch_size]
-        mask = attention_mask[start : start + micro_batch_size]
-        out = model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=position_ids_from_mask(mask),
-            use_cache=False,
-            **image_inputs(model, pixel_values, start, micro_batch_size),
-        )
+    for _, mask, out in forward_micro_batches(
+        model, sequences, attention_mask, micro_batch_size, pixel_values
+    ):
         values = out.logits[:, prompt_len - 1 : prompt_len - 1 + response_len, 0].float()
         chunks.append(values * mask[:, prompt_len:].to(values.dtype))
     return torch.cat(chunks)
@@ -62,7 +54,7 @@ def policy_scores(
     weights compare) and ``entropy`` of the sampling distribution. Dense (the whole picture,
     unpruned, for a vision-language policy): PPO's log-probs are always the dense model's."""
     own, sampling, entropy = [], [], []
-    for _, logits, targets, mask in response_logits(
+    for logits, targets, mask in response_logits(
         model, sequences, attention_mask, prompt_len, 64, pixel_values
     ):
         own.append(token_logprobs(logits, targets) * mask)
