@@ -26,6 +26,8 @@ QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
 
 def rto_iterations(cfg, work: Path, prepared, iterations: int) -> dict:
+    from pipelines.prompts import TextPrompts
+    from rto.models import load_tokenizer
     from rto.ppo.groups import ModelPaths
     from rto.ppo.trainer import PPOInputs, run_ppo
     from rto.rundir import RunDir
@@ -34,6 +36,7 @@ def rto_iterations(cfg, work: Path, prepared, iterations: int) -> dict:
     policy = prepared.model("policy")
     rm = prepared.model("reward_model")
     paths = ModelPaths(policy=policy, critic=rm, ref=policy, dpo=policy, rm=rm)
+    tokenizer = load_tokenizer(policy)
     started = time.perf_counter()
     run_ppo(
         PPOInputs(
@@ -41,8 +44,10 @@ def rto_iterations(cfg, work: Path, prepared, iterations: int) -> dict:
             run=run,
             out_dir=work / "rto-out",
             paths=paths,
-            prompts=prepared.records("prompts"),
-            ground_truth=prepared.record_ground_truth(),
+            prompts=TextPrompts(tokenizer, prepared.records("prompts")),
+            tokenizer=tokenizer,
+            processing_class=tokenizer,
+            ground_truth=prepared.ground_truth(),
             rm_normalization=(0.0, 1.0),
             stage_hash="throughput",
             resume=False,

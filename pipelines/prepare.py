@@ -51,15 +51,13 @@ class Prepared:
         with open(self.data[role]) as f:
             return [json.loads(line) for line in f]
 
-    def ground_truth(self) -> Callable[[str, str, bool], float] | None:
-        """`gt(prompt_text, response_text, terminated) -> reward` where the task has one that the
-        prompt text alone decides (the text task; the image task's needs `record_ground_truth`)."""
-        return task(self.task_name).prompt_reward() if self.has_task else None
-
-    def record_ground_truth(self) -> Callable[[dict, str, bool], float] | None:
-        """`gt(record, response_text, terminated) -> reward` where the task has one; unlike
-        `ground_truth` it sees the whole prompt record (the image task's answer lives there)."""
-        return task(self.task_name).record_reward if self.has_task else None
+    def ground_truth(self, prompt_only: bool = False) -> Callable[[dict, str, bool], float] | None:
+        """`gt(record, response_text, terminated) -> reward` where the task has one; with
+        `prompt_only`, only where a record holding just a prompt is enough (the text task's; the
+        image task's answer is in its prompt records, not in pairs or external prompts)."""
+        if not self.has_task or (prompt_only and not task(self.task_name).prompt_only):
+            return None
+        return task(self.task_name).record_reward
 
     @property
     def is_image_task(self) -> bool:

@@ -141,7 +141,7 @@ def _score(cfg: Config, run: RunDir, pairs: list | None, out: Path | None, n_sam
         sequences, attention_mask, prompt_len, response_mask = pack(
             [e[0] for e in encoded], [e[1] for e in encoded], tokenizer.pad_token_id
         )
-        prompts = [prompt_text(p) for p, _ in pairs]
+        prompt_records = [{"prompt": p} for p, _ in pairs]
         texts = [r for _, r in pairs]
     else:
         records = prepared.records("eval_prompts")[:n_samples]
@@ -159,8 +159,9 @@ def _score(cfg: Config, run: RunDir, pairs: list | None, out: Path | None, n_sam
             samples.prompt_len,
         )
         response_mask = samples.response_mask.cpu()
-        prompts = [prompt_text(r["prompt"]) for r in records]
+        prompt_records = records
         texts = decode_responses(tokenizer, samples)
+    prompts = [prompt_text(r["prompt"]) for r in prompt_records]
 
     mask = response_mask.float()
     logprobs = FrozenLM(policy, device=device).logprobs(sequences, attention_mask, prompt_len)
@@ -178,8 +179,8 @@ def _score(cfg: Config, run: RunDir, pairs: list | None, out: Path | None, n_sam
         bool(((row == tokenizer.eos_token_id) & m.bool()).any())
         for row, m in zip(sequences[:, prompt_len:], response_mask, strict=True)
     ]
-    gt = prepared.ground_truth()
-    gts = [gt(p, t, d) for p, t, d in zip(prompts, texts, terminated, strict=True)] if gt else None
+    gt = prepared.ground_truth(prompt_only=True)
+    gts = [gt(r, t, d) for r, t, d in zip(prompt_records, texts, terminated, strict=True)] if gt else None
     rewards = batch_rewards(
         cfg.reward, response_mask=mask, logprobs=logprobs, ref_logprobs=ref_logprobs, dpo_logprobs=dpo_logprobs,
         rm_scores=rm_scores, gt_rewards=gts, terminated=torch.tensor(terminated),

@@ -113,14 +113,14 @@ def hf_generate(
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
         suppress_tokens=list(suppress_token_ids) if suppress_token_ids else None,
+        return_dict_in_generate=True,
+        output_logits=True,
         **({"temperature": temperature, "top_p": top_p, "top_k": top_k or None} if do_sample else {}),
     )
     out = model.generate(
         input_ids=input_ids,
         attention_mask=attention_mask,
         generation_config=settings,
-        return_dict_in_generate=True,
-        output_logits=True,
         **({"pixel_values": pixel_values} if pixel_values is not None else {}),
     )
     response_ids = out.sequences[:, input_ids.shape[1] :]

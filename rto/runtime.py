@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -13,10 +14,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_device(device: str) -> str:
+    """The device a job runs on; on the CPU, DeepSpeed is told so (`DS_ACCELERATOR`, unless set)
+    instead of detecting it and warning about it in every process."""
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("CUDA was asked for but no GPU is visible", field="device")
+    if device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     return device
 
 

@@ -95,7 +95,7 @@ def test_rollout_workers_receive_updated_weights(reward_run, tmp_path):
         tokenizer = load_tokenizer(paths.policy)
         inputs = PPOInputs(
             cfg=cfg, run=run, out_dir=tmp_path / "out", paths=paths, prompts=TextPrompts(tokenizer, prompts),
-            tokenizer=tokenizer, processing_class=tokenizer, ground_truth=prepared.record_ground_truth(),
+            tokenizer=tokenizer, processing_class=tokenizer, ground_truth=prepared.ground_truth(),
             rm_normalization=load_normalization(stages / "rm"), stage_hash="test", resume=False,
         )  # fmt: skip
         run.traces_dir.mkdir(exist_ok=True)

@@ -77,7 +77,7 @@ def test_the_package_is_an_allow_list_without_dotfiles_or_key_material(tmp_path)
     assert not [s for s in sent if any(part.startswith(".") for part in Path(s).parts)]
     assert "data/prompts.jsonl" in sent and "data/unrelated.jsonl" not in sent
     assert "notes.txt" not in sent and "pyproject.toml" not in sent
-    assert {"rto/cli.py", "reward/compose.py", "prune/registry.py", "pipelines/prepare.py"} <= sent
+    assert {"rto/cli.py", "reward/compose.py", "prune/samplers.py", "pipelines/prepare.py"} <= sent
     assert "configs/quickstart.yaml" in sent
     assert all(source.is_file() and not source.is_symlink() for source, _ in files)
 

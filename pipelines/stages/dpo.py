@@ -105,21 +105,16 @@ def run_dpo(ctx: StageContext) -> dict:
     if "eval_pairs" in ctx.prepared.data:
         held_out = ctx.prepared.records("eval_pairs")
         summary.update(figures(held_out))
-        gt = ctx.prepared.ground_truth()  # None for the image task (the answer is not in the prompt)
+        gt = ctx.prepared.ground_truth(
+            prompt_only=True
+        )  # None for the image task (its answer is not in a pair)
         if gt is not None:
             summary["label_agrees_with_gt"] = _label_agreement(held_out, gt)
     return summary
 
 
 def _label_agreement(pairs: list[dict], gt) -> float:
-
-    # deferred: every stage module is imported to validate a job (start-up time)
-    from rto.generation import prompt_text
-
-    agree = [
-        gt(prompt_text(p["prompt"]), _text(p["chosen"])) > gt(prompt_text(p["prompt"]), _text(p["rejected"]))
-        for p in pairs
-    ]
+    agree = [gt(p, _text(p["chosen"]), True) > gt(p, _text(p["rejected"]), True) for p in pairs]
     return sum(agree) / len(agree)
 
 

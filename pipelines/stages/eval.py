@@ -28,7 +28,7 @@ def evaluate_policy(ctx: StageContext, path: str, prompts: list, rm_scorer=None)
     tokenizer = load_tokenizer(path)
     model = load_causal_lm(path, device=ctx.device).eval()
     never = sampling_token_ids(tokenizer, model.config.get_text_config().vocab_size)["suppress_token_ids"]
-    gt = ctx.prepared.ground_truth()
+    gt = ctx.prepared.ground_truth(prompt_only=True)
     rows = []
     batches = [prompts[i : i + cfg.batch_size] for i in range(0, len(prompts), cfg.batch_size)]
     for batch in batches:
@@ -49,7 +49,7 @@ def evaluate_policy(ctx: StageContext, path: str, prompts: list, rm_scorer=None)
                 "length": len(text.split()),
             }
             if gt is not None:
-                row["gt_reward"] = gt(row["prompt"], text, done)
+                row["gt_reward"] = gt({"prompt": prompt}, text, done)
                 row["grammatical"] = grammaticality(text)
             if score is not None:
                 row["rm_score"] = float(score)

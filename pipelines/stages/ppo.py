@@ -77,7 +77,7 @@ def run_ppo_stage(ctx: StageContext) -> dict:
             prompts=prompts,
             tokenizer=tokenizer,
             processing_class=processing_class,
-            ground_truth=ctx.prepared.record_ground_truth(),
+            ground_truth=ctx.prepared.ground_truth(),
             rm_normalization=normalization,
             stage_hash=stage_hash,
             resume=ctx.resume,

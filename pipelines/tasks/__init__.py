@@ -9,7 +9,6 @@ are the job schema's `task` section of that name (`rto.config`).
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -19,6 +18,7 @@ from rto.registry import Registry
 class Task(Protocol):
     name: str
     uses_reward_model: bool  # whether the job's reward_model is prepared (a task may have no rm stage)
+    prompt_only: bool  # whether its ground truth needs nothing of a record but the prompt
 
     def build(self, settings: Any, folder: Path) -> tuple[dict[str, list[dict]], Any]:
         """The task's records by role (sft, pairs, eval_pairs, prompts, eval_prompts) and the tokenizer
@@ -30,11 +30,7 @@ class Task(Protocol):
         ...
 
     def record_reward(self, record: dict, response: str, terminated: bool) -> float:
-        """The ground truth of a response to a prompt record."""
-        ...
-
-    def prompt_reward(self) -> Callable[[str, str, bool], float] | None:
-        """The ground truth as a function of the prompt's text alone, where the task has one."""
+        """The ground truth of a response to a prompt record (`rto.ppo.trainer.GroundTruth`)."""
         ...
 
 

@@ -219,6 +219,7 @@ class ImageTask:
 
     name = "image"
     uses_reward_model = False
+    prompt_only = False  # the answer is in the record (and the picture), not in the prompt
 
     def build(self, settings, folder: Path):
         from pipelines.tasks import image  # the task's pictures and processor
@@ -234,9 +235,6 @@ class ImageTask:
 
     def record_reward(self, record: dict, response: str, terminated: bool) -> float:
         return record_reward(record, response, terminated)
-
-    def prompt_reward(self):
-        return None  # the answer is in the record (and the picture), not the prompt's text
 
 
 TASKS.register("image")(ImageTask())

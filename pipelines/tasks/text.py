@@ -436,6 +436,7 @@ class TextTask:
 
     name = "text"
     uses_reward_model = True
+    prompt_only = True
 
     def build(self, settings, folder: Path) -> tuple[dict[str, list[dict]], Any]:
         task = TaskSettings(
@@ -459,9 +460,6 @@ class TextTask:
         from rto.generation import prompt_text  # deferred: torch (the task registry loads light)
 
         return reward(prompt_text(record["prompt"]), response, terminated)
-
-    def prompt_reward(self):
-        return reward
 
 
 TASKS.register("text")(TextTask())
