@@ -10,7 +10,7 @@ import typer
 
 from rto import jobs
 from rto.config import check_stage_inputs, load_config
-from rto.errors import UserError
+from rto.errors import ClusterError, UserError
 from rto.progress import quiet_libraries
 from rto.report_table import print_summary
 from rto.rundir import RunDir
@@ -311,9 +311,9 @@ def main() -> None:
     quiet_libraries()
     try:
         code = app(standalone_mode=False)  # returns a typer.Exit's code instead of raising it
-    except UserError as exc:
+    except (UserError, ClusterError) as exc:
         typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)

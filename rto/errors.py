@@ -1,8 +1,9 @@
 """Errors that reach the user.
 
 `UserError` means bad input (config, data, paths, flags): the CLI prints its message on one line
-and exits with code 2, without a traceback. Anything else is a bug or an environment failure
-(exit code 1).
+and exits with code 2, without a traceback. `ClusterError` means the cluster cannot carry the job
+(no room for a group, more lost actors in a row than the fault tolerance allows): one line, exit
+code 3. Anything else is a bug or an environment failure (exit code 1).
 """
 
 from __future__ import annotations
@@ -19,6 +20,12 @@ class UserError(Exception):
         super().__init__(f"{prefix}: {message}" if prefix else message)
         self.source = source
         self.field = field
+
+
+class ClusterError(Exception):
+    """The cluster cannot carry the job; the message says what is missing and how to resume."""
+
+    exit_code = 3
 
 
 class FieldError(ValueError):

@@ -1,12 +1,14 @@
 """The dependency rule, checked on the source tree: imports point down.
 
     base       rto.errors, rto.registry, rto.schema, rto.rundir, rto.models, rto.generation,
-               rto.forward, rto.progress, rto.runtime          import nothing of ours above them
+               rto.forward, rto.progress, rto.runtime,
+               rto.ray_env                                      import nothing of ours above them
     reward     reward.*                                         the base only
     prune      prune.*                                          the base only
     core       rto.ppo.*, rto.distributed.*                     the base, reward, prune
     pipelines  pipelines.*, rto.config (the job schema)         everything below
-    app        rto.cli, rto.jobs, rto.report, rto.report_table  everything
+    app        rto.cli, rto.jobs, rto.report, rto.report_table,
+               rto.cluster                                      everything
 
 Every import counts, at module level or inside a function (a deferred import that climbs is still
 an upward dependency). A deferred import of our own code is allowed only with a reason on its line
@@ -31,8 +33,8 @@ LAYERS = {
     "app": 4,
 }
 BASE = {"rto", "rto.errors", "rto.registry", "rto.schema", "rto.rundir", "rto.models", "rto.generation",
-        "rto.forward", "rto.progress", "rto.runtime"}  # fmt: skip
-APP = {"rto.cli", "rto.jobs", "rto.report", "rto.report_table"}
+        "rto.forward", "rto.progress", "rto.runtime", "rto.ray_env"}  # fmt: skip
+APP = {"rto.cli", "rto.jobs", "rto.report", "rto.report_table", "rto.cluster"}
 
 
 def layer_of(module: str) -> str:

@@ -20,6 +20,9 @@ import torch
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from rto.errors import ClusterError
+from rto.ray_env import use_token_auth
+
 # Environment every worker process gets. One torch/OpenMP thread per actor: several actors share a
 # few cores on a laptop, and oversubscribed thread pools are slower than one thread each.
 DEFAULT_WORKER_ENV = {
@@ -51,28 +54,50 @@ def init_ray(address: str | None = None, num_cpus: float | None = None, **kwargs
             kwargs["num_cpus"] = int(num_cpus) if float(num_cpus).is_integer() else num_cpus
         ray.init(**kwargs)
     else:
+        use_token_auth()  # a head with a token runs in token mode; its drivers must too
         ray.init(address=address, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
 class Resources:
-    """What one actor of a group asks for. Fractions are allowed (several actors share a bundle)."""
+    """What one actor of a group asks for. Fractions are allowed (several actors share a bundle).
+    ``custom``: custom Ray resources (``ray start --resources``), which pin actors to the nodes
+    that have them."""
 
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    custom: tuple[tuple[str, float], ...] = ()
+
+    def bundle(self) -> dict[str, float]:
+        bundle = {"CPU": self.num_cpus, **dict(self.custom)}
+        if self.num_gpus:
+            bundle["GPU"] = self.num_gpus
+        return bundle
 
 
 def create_placement_group(
-    num_bundles: int, bundle: dict[str, float], strategy: str = "PACK", timeout_s: float = 120.0
-) -> PlacementGroup:
+    num_bundles: int, bundle: dict[str, float], strategy: str = "PACK", timeout_s: float = 120.0,
+    name: str = "placement group",
+) -> PlacementGroup:  # fmt: skip
     """Reserve ``num_bundles`` bundles such as ``{"CPU": 1, "GPU": 1}`` and wait until they are ready.
 
     Pass the result to several :class:`ActorGroup` s to colocate them (see the module docstring).
     ``strategy`` is Ray's: ``PACK`` (default), ``SPREAD``, ``STRICT_PACK``, ``STRICT_SPREAD``.
+    If the cluster has no room for it within ``timeout_s``, the request is withdrawn and a
+    :class:`rto.errors.ClusterError` names ``name``, the bundles and what the cluster has free.
     """
     bundles = [dict(bundle) for _ in range(num_bundles)]
     group = placement_group(bundles, strategy=strategy)
-    ray.get(group.ready(), timeout=timeout_s)
+    try:
+        ray.get(group.ready(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(group)
+        free = {k: round(v, 2) for k, v in sorted(ray.available_resources().items()) if "node:" not in k
+                and k not in ("memory", "object_store_memory")}  # fmt: skip
+        raise ClusterError(
+            f"could not place the {name} ({num_bundles} × {bundle}, {strategy}) within {timeout_s:g} s; "
+            f"the cluster has {free or 'nothing'} free"
+        ) from None
     return group
 
 
@@ -94,6 +119,10 @@ class ActorGroup:
         bundle_offset: actor ``i`` goes to bundle ``(bundle_offset + i) % num_bundles``.
         env_vars: extra environment variables for the worker processes.
         name: prefix of the Ray actor names (for the dashboard and logs).
+        strategy: the placement strategy of the group's own placement group (not a shared one).
+        ready_timeout_s: how long to wait for room for the group's own placement group.
+
+    After construction, ``placement`` says where each rank runs (``Worker.where``).
     """
 
     def __init__(
@@ -107,6 +136,8 @@ class ActorGroup:
         bundle_offset: int = 0,
         env_vars: dict[str, str] | None = None,
         name: str | None = None,
+        strategy: str = "PACK",
+        ready_timeout_s: float = 120.0,
     ) -> None:
         if num_actors < 1:
             raise ValueError(f"num_actors must be >= 1, got {num_actors}")
@@ -114,16 +145,15 @@ class ActorGroup:
         self.num_actors = num_actors
         self.name = name or worker_cls.__name__
         self._owns_placement_group = placement_group is None
+        self.actors = []
         if placement_group is None:
-            bundle = {"CPU": resources.num_cpus}
-            if resources.num_gpus:
-                bundle["GPU"] = resources.num_gpus
-            placement_group = create_placement_group(num_actors, bundle)
+            placement_group = create_placement_group(
+                num_actors, resources.bundle(), strategy, ready_timeout_s, name=f"'{self.name}' group"
+            )
         self.placement_group = placement_group
         num_bundles = len(placement_group.bundle_specs)
         remote_cls = ray.remote(worker_cls)
         env = {**DEFAULT_WORKER_ENV, **(env_vars or {})}
-        self.actors = []
         for rank in range(num_actors):
             strategy = PlacementGroupSchedulingStrategy(
                 placement_group=placement_group,
@@ -132,6 +162,7 @@ class ActorGroup:
             actor = remote_cls.options(
                 num_cpus=resources.num_cpus,
                 num_gpus=resources.num_gpus,
+                resources=dict(resources.custom) or None,
                 scheduling_strategy=strategy,
                 runtime_env={"env_vars": env},
                 name=f"{self.name}-{rank}-{id(self):x}",
@@ -139,9 +170,23 @@ class ActorGroup:
             self.actors.append(actor)
         # Rendezvous: rank 0 picks a free port on its node; loopback when the group is on one node.
         master_addr, master_port = ray.get(self.actors[0].master_address.remote())
-        if len(set(self.run_all("node_ip"))) == 1:
+        self.placement: list[dict[str, Any]] = self.run_all("where")
+        if len({p["node_id"] for p in self.placement}) == 1:
             master_addr = "127.0.0.1"
         self.run_all("setup", master_addr, master_port)
+
+    def actor_ids(self) -> dict[str, int]:
+        """Each actor's Ray id (hex) → its rank."""
+        return {actor._actor_id.hex(): rank for rank, actor in enumerate(self.actors)}
+
+    def describe(self) -> str:
+        """``name ×N on node 1a2b3c4d (10.0.0.5)[, ...]``: where the group runs."""
+        nodes: dict[tuple, int] = {}
+        for p in self.placement:
+            key = ((p["node_id"] or "local")[:8], p["ip"])
+            nodes[key] = nodes.get(key, 0) + 1
+        where = ", ".join(f"{count} on node {node} ({ip})" for (node, ip), count in nodes.items())
+        return f"{self.name}: {where}"
 
     # -- run on all ranks -------------------------------------------------------------------------
     def async_run_all(self, method: str, *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
@@ -189,12 +234,19 @@ class ActorGroup:
         return concat_results(ray.get(self.async_run_sharded(method, batch, **kwargs)))
 
     def shutdown(self) -> None:
-        """Kill the actors and remove the placement group if this group created it."""
+        """Kill the actors and remove the placement group if this group created it (also after
+        some of them were lost with their node)."""
         for actor in self.actors:
-            ray.kill(actor)
+            try:
+                ray.kill(actor)
+            except Exception:  # noqa: BLE001 - an actor lost with its node cannot be killed again
+                pass
         self.actors = []
         if self._owns_placement_group:
-            remove_placement_group(self.placement_group)
+            try:
+                remove_placement_group(self.placement_group)
+            except Exception:  # noqa: BLE001 - already gone with the cluster
+                pass
             self._owns_placement_group = False
 
 

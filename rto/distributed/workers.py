@@ -87,6 +87,14 @@ class Worker:
 
         return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
 
+    def where(self) -> dict[str, Any]:
+        """Where this worker runs: its Ray node id, the node's IP address and the process id (also
+        the group's health check: a lost worker does not answer)."""
+        import ray
+
+        node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        return {"node_id": node_id, "ip": self.node_ip(), "pid": os.getpid()}
+
     def master_address(self) -> tuple[str, int]:
         """This node's IP address and a free TCP port on it (rank 0 answers this for the group)."""
         with socket.socket() as sock:

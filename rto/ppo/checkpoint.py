@@ -40,6 +40,10 @@ def checkpoint_dirs(root: Path) -> list[Path]:
     return sorted(dirs, key=lambda d: int(d.name.split("-")[1]))
 
 
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.split("-")[1])
+
+
 def latest_checkpoint(root: Path) -> Path | None:
     dirs = checkpoint_dirs(root)
     return dirs[-1] if dirs else None

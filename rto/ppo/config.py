@@ -12,6 +12,37 @@ from rto.errors import FieldError
 from rto.schema import Section
 
 
+class FaultToleranceConfig(Section):
+    """What the PPO stage does when an actor or a node is lost (docs/cluster.md, "When a node is lost")."""
+
+    retries: int = Field(
+        3, ge=0, description="Recoveries in a row before the job gives up (a completed step resets the "
+        "count); 0: fail at the first lost actor",
+    )  # fmt: skip
+    backoff_s: float = Field(
+        1.0,
+        ge=0,
+        description="Pause before a recovery; doubles with each further one in a row (at most 60 s)",
+    )
+    wait_for_resources_s: float = Field(
+        300.0, ge=0, description="How long to wait for room to place a group (a lost node's replacement) "
+        "before failing with the group's name",
+    )  # fmt: skip
+    probe_timeout_s: float = Field(
+        60.0, gt=0, description="After a failure, how long a live actor may take to answer its health check"
+    )
+
+    @model_validator(mode="after")
+    def _can_recover(self) -> FaultToleranceConfig:
+        if self.retries > 0 and self.wait_for_resources_s == 0:
+            raise FieldError(
+                "wait_for_resources_s",
+                f"is 0 with retries {self.retries}: a lost actor could never be placed again; give the "
+                "cluster time to replace it (e.g. 300) or set retries: 0",
+            )
+        return self
+
+
 class PPOConfig(Section):
     steps: int = Field(30, gt=0, description="PPO iterations (rollout + update)")
     rollout_batch_size: int = Field(64, gt=0, description="Prompts sampled per iteration")
@@ -55,6 +86,7 @@ class PPOConfig(Section):
     trace_samples: int | None = Field(
         None, gt=0, description="Rollouts per step written to traces (None: all)"
     )
+    fault_tolerance: FaultToleranceConfig = Field(default_factory=FaultToleranceConfig)
     tensorboard: bool = True
     wandb: bool = Field(False, description="Also log to Weights & Biases (needs `pip install wandb`)")
 
@@ -112,6 +144,24 @@ class GroupResources(Section):
     ranks: int = Field(1, ge=1, description="Ray actors in the group (DeepSpeed ranks for trainable groups)")
     cpus: float = Field(0.25, gt=0, description="CPUs per actor (fractions allowed)")
     gpus: float = Field(0.0, ge=0, description="GPUs per actor (fractions allowed)")
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="How Ray places the group's actors on nodes (its placement-group strategies): "
+        "PACK as few nodes as possible, SPREAD over as many as possible, STRICT_*: or fail",
+    )  # fmt: skip
+    node_resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each actor also takes, to pin the group to "
+        "nodes started with them (`ray start --resources '{\"trainer\": 8}'`)",
+    )  # fmt: skip
+
+    @field_validator("node_resources")
+    @classmethod
+    def _positive(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, amount in value.items():
+            if name in ("CPU", "GPU", "memory", "object_store_memory") or not name:
+                raise ValueError(f"'{name}' is not a custom resource (use cpus / gpus)")
+            if not amount > 0:
+                raise ValueError(f"'{name}': expected an amount > 0, got {amount}")
+        return value
 
 
 class ResourcesConfig(Section):

@@ -22,12 +22,13 @@ import torch
 from reward.compose import batch_rewards, rm_score_column
 from reward.traces import list_trace_steps, remove_stale_temp_files, trace_columns, trace_path, write_traces
 from rto.distributed import concat_results, init_ray, push_weights
-from rto.errors import UserError
+from rto.errors import ClusterError, UserError
 from rto.generation import Sampler
 from rto.ppo import checkpoint
 from rto.ppo.algo import ADVANTAGE_ESTIMATORS, masked_mean, masked_whiten, truncated_is_weights
 from rto.ppo.config import PPOJob
-from rto.ppo.groups import Groups, ModelPaths, build_groups
+from rto.ppo.faults import LOST, Rewind, Supervisor
+from rto.ppo.groups import GroupBuilder, Groups, ModelPaths
 from rto.ppo.logging import StepLogger
 from rto.progress import make_progress
 from rto.rundir import RunDir
@@ -169,6 +170,10 @@ def train_on_batch(groups: Groups, cfg: PPOJob, experience: dict, step: int) -> 
 
 
 def run_ppo(inputs: PPOInputs) -> dict:
+    """The PPO stage: build the groups, run the steps, save the trained policy and critic.
+
+    Lost actors are recovered by `rto.ppo.faults.Supervisor`; a lost trainable actor rewinds the
+    stage to its last complete checkpoint, within this call, as ``--resume`` would."""
     cfg, run, log = inputs.cfg, inputs.run, inputs.log
     ppo = cfg.ppo
     ckpt_root = run.checkpoints_dir / f"ppo-{inputs.stage_hash}"
@@ -183,56 +188,146 @@ def run_ppo(inputs: PPOInputs) -> dict:
     samples_per_step = ppo.rollout_batch_size * ppo.samples_per_prompt
     optimizer_steps = ppo.steps * ppo.epochs * max(1, samples_per_step // ppo.train_batch_size)
     init_ray(cfg.resources.ray_address, cfg.resources.num_cpus)
-    groups = build_groups(cfg, inputs.paths, optimizer_steps, inputs.dtype, inputs.generate_fn, inputs.device)
+    builder = GroupBuilder(
+        cfg, inputs.paths, optimizer_steps, inputs.dtype, inputs.generate_fn, inputs.device,
+        ready_timeout_s=ppo.fault_tolerance.wait_for_resources_s,
+    )  # fmt: skip
+    supervisor = Supervisor(
+        ppo.fault_tolerance, builder, lambda g: push_weights(g.policy, g.rollout), log=log
+    )
     logger = StepLogger(run, ppo.tensorboard, ppo.wandb, cfg)
+    initial_rng = checkpoint.rng_state()
+    groups: Groups | None = None
+    lost_steps = 0
     try:
-        state = {"step": 0, "prompts_consumed": 0, "skipped_batches": 0}
-        if latest is not None:
-            state = checkpoint.load(latest, groups)
-            push_weights(groups.policy, groups.rollout)
-            log(f"resumed from {latest} (step {state['step']})")
-        else:
+        if latest is None:
             logger.archive_previous()
-        checkpoint.remove_partial(ckpt_root)
-        run.truncate_metrics("ppo", state["step"])
-        run.traces_dir.mkdir(exist_ok=True)
-        remove_stale_temp_files(run.traces_dir)
-        for stale in [s for s in list_trace_steps(run.traces_dir) if s > state["step"]]:
-            trace_path(run.traces_dir, stale).unlink()
-        with make_progress() as progress:
-            task = progress.add_task("ppo", total=ppo.steps, completed=state["step"], info="")
-            for step in range(state["step"] + 1, ppo.steps + 1):
-                record = one_step(inputs, groups, state, step)
-                logger.log(step, record)
-                state["step"] = step
-                if step % ppo.checkpoint_every == 0 and step < ppo.steps:
-                    checkpoint.save(
-                        ckpt_root,
-                        step,
-                        groups,
-                        {**state, "stage_hash": inputs.stage_hash},
-                        ppo.keep_checkpoints,
-                    )
-                info = (
-                    f"gt {record['gt_reward']:.3f}"
-                    if "gt_reward" in record
-                    else f"rm {record.get('rm_score', 0):.3f}"
+        while True:
+            groups = builder.build_all()  # waits for room; a ClusterError names the group that has none
+            log("placement: " + "; ".join(group.describe() for group in groups.all()))
+            try:
+                state, memory = run_steps(inputs, groups, supervisor, logger, ckpt_root, latest, initial_rng)
+                break
+            except Rewind as rewind:
+                reached = logger.records[-1]["step"] if logger.records else 0
+                latest = checkpoint.latest_checkpoint(ckpt_root)
+                back_to = checkpoint.checkpoint_step(latest) if latest else 0
+                lost_steps += max(0, reached - back_to)
+                log(
+                    f"[yellow]lost trainable actor {rewind}: rebuilding every group and continuing from "
+                    f"{f'checkpoint step {back_to}' if latest else 'the start of the stage'} "
+                    f"(steps {back_to + 1}..{reached} are run again)[/yellow]"
                 )
-                progress.update(task, completed=step, info=info)
+                groups.shutdown()
+                builder.release()
+                groups = None
+    finally:
+        logger.close()
+        if groups is not None:
+            groups.shutdown()
+        builder.release()
+    shutil.rmtree(ckpt_root, ignore_errors=True)  # the finished stage's output replaces them
+    return {
+        **logger.summary(state),
+        "restarts": supervisor.restarts,
+        "steps_run_again": lost_steps,
+        "peak_rss_mb": memory,
+    }
+
+
+def run_steps(
+    inputs: PPOInputs,
+    groups: Groups,
+    supervisor: Supervisor,
+    logger: StepLogger,
+    ckpt_root: Path,
+    latest: Path | None,
+    initial_rng: dict,
+) -> tuple[dict, dict]:
+    """From ``latest`` (or the start) to the last step, then save the models; returns the final
+    state and each group's peak memory. Raises `Rewind` when a trainable actor is lost."""
+    run, log, ppo = inputs.run, inputs.log, inputs.cfg.ppo
+    state = {"step": 0, "prompts_consumed": 0, "skipped_batches": 0, "restarts": 0}
+    if latest is not None:
+        state = {
+            **state,
+            **supervisor.run(groups, lambda: checkpoint.load(latest, groups), "loading", retry=False),
+        }
+        supervisor.run(groups, lambda: push_weights(groups.policy, groups.rollout), "weight sync")
+        log(f"resumed from {latest} (step {state['step']})")
+    else:
+        checkpoint.restore_rng(initial_rng)
+    supervisor.restarts = max(supervisor.restarts, int(state.get("restarts", 0)))
+    checkpoint.remove_partial(ckpt_root)
+    run.truncate_metrics("ppo", state["step"])
+    logger.records = [r for r in logger.records if r["step"] <= state["step"]]
+    run.traces_dir.mkdir(exist_ok=True)
+    remove_stale_temp_files(run.traces_dir)
+    for stale in [s for s in list_trace_steps(run.traces_dir) if s > state["step"]]:
+        trace_path(run.traces_dir, stale).unlink()
+    with make_progress() as progress:
+        task = progress.add_task("ppo", total=ppo.steps, completed=state["step"], info="")
+        for step in range(state["step"] + 1, ppo.steps + 1):
+            try:
+                record = one_step(inputs, groups, state, step, supervisor)
+            except ClusterError:
+                save_after_giving_up(inputs, groups, state, ckpt_root, log)
+                raise
+            supervisor.step_completed()
+            state["step"] = step
+            state["restarts"] = supervisor.restarts
+            logger.log(step, {**record, "restarts": supervisor.restarts})
+            if step % ppo.checkpoint_every == 0 and step < ppo.steps:
+                snapshot = {**state, "stage_hash": inputs.stage_hash}
+                supervisor.run(
+                    groups,
+                    lambda step=step, snapshot=snapshot: checkpoint.save(
+                        ckpt_root, step, groups, snapshot, ppo.keep_checkpoints
+                    ),
+                    f"the checkpoint of step {step}",
+                    retry=False,
+                )
+            info = (
+                f"gt {record['gt_reward']:.3f}"
+                if "gt_reward" in record
+                else f"rm {record.get('rm_score', 0):.3f}"
+            )
+            progress.update(task, completed=step, info=info)
+
+    def finish() -> dict:
         memory = {group.name: round(max(group.run_all("peak_rss_mb")), 1) for group in groups.all()}
         groups.policy.run_all("save_hf", str(inputs.out_dir / "policy"))
         groups.critic.run_all("save_hf", str(inputs.out_dir / "critic"))
-        for folder in ("policy", "critic"):
-            inputs.processing_class.save_pretrained(inputs.out_dir / folder)
-    finally:
-        logger.close()
-        groups.shutdown()
-    shutil.rmtree(ckpt_root, ignore_errors=True)  # the finished stage's output replaces them
-    return {**logger.summary(state), "peak_rss_mb": memory}
+        return memory
+
+    memory = supervisor.run(groups, finish, "saving the models", retry=False)
+    for folder in ("policy", "critic"):
+        inputs.processing_class.save_pretrained(inputs.out_dir / folder)
+    return state, memory
 
 
-def one_step(inputs: PPOInputs, groups: Groups, state: dict, step: int) -> dict:
+def save_after_giving_up(inputs: PPOInputs, groups: Groups, state: dict, ckpt_root: Path, log) -> None:
+    """When the stage gives up and its trainable actors are still alive, checkpoint the last
+    completed step, so that ``--resume`` loses nothing."""
+    latest = checkpoint.latest_checkpoint(ckpt_root)
+    if state["step"] == 0 or (latest is not None and checkpoint.checkpoint_step(latest) == state["step"]):
+        return
+    try:
+        path = checkpoint.save(
+            ckpt_root, state["step"], groups, {**state, "stage_hash": inputs.stage_hash},
+            inputs.cfg.ppo.keep_checkpoints,
+        )  # fmt: skip
+        log(f"saved {path}: rerun with --resume to continue from step {state['step']}")
+    except LOST:
+        log("the trainable actors are lost too: --resume continues from the last checkpoint")
+
+
+def one_step(
+    inputs: PPOInputs, groups: Groups, state: dict, step: int, supervisor: Supervisor | None = None
+) -> dict:
+    """One PPO iteration; with a ``supervisor``, its phases recover from lost actors."""
     cfg, tokenizer, prompts = inputs.cfg, inputs.tokenizer, inputs.prompts
+    guard = supervisor.run if supervisor is not None else _unguarded
     ppo = cfg.ppo
     times = {}
     t0 = time.perf_counter()
@@ -242,16 +337,20 @@ def one_step(inputs: PPOInputs, groups: Groups, state: dict, step: int) -> dict:
     prompt_batch = prompts.batch(chosen)
     prompt_len = prompt_batch["input_ids"].size(1)
 
-    groups.rollout.run_all("call", "rto.ppo.losses:reseed", cfg.seed * 100_003 + step)
-    samples = groups.rollout.run_sharded("generate", prompt_batch)
-    if "pixel_values" in prompt_batch:  # scorers and trainers see the whole picture (dense)
-        samples["pixel_values"] = prompt_batch["pixel_values"]
-    times["time_generate"] = time.perf_counter() - t0
+    def collect() -> tuple[dict, dict]:  # run again, the same, after lost scorers or samplers
+        start = time.perf_counter()
+        groups.rollout.run_all("call", "rto.ppo.losses:reseed", cfg.seed * 100_003 + step)
+        samples = groups.rollout.run_sharded("generate", prompt_batch)
+        if "pixel_values" in prompt_batch:  # scorers and trainers see the whole picture (dense)
+            samples["pixel_values"] = prompt_batch["pixel_values"]
+        times["time_generate"] = time.perf_counter() - start
+        t1 = time.perf_counter()
+        scores = score_concurrently(groups, samples, prompt_len, ppo.micro_batch_size, ppo.temperature)
+        times["time_score"] = time.perf_counter() - t1
+        return samples, scores
 
-    t1 = time.perf_counter()
-    scores = score_concurrently(groups, samples, prompt_len, ppo.micro_batch_size, ppo.temperature)
+    samples, scores = guard(groups, collect, f"the rollouts of step {step}")
     mask = samples["response_mask"].float()
-    times["time_score"] = time.perf_counter() - t1
     responses, terminated, tokens = decode(tokenizer, samples, mask)
     record: dict = {"samples": len(chosen)}
     if inputs.ground_truth is not None:
@@ -334,10 +433,15 @@ def one_step(inputs: PPOInputs, groups: Groups, state: dict, step: int) -> dict:
     }
     if "pixel_values" in samples:
         experience["pixel_values"] = samples["pixel_values"]
-    train_stats = train_on_batch(groups, cfg, experience, step)
+    train_stats = guard(
+        groups,
+        lambda: train_on_batch(groups, cfg, experience, step),
+        f"the update of step {step}",
+        retry=False,
+    )
     times["time_train"] = time.perf_counter() - t2
     t3 = time.perf_counter()
-    push_weights(groups.policy, groups.rollout)
+    guard(groups, lambda: push_weights(groups.policy, groups.rollout), f"the weight sync of step {step}")
     times["time_sync"] = time.perf_counter() - t3
     times["time_step"] = time.perf_counter() - t0
 
@@ -363,6 +467,10 @@ def one_step(inputs: PPOInputs, groups: Groups, state: dict, step: int) -> dict:
     if is_weights is not None:
         record["is_weight_mean"] = float(masked_mean(is_weights, mask))
     return {k: v for k, v in record.items() if v is not None}
+
+
+def _unguarded(groups: Groups, phase: Callable, what: str, retry: bool = True):
+    return phase()
 
 
 def _raw_sentence_score(cfg: PPOJob, scores: dict, gts: list[float] | None) -> float | None:

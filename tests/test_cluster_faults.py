@@ -1,0 +1,193 @@
+"""Lost nodes and lost actors on a real multi-node Ray cluster on loopback (`rto.cluster.LocalCluster`:
+a head and worker nodes, each its own `ray start --block` session with its own temp dir and ports).
+
+The PPO groups are pinned by custom resources: policy and critic on the "trainer" node, the
+scorers (ref, dpo, rm) and the rollout workers on the "scorer" node; the head runs no actors.
+Faults are real: SIGKILL of every process of a node, or of one worker process, found by its
+process title in the node's session. The sft/dpo/rm stages run once for the module; each test
+runs the ppo stage in a copy of that run directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from pipeline_helpers import rto, write_job
+
+from rto.cluster import LocalCluster, Node, ray_env
+
+pytestmark = pytest.mark.slow
+
+TRAINER = {"trainer": 4}
+SCORER = {"scorer": 8}
+STEPS = 6
+
+
+def job_changes(address: str | None, **extra) -> dict:
+    return {
+        "task__n_sft": 128, "task__n_pairs": 32, "task__n_eval_pairs": 16, "task__n_prompts": 32,
+        "sft__max_steps": 20, "stages": ["sft", "dpo", "rm", "ppo"],
+        "ppo__steps": STEPS, "ppo__checkpoint_every": 2, "ppo__tensorboard": False,
+        "ppo__fault_tolerance": {"retries": 3, "backoff_s": 0, "wait_for_resources_s": 120, "probe_timeout_s": 30},
+        "resources": {
+            "ray_address": address,
+            "policy": {"ranks": 2, "cpus": 0.25, "node_resources": {"trainer": 1}},
+            "critic": {"cpus": 0.25, "node_resources": {"trainer": 1}},
+            **{g: {"cpus": 0.25, "node_resources": {"scorer": 1}} for g in ("ref", "dpo", "rm", "rollout")},
+        },
+        **extra,
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A run directory with sft, dpo and rm finished (in-process Ray is not needed for them)."""
+    root = tmp_path_factory.mktemp("trained")
+    changes = job_changes(None, stages=["sft", "dpo", "rm"])
+    changes.pop("resources")
+    job = write_job(root, **changes)
+    result = rto("run", str(job), "--run-dir", str(root / "run"), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with LocalCluster(head_cpus=0) as cluster:
+        cluster.add_node(num_cpus=2, resources=TRAINER)
+        cluster.add_node(num_cpus=2, resources=SCORER)
+        yield cluster
+
+
+def node_with(cluster: LocalCluster, resource: str) -> Node:
+    (node,) = [n for n in cluster.workers if resource in n.resources and n.alive()]
+    return node
+
+
+def ppo_run(trained: Path, tmp: Path, address: str) -> tuple[Path, Path]:
+    """A copy of the trained run directory and the job file that runs its ppo stage on `address`."""
+    run_dir = tmp / "run"
+    shutil.copytree(trained, run_dir)
+    return run_dir, write_job(tmp, **job_changes(address))
+
+
+def start_rto_run(job: Path, run_dir: Path, log: Path, *extra: str) -> subprocess.Popen:
+    env = ray_env({**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "COLUMNS": "400"})
+    return subprocess.Popen(
+        [sys.executable, "-m", "rto.cli", "run", str(job), "--run-dir", str(run_dir), *extra],
+        stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env,
+    )  # fmt: skip
+
+
+def ppo_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r["step"] for r in rows if r.get("stage") == "ppo"]
+
+
+def wait_for_step(
+    process: subprocess.Popen, run_dir: Path, step: int, log: Path, timeout: float = 300
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not ppo_steps(run_dir) or max(ppo_steps(run_dir)) < step:
+        assert process.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"no ppo step {step} within {timeout} s"
+        time.sleep(0.5)
+
+
+def finish(process: subprocess.Popen, log: Path, timeout: float = 600) -> str:
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    return log.read_text()
+
+
+def worker_pids(node: Node, title: str) -> list[int]:
+    """The worker processes of `node` whose Ray process title starts with `title` (`ray::RolloutWorker`)."""
+    pids = []
+    for pid in node.processes():
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if cmdline.startswith(title):
+            pids.append(pid)
+    return pids
+
+
+def ppo_summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())["ppo"]
+
+
+def assert_every_step_once(run_dir: Path) -> None:
+    assert ppo_steps(run_dir) == list(range(1, STEPS + 1))
+    traces = sorted(int(p.stem.split("-")[1]) for p in (run_dir / "traces").glob("step-*.parquet"))
+    assert traces == list(range(1, STEPS + 1))
+    assert not list((run_dir / "checkpoints").glob("ppo-*/step-*")), "a finished stage keeps no checkpoint"
+
+
+def test_groups_span_nodes_and_a_lost_trainer_node_is_replaced(cluster, trained, tmp_path):
+    """SIGKILL of the whole trainer node (raylet and every worker) after a checkpoint, and a
+    replacement node started: the job succeeds from the last checkpoint; every step once."""
+    run_dir, job = ppo_run(trained, tmp_path, cluster.address)
+    log = tmp_path / "run.log"
+    process = start_rto_run(job, run_dir, log)
+    wait_for_step(process, run_dir, 3, log)
+    killed = node_with(cluster, "trainer")
+    assert cluster.kill(killed) >= 3  # raylet, agents, the policy and critic workers
+    reached = max(ppo_steps(run_dir))
+    cluster.add_node(num_cpus=2, resources=TRAINER)
+    out = finish(process, log)
+    assert process.returncode == 0, out[-3000:]
+    # the groups ran on two nodes: trainer and scorer nodes are distinct
+    placement = next(line for line in out.splitlines() if "placement:" in line)
+    nodes = {
+        group: placement.split(f"{group}: ")[1].split(" on node ")[1].split(" ")[0]
+        for group in ("policy", "critic", "rollout", "ref")
+    }
+    assert nodes["policy"] == nodes["critic"] != nodes["rollout"] == nodes["ref"], placement
+    assert "lost trainable actor" in out and "continuing from checkpoint step" in out
+    assert_every_step_once(run_dir)
+    summary = ppo_summary(run_dir)
+    assert summary["restarts"] >= 1
+    # at most the steps since the last checkpoint (every 2 steps) are run again
+    assert 0 <= summary["steps_run_again"] <= reached - 2 * ((reached - 1) // 2) + 1
+    print(
+        "\n".join(
+            line
+            for line in out.splitlines()
+            if any(w in line for w in ("lost", "rebuilt", "placement", "resumed", "continuing"))
+        )
+    )
+    print(f"lost trainer node at step {reached}: {summary['steps_run_again']} steps run again")
+
+
+@pytest.mark.parametrize("title", ["ray::RolloutWorker", "ray::FrozenModelWorker"])
+def test_a_lost_worker_process_is_recreated_without_a_rewind(cluster, trained, tmp_path, title):
+    """SIGKILL of one rollout worker, or of one frozen scorer: its group is rebuilt, the step runs
+    again from its rollouts, and no step is repeated (restarts = 1, nothing run again)."""
+    run_dir, job = ppo_run(trained, tmp_path, cluster.address)
+    log = tmp_path / "run.log"
+    process = start_rto_run(job, run_dir, log)
+    wait_for_step(process, run_dir, 2, log)
+    pids = worker_pids(node_with(cluster, "scorer"), title)
+    assert pids, f"no {title} process on the scorer node"
+    os.kill(pids[0], signal.SIGKILL)
+    out = finish(process, log)
+    assert process.returncode == 0, out[-3000:]
+    assert "lost " in out and "rebuilt " in out and "lost trainable actor" not in out
+    assert_every_step_once(run_dir)
+    summary = ppo_summary(run_dir)
+    assert summary["restarts"] == 1 and summary["steps_run_again"] == 0
+    assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["restarts"] == 1
