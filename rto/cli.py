@@ -238,6 +238,11 @@ def jobs_status(
         info = jobs.job_info(address, job_id)
     for key, value in jobs.describe(info).items():
         typer.echo(f"{key + ':':<12}{value}")
+    placement = jobs.group_placement(address, info)
+    if placement:
+        typer.echo("groups:" if str(info.status) == "RUNNING" else "groups (last placement):")
+        for group, where in placement.items():
+            typer.echo(f"  {group:<10}{where}")
     if wait and str(info.status) != "SUCCEEDED":
         raise SystemExit(1)  # (typer.Exit's code is swallowed by standalone_mode=False in main())
 

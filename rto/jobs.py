@@ -499,6 +499,24 @@ def stop(address: str | None, job_id: str) -> bool:
         return client.stop_job(job_id)
 
 
+PLACEMENT_LINE = re.compile(r"^placement (policy|critic|ref|dpo|rm|rollout): (.+)$")
+
+
+def group_placement(address: str | None, job: JobDetails) -> dict[str, str]:
+    """Where each actor group of the job runs (ran, once it ended), from the ``placement GROUP: ...``
+    lines its PPO stage writes whenever it (re)builds groups; empty before the PPO stage."""
+    try:
+        text = connect(address).get_job_logs(job_id_of(job))
+    except Exception:  # noqa: BLE001 - placement is a convenience; status must not fail on it
+        return {}
+    where: dict[str, str] = {}
+    for line in text.splitlines():
+        match = PLACEMENT_LINE.match(line.strip())
+        if match:
+            where[match.group(1)] = match.group(2)
+    return where
+
+
 def describe(job: JobDetails) -> dict[str, str]:
     """The figures `rto jobs status` prints, in order."""
     meta = job.metadata or {}

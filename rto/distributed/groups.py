@@ -180,7 +180,7 @@ class ActorGroup:
         return {actor._actor_id.hex(): rank for rank, actor in enumerate(self.actors)}
 
     def describe(self) -> str:
-        """``name ×N on node 1a2b3c4d (10.0.0.5)[, ...]``: where the group runs."""
+        """``name: N on node 1a2b3c4d (10.0.0.5)[, ...]``: where the group runs."""
         nodes: dict[tuple, int] = {}
         for p in self.placement:
             key = ((p["node_id"] or "local")[:8], p["ip"])

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from rto.errors import ClusterError
 from rto.ppo.config import FaultToleranceConfig
@@ -48,6 +49,7 @@ class LostActor:
     rank: int
     node: str  # "1a2b3c4d (10.0.0.5)"
     cause: str
+    node_id: str | None = None
 
     def __str__(self) -> str:
         return f"{self.group}-{self.rank} on node {self.node}"
@@ -77,11 +79,13 @@ class Supervisor:
         builder: GroupBuilder,
         on_rollout_rebuilt: Callable[[Groups], None],
         log: Callable[[str], None] = print,
+        announce: Callable[[list], None] = lambda groups: None,
     ) -> None:
         self.settings = settings
         self.builder = builder
         self.on_rollout_rebuilt = on_rollout_rebuilt
         self.log = log
+        self.announce = announce  # says where rebuilt groups run
         self.restarts = 0  # every recovery of the stage
         self.in_a_row = 0  # recoveries since the last completed step
 
@@ -100,7 +104,7 @@ class Supervisor:
                 self.count(lost, exc, what)
                 if not retry or any(item.group in TRAINABLE for item in lost):
                     raise Rewind(lost) from None
-                self.rebuild(groups, {item.group for item in lost})
+                self.rebuild(groups, {item.group for item in lost}, lost)
 
     def count(self, lost: list[LostActor], exc: BaseException, what: str) -> None:
         """Count one recovery and log it; give up past `retries` recoveries in a row."""
@@ -118,14 +122,28 @@ class Supervisor:
         if pause:
             time.sleep(pause)
 
-    def rebuild(self, groups: Groups, names: set[str]) -> None:
+    def settle(self, lost: list[LostActor]) -> None:
+        """Before anything is placed again: a node of a lost actor that no longer answers is lost
+        itself; wait until the cluster has marked it dead, so that nothing is placed on it."""
+        for node_id in {item.node_id for item in lost if item.node_id}:
+            if node_answers(node_id):
+                continue
+            self.log(f"node {node_id[:8]} does not answer; waiting for the cluster to mark it dead")
+            deadline = time.monotonic() + max(60.0, self.settings.probe_timeout_s)
+            while time.monotonic() < deadline and any(
+                n["NodeID"] == node_id and n["Alive"] for n in ray.nodes()
+            ):
+                time.sleep(1.0)
+
+    def rebuild(self, groups: Groups, names: set[str], lost: list[LostActor] = ()) -> None:
         """Build the lost frozen/rollout groups again (waiting for room), then sync the weights."""
         started = time.monotonic()
+        self.settle(list(lost))
         names = self.builder.rebuild(groups, names)
         if "rollout" in names:
             self.on_rollout_rebuilt(groups)
-        where = "; ".join(getattr(groups, name).describe() for name in sorted(names))
-        self.log(f"rebuilt {', '.join(sorted(names))} in {time.monotonic() - started:.1f} s ({where})")
+        self.log(f"rebuilt {', '.join(sorted(names))} in {time.monotonic() - started:.1f} s")
+        self.announce([getattr(groups, name) for name in sorted(names)])
 
     def find_lost(self, groups: Groups, exc: BaseException) -> list[LostActor]:
         """Every actor that is gone: the one the error names, and any other that fails its health
@@ -165,4 +183,19 @@ class Supervisor:
     @staticmethod
     def _lost(group, rank: int, cause: str) -> LostActor:
         where = group.placement[rank]
-        return LostActor(group.name, rank, f"{(where['node_id'] or 'local')[:8]} ({where['ip']})", cause)
+        node = f"{(where['node_id'] or 'local')[:8]} ({where['ip']})"
+        return LostActor(group.name, rank, node, cause, where["node_id"])
+
+
+@ray.remote(num_cpus=0)
+def _here() -> bool:
+    return True
+
+
+def node_answers(node_id: str, timeout_s: float = 5.0) -> bool:
+    """A zero-CPU task pinned to the node runs within ``timeout_s``."""
+    strategy = NodeAffinitySchedulingStrategy(node_id, soft=False)
+    try:
+        return ray.get(_here.options(scheduling_strategy=strategy).remote(), timeout=timeout_s)
+    except Exception:  # noqa: BLE001 - no answer, for whatever reason, is what we ask about
+        return False

@@ -30,7 +30,7 @@ from rto.ppo.config import PPOJob
 from rto.ppo.faults import LOST, Rewind, Supervisor
 from rto.ppo.groups import GroupBuilder, Groups, ModelPaths
 from rto.ppo.logging import StepLogger
-from rto.progress import make_progress
+from rto.progress import console, make_progress
 from rto.rundir import RunDir
 
 
@@ -193,7 +193,7 @@ def run_ppo(inputs: PPOInputs) -> dict:
         ready_timeout_s=ppo.fault_tolerance.wait_for_resources_s,
     )  # fmt: skip
     supervisor = Supervisor(
-        ppo.fault_tolerance, builder, lambda g: push_weights(g.policy, g.rollout), log=log
+        ppo.fault_tolerance, builder, lambda g: push_weights(g.policy, g.rollout), log, announce_placement
     )
     logger = StepLogger(run, ppo.tensorboard, ppo.wandb, cfg)
     initial_rng = checkpoint.rng_state()
@@ -203,8 +203,12 @@ def run_ppo(inputs: PPOInputs) -> dict:
         if latest is None:
             logger.archive_previous()
         while True:
-            groups = builder.build_all()  # waits for room; a ClusterError names the group that has none
-            log("placement: " + "; ".join(group.describe() for group in groups.all()))
+            try:
+                groups = builder.build_all()  # waits for room; a ClusterError names the group that has none
+            except LOST as exc:  # a node lost while the groups were being built
+                supervisor.count([], exc, "building the groups")
+                continue
+            announce_placement(groups.all())
             try:
                 state, memory = run_steps(inputs, groups, supervisor, logger, ckpt_root, latest, initial_rng)
                 break
@@ -216,11 +220,21 @@ def run_ppo(inputs: PPOInputs) -> dict:
                 log(
                     f"[yellow]lost trainable actor {rewind}: rebuilding every group and continuing from "
                     f"{f'checkpoint step {back_to}' if latest else 'the start of the stage'} "
-                    f"(steps {back_to + 1}..{reached} are run again)[/yellow]"
+                    + (
+                        f"(steps {back_to + 1}..{reached} are run again)"
+                        if reached > back_to
+                        else "(no step lost)"
+                    )
+                    + "[/yellow]"
                 )
                 groups.shutdown()
                 builder.release()
                 groups = None
+                supervisor.settle(rewind.lost)
+    except ClusterError as exc:
+        latest = checkpoint.latest_checkpoint(ckpt_root)
+        where = f"from {latest}" if latest else "from the start of the stage"
+        raise ClusterError(f"{exc}; rerun with --resume (same run directory) to continue {where}") from None
     finally:
         logger.close()
         if groups is not None:
@@ -233,6 +247,13 @@ def run_ppo(inputs: PPOInputs) -> dict:
         "steps_run_again": lost_steps,
         "peak_rss_mb": memory,
     }
+
+
+def announce_placement(groups: list) -> None:
+    """One unwrapped line per group, ``placement policy: 2 on node 1a2b3c4d (10.0.0.5)``: the job's
+    log says where its groups run, and `rto jobs status` reads it from there."""
+    for group in groups:
+        console.print(f"placement {group.describe()}", soft_wrap=True, highlight=False)
 
 
 def run_steps(
