@@ -204,6 +204,100 @@ def submit(
         raise SystemExit(1)  # (typer.Exit's code is swallowed by standalone_mode=False in main())
 
 
+cluster_app = typer.Typer(
+    help="Ray nodes on this machine, started and stopped by rto: up (a head), join (a node), status, down.",
+    no_args_is_help=True,
+)
+app.add_typer(cluster_app, name="cluster")
+CpusOption = typer.Option(None, "--num-cpus", help="CPUs the node offers Ray (default: this machine's)")
+NodeResourcesOption = typer.Option(
+    None, "--resources", help="""Custom resources, JSON: '{"trainer": 4}' (groups pin to them)"""
+)
+HostOption = typer.Option(
+    "127.0.0.1", "--host", help="This machine's address the cluster uses (default loopback)"
+)
+
+
+@cluster_app.command("up")
+def cluster_up(
+    port: int = typer.Option(6379, "--port", help="The head's GCS port"),
+    dashboard_port: int = typer.Option(8265, "--dashboard-port", help="The dashboard (job API) port"),
+    num_cpus: float = CpusOption,
+    resources: str = NodeResourcesOption,
+    host: str = HostOption,
+    dashboard_host: str = typer.Option(
+        "127.0.0.1", "--dashboard-host", help="Where the dashboard listens (0.0.0.0: every interface)"
+    ),
+) -> None:
+    """Start a Ray head on this machine (in the background) and say how to add nodes and submit."""
+    from rto import cluster  # deferred: start-up time of every other command
+
+    head = cluster.cluster_up(
+        port=port, dashboard_port=dashboard_port, num_cpus=_cpus(num_cpus),
+        resources=cluster.parse_resources(resources), host=host, dashboard_host=dashboard_host,
+    )  # fmt: skip
+    auth = "on" if cluster.ray_env().get("RAY_AUTH_MODE") == "token" else "off"
+    typer.echo(
+        f"head {head.gcs_address} (pid {head.pid}, dashboard {head.dashboard}, token authentication {auth})"
+    )
+    typer.echo(f"add a node:  rto cluster join {head.gcs_address}")
+    typer.echo(f"submit:      rto submit JOB --address {head.dashboard}")
+    typer.echo("stop:        rto cluster down")
+
+
+@cluster_app.command("join")
+def cluster_join(
+    address: str = typer.Argument(..., help="HOST:PORT of the head's GCS (what `rto cluster up` printed)"),
+    num_cpus: float = CpusOption,
+    resources: str = NodeResourcesOption,
+    host: str = HostOption,
+) -> None:
+    """Start a Ray node on this machine that joins the head at ADDRESS (token mode set as the head's)."""
+    from rto import cluster  # deferred: start-up time of every other command
+
+    node = cluster.cluster_join(
+        address, num_cpus=_cpus(num_cpus), resources=cluster.parse_resources(resources), host=host
+    )
+    typer.echo(f"node joined {node.gcs_address} (pid {node.pid}, {_number(node.num_cpus)} CPUs)")
+
+
+@cluster_app.command("status")
+def cluster_status() -> None:
+    """The nodes rto started on this machine: role, process, alive, address."""
+    from rto import cluster  # deferred: start-up time of every other command
+
+    nodes = cluster.recorded_nodes()
+    if not nodes:
+        typer.echo(f"no nodes started by rto ({cluster.state_file()})")
+    for node in nodes:
+        state = "alive" if node.alive() else "gone"
+        extra = f" {node.resources}" if node.resources else ""
+        typer.echo(
+            f"{node.role:<7}pid {node.pid:<8}{state:<6}{node.gcs_address}  {_number(node.num_cpus)} CPUs{extra}"
+        )
+
+
+@cluster_app.command("down")
+def cluster_down() -> None:
+    """Stop every node rto started on this machine (by their process sessions; no `ray stop`)."""
+    from rto import cluster  # deferred: start-up time of every other command
+
+    for node in cluster.cluster_down():
+        typer.echo(f"stopped the {node.role} node (pid {node.pid})")
+
+
+def _cpus(value: float | None) -> float:
+    if value is None:
+        return float(os.cpu_count() or 1)
+    if value < 0:
+        raise UserError(f"expected a number >= 0, got {value:g}", field="--num-cpus")
+    return value
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else (str(int(value)) if float(value).is_integer() else str(value))
+
+
 jobs_app = typer.Typer(help="Jobs on a Ray cluster: list, status, logs, stop.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
 

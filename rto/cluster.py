@@ -29,7 +29,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from rto.errors import UserError
+from rto.errors import ClusterError, UserError
 from rto.ray_env import use_token_auth
 
 # Every port a node listens on besides the head's own three; several nodes on one machine need
@@ -356,3 +356,92 @@ def record_nodes(nodes: list[Node]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps([dataclasses.asdict(n) for n in nodes], indent=1))
     tmp.replace(path)
+
+
+def parse_resources(text: str | None, field: str = "--resources") -> dict[str, float]:
+    """``'{"trainer": 4}'`` → custom resources; anything else is a `UserError` naming the flag."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        raise UserError(
+            f"expected a JSON object such as '{{\"trainer\": 4}}', got '{text}'", field=field
+        ) from None
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and k and isinstance(v, int | float) and not isinstance(v, bool) and v > 0
+        for k, v in value.items()
+    ):
+        raise UserError(
+            f"expected names with positive amounts such as '{{\"trainer\": 4}}', got '{text}'", field=field
+        )
+    if set(value) & {"CPU", "GPU", "memory", "object_store_memory"}:
+        raise UserError(
+            "CPU, GPU and memory are not custom resources: use --num-cpus / --num-gpus", field=field
+        )
+    return {k: float(v) for k, v in value.items()}
+
+
+def check_address(address: str) -> str:
+    """``HOST:PORT`` of a head's GCS."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(
+            f"expected HOST:PORT of the head (e.g. 127.0.0.1:6379), got '{address}'", field="ADDRESS"
+        )
+    return address
+
+
+def cluster_up(*, port: int, dashboard_port: int, num_cpus: float, resources: dict[str, float],
+               host: str, dashboard_host: str) -> Node:  # fmt: skip
+    """`rto cluster up`: start a head node (one per state file) and record it."""
+    nodes = [n for n in recorded_nodes() if n.alive()]
+    if any(n.role == "head" for n in nodes):
+        head = next(n for n in nodes if n.role == "head")
+        raise UserError(
+            f"a head started by rto is running (pid {head.pid}, {head.gcs_address}); `rto cluster down` first",
+            source=str(state_file()),
+        )
+    for flag, value in (("--port", port), ("--dashboard-port", dashboard_port)):
+        if not _port_free(host if host != "0.0.0.0" else "127.0.0.1", value):
+            raise UserError(f"port {value} is taken on {host}", field=flag)
+    try:
+        head = start_head(host=host, port=port, dashboard_port=dashboard_port, dashboard_host=dashboard_host,
+                          num_cpus=num_cpus, resources=resources)  # fmt: skip
+    except RuntimeError as exc:
+        raise ClusterError(str(exc)) from None
+    record_nodes([*nodes, head])
+    return head
+
+
+def cluster_join(address: str, *, num_cpus: float, resources: dict[str, float], host: str) -> Node:
+    """`rto cluster join`: start a worker node that joins the head at ``address`` and record it."""
+    host_part, _, port = check_address(address).rpartition(":")
+    if _port_free(host_part, int(port)) and host_part in ("127.0.0.1", "localhost"):
+        raise UserError(f"no Ray head listens at {address}", field="ADDRESS")
+    try:
+        node = start_worker(address, host=host, num_cpus=num_cpus, resources=resources)
+    except RuntimeError as exc:
+        raise ClusterError(str(exc)) from None
+    record_nodes([*[n for n in recorded_nodes() if n.alive()], node])
+    return node
+
+
+def cluster_down() -> list[Node]:
+    """`rto cluster down`: stop every node rto recorded (worker nodes first), by their sessions."""
+    nodes = recorded_nodes()
+    for node in sorted(nodes, key=lambda n: n.role == "head"):
+        node.stop()
+        _remove_tree(node.temp_dir)
+    if state_file().exists():
+        state_file().unlink()
+    return nodes
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True

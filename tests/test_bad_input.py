@@ -95,6 +95,16 @@ VALIDATE = [
     ("stages: [sft]\nppo: {temperature: .nan}\n", ["ppo.temperature"]),
     ("stages: [sft]\nftp: {sparsity: .inf}\n", ["ftp.sparsity"]),
     ("stages: [sft]\nadaptinfer: {keep_ratio: .nan}\n", ["adaptinfer.keep_ratio"]),
+    ("stages: [ppo]\nppo: {fault_tolerance: {retries: -1}}\n", ["ppo.fault_tolerance.retries", "greater than or equal to 0", "got -1"]),
+    ("stages: [ppo]\nppo: {fault_tolerance: {retries: 2, wait_for_resources_s: 0}}\n",
+     ["ppo.fault_tolerance.wait_for_resources_s", "never be placed"]),
+    ("stages: [ppo]\nppo: {fault_tolerance: {backoff_s: -1}}\n", ["ppo.fault_tolerance.backoff_s"]),
+    ("stages: [ppo]\nppo: {fault_tolerance: {probe_timeout_s: 0}}\n", ["ppo.fault_tolerance.probe_timeout_s"]),
+    ("stages: [ppo]\nppo: {fault_tolerance: {retries: true}}\n", ["ppo.fault_tolerance.retries", "number"]),
+    ("stages: [ppo]\nppo: {fault_tolerance: {retry: 3}}\n", ["ppo.fault_tolerance.retry"]),
+    ("stages: [ppo]\nresources: {policy: {strategy: SPREADOUT}}\n", ["resources.policy.strategy"]),
+    ("stages: [ppo]\nresources: {rm: {node_resources: {CPU: 1}}}\n", ["resources.rm.node_resources", "custom"]),
+    ("stages: [ppo]\nresources: {rm: {node_resources: {trainer: 0}}}\n", ["resources.rm.node_resources", "amount > 0"]),
 ]  # fmt: skip
 
 

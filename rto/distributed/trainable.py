@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -252,10 +254,21 @@ class TrainableWorker(Worker):
         state = self.state_dict_for_broadcast()
         return [ray.put(state)] if state is not None else None
 
-    def save_checkpoint(self, directory: str, tag: str, client_state: dict[str, Any] | None = None) -> None:
+    def save_checkpoint(
+        self, directory: str, tag: str, client_state: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """DeepSpeed checkpoint (weights, optimizer and scheduler states) under ``directory/tag``,
-        plus ``client_state`` (e.g. the PPO step). Collective; ranks must share the filesystem."""
+        plus ``client_state`` (e.g. the PPO step). Collective; ranks must share the filesystem.
+
+        Every file is flushed to stable storage before this returns; the answer lists the files
+        this rank sees under ``directory`` (relative paths) and where it runs, so the caller can
+        check that the storage is shared."""
         self.engine.save_checkpoint(directory, tag=tag, client_state=client_state or {})
+        files = sorted(str(p.relative_to(directory)) for p in Path(directory).rglob("*") if p.is_file())
+        for name in files:
+            with open(Path(directory) / name, "rb") as handle:
+                os.fsync(handle.fileno())
+        return {"files": files, **self.where()}
 
     def load_checkpoint(self, directory: str, tag: str) -> dict[str, Any]:
         """Restore what :meth:`save_checkpoint` wrote; returns its ``client_state``. Collective.

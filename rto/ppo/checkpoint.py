@@ -5,7 +5,10 @@
                                    state.json  step, prompts consumed, RNG states, counters, stage hash
 
 A checkpoint is written into `.step-000010.tmp/` and renamed when complete, so the newest folder
-named `step-*` is always whole; `state.json` is written last inside it.
+named `step-*` is always whole; `state.json` is written last inside it. Every file is flushed to
+stable storage (fsync) before the rename, and the driver checks that it sees every file each rank
+wrote: with trainable ranks on several nodes the run directory must be storage they all share
+(NFS, a cluster file system), and a checkpoint that is not is refused instead of being half there.
 
 Nothing in a checkpoint can run code when it is loaded: `state.json` is plain JSON (the RNG states
 as numbers and base64 bytes, checked before use), and the DeepSpeed files are read with
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -23,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rto.errors import UserError
+from rto.errors import ClusterError, UserError
 from rto.rundir import atomic_write_json, replace_dir
 
 TAG = "ckpt"
@@ -89,13 +93,36 @@ def save(root: Path, step: int, groups, state: dict, keep: int) -> Path:
     tmp = root / f".step-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    groups.policy.run_all("save_checkpoint", str(tmp / "policy"), TAG)
-    groups.critic.run_all("save_checkpoint", str(tmp / "critic"), TAG)
+    for group in (groups.policy, groups.critic):
+        written = group.run_all("save_checkpoint", str(tmp / group.name), TAG)
+        check_visible(tmp / group.name, group.name, written)
     atomic_write_json(tmp / "state.json", {**state, "step": step, "rng": rng_state()})
+    _fsync_dir(tmp)
     replace_dir(tmp, final)
+    _fsync_dir(root)
     for old in checkpoint_dirs(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def check_visible(directory: Path, group: str, written: list[dict]) -> None:
+    """Every file a rank wrote is visible to the driver, or the run directory is not shared."""
+    for rank, answer in enumerate(written):
+        missing = [name for name in answer["files"] if not (directory / name).is_file()]
+        if missing:
+            raise ClusterError(
+                f"{group} rank {rank} on node {(answer['node_id'] or 'local')[:8]} ({answer['ip']}) wrote "
+                f"{missing[0]} but it is not visible at {directory}: with trainable ranks on several "
+                "nodes, the run directory must be on storage every node shares"
+            )
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load(path: Path, groups) -> dict:

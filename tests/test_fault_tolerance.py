@@ -1,0 +1,86 @@
+"""The pieces of the PPO stage's fault handling that need no cluster: the settings, when it gives
+up, the shared-storage check of checkpoints, and a placement that cannot be met (in-process Ray).
+The faults themselves, on a real multi-node cluster, are in tests/test_cluster_faults.py."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+
+from rto.config import config_from_dict
+from rto.errors import ClusterError
+from rto.ppo.checkpoint import check_visible
+from rto.ppo.config import FaultToleranceConfig
+from rto.ppo.faults import Supervisor
+
+
+def test_no_recovery_without_time_to_place_again():
+    assert FaultToleranceConfig(retries=0, wait_for_resources_s=0).retries == 0
+    with pytest.raises(ValueError, match="never be placed"):
+        FaultToleranceConfig(retries=1, wait_for_resources_s=0)
+
+
+def test_gives_up_after_retries_in_a_row_and_a_completed_step_resets_the_count():
+    lines = []
+    supervisor = Supervisor(FaultToleranceConfig(retries=2, backoff_s=0), None, lambda g: None, lines.append)
+    error = ray.exceptions.ActorDiedError()
+    supervisor.count([], error, "the rollouts of step 3")
+    supervisor.step_completed()
+    supervisor.count([], error, "the rollouts of step 4")
+    supervisor.count([], error, "the rollouts of step 4")
+    with pytest.raises(
+        ClusterError, match=r"gave up after 2 recoveries in a row \(ppo.fault_tolerance.retries = 2\)"
+    ):
+        supervisor.count([], error, "the rollouts of step 4")
+    assert supervisor.restarts == 4 and len(lines) == 4
+    assert "during the rollouts of step 4" in lines[-1] and "ActorDiedError" in lines[-1]
+
+
+def test_a_checkpoint_on_storage_the_driver_does_not_see_is_refused(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    here = {"files": ["ckpt/mp_rank_00_model_states.pt"], "node_id": "aaaa1111", "ip": "10.0.0.1"}
+    check_visible(tmp_path, "policy", [here])
+    elsewhere = {
+        "files": ["ckpt/zero_pp_rank_1_mp_rank_00_optim_states.pt"],
+        "node_id": "bbbb2222",
+        "ip": "10.0.0.2",
+    }
+    with pytest.raises(
+        ClusterError, match=r"policy rank 1 on node bbbb2222 \(10.0.0.2\) wrote .*storage every node shares"
+    ):
+        check_visible(tmp_path, "policy", [here, elsewhere])
+
+
+def test_a_group_the_cluster_has_no_room_for_fails_naming_it():
+    from rto.distributed import ActorGroup, Resources, init_ray
+    from rto.distributed.workers import Worker
+
+    init_ray(None, num_cpus=1)
+    try:
+        with pytest.raises(
+            ClusterError,
+            match=r"could not place the 'rm' group \(1 × \{'CPU': 0.25, 'gpu_node': 1.0\}.*within 2 s; the cluster has \{'CPU': 1.0\} free",
+        ):
+            ActorGroup(
+                Worker,
+                1,
+                resources=Resources(0.25, custom=(("gpu_node", 1.0),)),
+                name="rm",
+                ready_timeout_s=2,
+            )
+        assert ray.available_resources().get("CPU") == 1.0  # the request was withdrawn
+    finally:
+        ray.shutdown()
+
+
+def test_placement_settings_reach_the_job():
+    cfg = config_from_dict(
+        {
+            "stages": ["ppo"],
+            "resources": {"rollout": {"strategy": "SPREAD", "ranks": 2, "node_resources": {"spot": 0.5}}},
+        }
+    )
+    assert cfg.resources.rollout.strategy == "SPREAD" and cfg.resources.rollout.node_resources == {
+        "spot": 0.5
+    }
