@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from common import RESULTS, write_results  # noqa: E402
 from pipeline_helpers import rto, write_job  # noqa: E402
 
-from rto.cluster import LocalCluster, Node, ray_env  # noqa: E402
+from rto.cluster import LocalCluster, ray_env  # noqa: E402
 
 TRAINER = {"trainer": 4}
 SCORER = {"scorer": 8}
@@ -187,24 +187,6 @@ class Monitor(threading.Thread):
         return next((t for t, top in timeline if t >= last and top > target), None)
 
 
-def worker_pids(node: Node, title: str) -> list[int]:
-    """The worker processes of `node` whose Ray process title starts with `title`."""
-    pids = []
-    for pid in node.processes():
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if cmdline.startswith(title):
-            pids.append(pid)
-    return sorted(pids)
-
-
-def node_with(cluster: LocalCluster, resource: str) -> Node:
-    (node,) = [n for n in cluster.workers if resource in n.resources and n.alive()]
-    return node
-
-
 def start_rto_run(job: Path, run_dir: Path, log: Path) -> subprocess.Popen:
     env = {
         **os.environ,
@@ -285,7 +267,7 @@ def wait_until(process: subprocess.Popen, condition, timeout: float, what: str) 
 def kill(cluster: LocalCluster, plan: dict) -> dict:
     """Carry out one planned kill now; returns what was killed and when (seconds since the run began)."""
     if plan["kind"] == "node":
-        node = node_with(cluster, plan["node"])
+        node = cluster.node_with(plan["node"])
         resources = dict(node.resources)
         t_kill = time.monotonic()
         count = cluster.kill(node)
@@ -302,8 +284,8 @@ def kill(cluster: LocalCluster, plan: dict) -> dict:
     title = TITLES[plan["kind"]]
     deadline = time.monotonic() + 60
     while True:  # right after a rebuild a group may not have its processes yet
-        node = node_with(cluster, plan["node"])
-        pids = worker_pids(node, title)
+        node = cluster.node_with(plan["node"])
+        pids = node.worker_pids(title)
         if pids or time.monotonic() > deadline:
             break
         time.sleep(0.2)

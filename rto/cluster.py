@@ -95,6 +95,19 @@ class Node:
     def processes(self) -> list[int]:
         return session_pids(self.pid)
 
+    def worker_pids(self, title: str) -> list[int]:
+        """The node's processes whose Ray process title starts with ``title``
+        (``ray::RolloutWorker``: the actor processes of that class)."""
+        pids = []
+        for pid in self.processes():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if cmdline.startswith(title):
+                pids.append(pid)
+        return sorted(pids)
+
     def alive(self) -> bool:
         try:
             os.kill(self.pid, 0)
@@ -306,6 +319,11 @@ class LocalCluster:
 
     def kill(self, node: Node) -> int:
         return node.kill()
+
+    def node_with(self, resource: str) -> Node:
+        """The one live worker node that offers the custom ``resource``."""
+        (node,) = [n for n in self.workers if resource in n.resources and n.alive()]
+        return node
 
     def nodes(self) -> Iterator[Node]:
         yield from self.workers

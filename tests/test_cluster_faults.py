@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from pipeline_helpers import rto, write_job
 
-from rto.cluster import LocalCluster, Node, ray_env
+from rto.cluster import LocalCluster, ray_env
 
 pytestmark = pytest.mark.slow
 
@@ -66,11 +66,6 @@ def cluster():
         yield cluster
 
 
-def node_with(cluster: LocalCluster, resource: str) -> Node:
-    (node,) = [n for n in cluster.workers if resource in n.resources and n.alive()]
-    return node
-
-
 def ppo_run(trained: Path, tmp: Path, address: str) -> tuple[Path, Path]:
     """A copy of the trained run directory and the job file that runs its ppo stage on `address`."""
     run_dir = tmp / "run"
@@ -113,19 +108,6 @@ def finish(process: subprocess.Popen, log: Path, timeout: float = 600) -> str:
     return log.read_text()
 
 
-def worker_pids(node: Node, title: str) -> list[int]:
-    """The worker processes of `node` whose Ray process title starts with `title` (`ray::RolloutWorker`)."""
-    pids = []
-    for pid in node.processes():
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if cmdline.startswith(title):
-            pids.append(pid)
-    return pids
-
-
 def placement(out: str) -> dict[str, str]:
     """Group → node id, from the first `placement GROUP: N on node ID (IP)` line of each group."""
     nodes: dict[str, str] = {}
@@ -154,7 +136,7 @@ def test_groups_span_nodes_and_a_lost_trainer_node_is_replaced(cluster, trained,
     log = tmp_path / "run.log"
     process = start_rto_run(job, run_dir, log)
     wait_for_step(process, run_dir, 3, log)
-    killed = node_with(cluster, "trainer")
+    killed = cluster.node_with("trainer")
     assert cluster.kill(killed) >= 3  # raylet, agents, the policy and critic workers
     reached = max(ppo_steps(run_dir))
     cluster.add_node(num_cpus=2, resources=TRAINER)
@@ -187,7 +169,7 @@ def test_a_lost_worker_process_is_recreated_without_a_rewind(cluster, trained, t
     log = tmp_path / "run.log"
     process = start_rto_run(job, run_dir, log)
     wait_for_step(process, run_dir, 2, log)
-    pids = worker_pids(node_with(cluster, "scorer"), title)
+    pids = cluster.node_with("scorer").worker_pids(title)
     assert pids, f"no {title} process on the scorer node"
     os.kill(pids[0], signal.SIGKILL)
     out = finish(process, log)
@@ -222,7 +204,7 @@ def test_a_node_lost_for_good_fails_within_the_wait_and_submit_resume_completes(
     assert (
         "groups:" in status and "  policy    2 on node " in status and "  rollout   1 on node " in status
     ), status
-    scorer = node_with(cluster, "scorer")
+    scorer = cluster.node_with("scorer")
     cluster.kill(scorer)
     killed_at = time.monotonic()
     waited = rto(

@@ -1,20 +1,16 @@
 """Cluster jobs against a real local Ray head on loopback: `rto submit` a tiny job, follow it to
 success with `rto jobs status`, read its logs, stop a running job, and bad input.
 
-The head is this test's own `ray start --head --block` process (its own session, its own temp
-dir, free ports); it is stopped by signalling that process, which takes the head's daemons with
-it. Never `ray stop`: that would stop every Ray on the machine."""
+The head is this test's own `ray start --head --block` process (`rto.cluster.LocalCluster`: its own
+session, temp dir and free ports), stopped by signalling the processes of its session. Never
+`ray stop`: that would stop every Ray on the machine."""
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,124 +19,24 @@ from _trace_run_fixtures import run_cli
 from pipeline_helpers import rto, write_job
 
 from rto import jobs
-
-PORT_OPTIONS = [
-    "--port", "--dashboard-port", "--ray-client-server-port", "--dashboard-agent-listen-port",
-    "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port",
-    "--node-manager-port", "--object-manager-port",
-]  # fmt: skip
-
-
-def free_ports(n: int) -> list[int]:
-    """`n` distinct free loopback ports (all held open at once, so none is handed out twice)."""
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def start_head(temp_dir: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
-    """`ray start --head --block` on loopback with free ports; (process, dashboard address)."""
-    ports = dict(zip(PORT_OPTIONS, free_ports(len(PORT_OPTIONS)), strict=True))
-    bin_dir = str(Path(sys.executable).parent)
-    command = [
-        os.path.join(bin_dir, "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-        "--dashboard-host", "127.0.0.1", "--include-dashboard", "true", "--num-cpus", "2",
-        "--temp-dir", str(temp_dir), "--disable-usage-stats",
-        *[str(x) for option, port in ports.items() for x in (option, port)],
-    ]  # fmt: skip
-    env = {
-        **os.environ,
-        "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),  # the job's `python` is this venv's
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "OMP_NUM_THREADS": "1",
-    }
-    process = subprocess.Popen(
-        command, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True, env=env
-    )
-    return process, f"http://127.0.0.1:{ports['--dashboard-port']}"
-
-
-def stop_head(process: subprocess.Popen, temp_dir: Path) -> None:
-    """SIGTERM to our `ray start --block` (it stops the daemons it started); then any process
-    still naming our temp dir (only ours can) is killed by its PID."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    for _ in range(10):
-        leftovers = pids_mentioning(str(temp_dir))
-        if not leftovers:
-            break
-        for pid in leftovers:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.5)
-
-
-def pids_mentioning(text: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if text.encode() in (entry / "cmdline").read_bytes():
-                    pids.append(int(entry.name))
-            except OSError:
-                pass
-    return pids
+from rto.cluster import LocalCluster, free_ports
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    # Ray's unix socket paths live under the temp dir and must stay short: /tmp/rrXXXXXXXX
-    temp_dir = Path(tempfile.mkdtemp(prefix="rr", dir="/tmp"))
+    """A head on loopback with 2 CPUs (`rto.cluster.LocalCluster`); its dashboard address."""
     for attempt in range(3):  # a port taken between choosing and binding it ends the head at once
-        process, address = start_head(temp_dir, temp_dir / f"head-{attempt}.log")
-        up = wait_for_dashboard(process, address, deadline=time.monotonic() + 180)
-        if up or process.poll() is None:
+        try:
+            local = LocalCluster(head_cpus=2, env={**os.environ, "OMP_NUM_THREADS": "1"})
             break
-        stop_head(process, temp_dir)
+        except RuntimeError:
+            if attempt == 2:
+                raise
     try:
-        if not up:
-            log = (temp_dir / f"head-{attempt}.log").read_text()[-3000:]
-            pytest.fail(f"Ray head did not start (exit code {process.poll()}):\n{log}")
-        assert rto("jobs", "list", "--address", address).returncode == 0
-        yield address
+        assert rto("jobs", "list", "--address", local.dashboard).returncode == 0
+        yield local.dashboard
     finally:
-        stop_head(process, temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def wait_for_dashboard(process: subprocess.Popen, address: str, deadline: float) -> bool:
-    """True once the head's dashboard answers; False if the head exits or the deadline passes."""
-    while not dashboard_answers(address):
-        if process.poll() is not None or time.monotonic() > deadline:
-            return False
-        time.sleep(1)
-    return True
-
-
-def dashboard_answers(address: str) -> bool:
-    """The head's dashboard is up (401 means up, with token authentication)."""
-    import urllib.error
-    import urllib.request
-
-    try:
-        urllib.request.urlopen(f"{address}/api/version", timeout=2).close()
-        return True
-    except urllib.error.HTTPError as exc:
-        return exc.code == 401
-    except OSError:
-        return False
+        local.shutdown()
 
 
 def job_status(address: str, job_id: str) -> str:
