@@ -181,6 +181,40 @@ def test_a_lost_worker_process_is_recreated_without_a_rewind(cluster, trained, t
     assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["restarts"] == 1
 
 
+def test_a_stopped_driver_is_continued_by_submit_resume(cluster, trained, tmp_path):
+    """The driver itself ends (`rto jobs stop`: SIGTERM, then SIGKILL) after a checkpoint;
+    `rto submit --resume` on the same run directory continues from the last checkpoint, every
+    step once, and `rto jobs list` shows the stopped attempt beside the one that finished."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    job = write_job(tmp_path, **job_changes(cluster.address, ppo__steps=60))
+    env = ["--env", "OMP_NUM_THREADS=1", "--env", "HF_HUB_OFFLINE=1", "--env", "COLUMNS=400"]
+    submit = ["submit", str(job), "--address", cluster.dashboard, "--run-dir", str(run_dir), *env]
+    first = submitted_id(rto(*submit, "--job-id", "stopped-first"))
+    deadline = time.monotonic() + 300
+    while not ppo_steps(run_dir) or max(ppo_steps(run_dir)) < 3:
+        assert time.monotonic() < deadline, rto("jobs", "logs", first, "--address", cluster.dashboard).stdout[
+            -3000:
+        ]
+        time.sleep(0.2)
+    assert rto("jobs", "stop", first, "--address", cluster.dashboard).returncode == 0
+    stopped = rto(
+        "jobs", "status", first, "--wait", "--timeout", "120", "--address", cluster.dashboard, timeout=150
+    )
+    assert stopped.returncode == 1 and "STOPPED" in stopped.stdout, stopped.stdout
+    assert max(ppo_steps(run_dir)) < 60
+    second = submitted_id(rto(*submit, "--job-id", "stopped-second", "--resume"))
+    finished = rto(
+        "jobs", "status", second, "--wait", "--timeout", "400", "--address", cluster.dashboard, timeout=430
+    )
+    logs = rto("jobs", "logs", second, "--address", cluster.dashboard).stdout
+    assert finished.returncode == 0, logs[-3000:]
+    assert "resumed from" in logs
+    assert_every_step_once(run_dir, 60)
+    listing = rto("jobs", "list", "--address", cluster.dashboard).stdout
+    assert "stopped-first" in listing and "STOPPED" in listing and "stopped-second" in listing
+
+
 def test_a_node_lost_for_good_fails_within_the_wait_and_submit_resume_completes(cluster, trained, tmp_path):
     """Submitted jobs: the scorer node SIGKILLed and not replaced; the job fails once the configured
     wait is over, saying which group could not be placed, and leaves a checkpoint of its last
