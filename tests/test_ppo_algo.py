@@ -18,6 +18,7 @@ from rto.ppo.algo import (
     masked_mean,
     masked_var,
     masked_whiten,
+    sampler_mismatch,
     truncated_is_weights,
 )
 
@@ -102,6 +103,24 @@ def test_truncated_is_weights():
     dense = torch.log(torch.tensor([[0.3, 0.9, 0.2, 0.5]]))
     sampler = torch.log(torch.tensor([[0.6, 0.3, 0.2, 0.1]]))
     close(truncated_is_weights(dense, sampler, MASK, cap=2.0), [[0.5, 2.0, 1.0, 0.0]])
+
+
+def test_sampler_mismatch_estimates_kl_of_the_sampler_from_its_own_samples():
+    """k3 on tokens drawn from q matches the exact KL(q || p) of two small distributions."""
+    q = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    p = torch.tensor([0.25, 0.25, 0.25, 0.25])
+    exact = float((q * (q / p).log()).sum())
+    draws = torch.multinomial(q, 200_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    dense, sampler = p.log()[draws][None], q.log()[draws][None]
+    out = sampler_mismatch(dense, sampler, torch.ones_like(dense), cap=2.0)
+    assert out["sampler_kl"] == pytest.approx(exact, rel=0.02)
+    assert out["is_capped_frac"] == pytest.approx(0.05, abs=0.005)  # p/q is 0.5, 5/6, 5/3, 5: only the last
+    at_one_and_a_half = sampler_mismatch(dense, sampler, torch.ones_like(dense), cap=1.5)
+    assert at_one_and_a_half["is_capped_frac"] == pytest.approx(0.20, abs=0.005)  # the last two
+    same = sampler_mismatch(sampler, sampler, torch.ones_like(dense))
+    assert same == {"sampler_kl": 0.0, "is_capped_frac": 0.0}
+    masked_out = sampler_mismatch(dense, sampler, torch.zeros_like(dense))
+    assert masked_out == {"sampler_kl": 0.0, "is_capped_frac": 0.0}
 
 
 def test_clipped_value_loss_by_hand():

@@ -304,6 +304,7 @@ def test_ftp_pruned_rollouts_are_importance_weighted(reward_run, tmp_path):
     assert "Started a local Ray instance" in result.stderr  # --verbose: the libraries' output too
     (record,) = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"ppo"' in x]
     assert 0.0 < record["is_weight_mean"] <= 2.0
+    assert record["sampler_kl"] >= 0.0 and 0.0 <= record["is_capped_frac"] <= 1.0
     assert (run_dir / "stages" / "ftp" / "router.safetensors").is_file()
     # the policy is scored at the sampling temperature: ratio 1 before any update
     assert record["first_minibatch_ratio_error"] < 1e-4 and record["first_minibatch_value_clip_frac"] == 0.0

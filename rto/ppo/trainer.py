@@ -25,7 +25,13 @@ from rto.distributed import concat_results, init_ray, push_weights
 from rto.errors import ClusterError, UserError
 from rto.generation import Sampler
 from rto.ppo import checkpoint
-from rto.ppo.algo import ADVANTAGE_ESTIMATORS, masked_mean, masked_whiten, truncated_is_weights
+from rto.ppo.algo import (
+    ADVANTAGE_ESTIMATORS,
+    masked_mean,
+    masked_whiten,
+    sampler_mismatch,
+    truncated_is_weights,
+)
 from rto.ppo.config import PPOJob
 from rto.ppo.faults import LOST, Rewind, Supervisor
 from rto.ppo.groups import GroupBuilder, Groups, ModelPaths
@@ -487,6 +493,9 @@ def one_step(
     )
     if is_weights is not None:
         record["is_weight_mean"] = float(masked_mean(is_weights, mask))
+        record.update(
+            sampler_mismatch(scores["sampling_logprobs"], samples["sampler_logprobs"], mask, ppo.is_cap)
+        )
     return {k: v for k, v in record.items() if v is not None}
 
 
