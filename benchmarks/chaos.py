@@ -53,6 +53,7 @@ from common import RESULTS, write_results  # noqa: E402
 from pipeline_helpers import rto, write_job  # noqa: E402
 
 from rto.cluster import LocalCluster, ray_env  # noqa: E402
+from rto.rundir import RunDir  # noqa: E402
 
 TRAINER = {"trainer": 4}
 SCORER = {"scorer": 8}
@@ -100,18 +101,7 @@ def schedule(seed: int, steps: int) -> list[dict]:
 
 
 def ppo_steps(run_dir: Path) -> list[int]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    steps = []
-    for raw in path.read_bytes().splitlines():
-        try:
-            row = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            continue  # a line being written
-        if isinstance(row, dict) and row.get("stage") == "ppo":
-            steps.append(row["step"])
-    return steps
+    return [row["step"] for row in ppo_rows(run_dir)]
 
 
 class Monitor(threading.Thread):
@@ -216,15 +206,8 @@ def check_output(run_dir: Path, steps: int) -> dict:
 
 
 def ppo_rows(run_dir: Path) -> list[dict]:
-    rows = []
-    for raw in (run_dir / "metrics.jsonl").read_bytes().splitlines():
-        try:
-            row = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            continue
-        if row.get("stage") == "ppo":
-            rows.append(row)
-    return rows
+    """The ppo records of metrics.jsonl (a half-written last line is not a record)."""
+    return RunDir(run_dir).read_metrics("ppo")
 
 
 def run_summary(run_dir: Path, log: Path, returncode: int | None, wall: float, steps: int) -> dict:

@@ -22,6 +22,7 @@ import pytest
 from pipeline_helpers import rto, write_job
 
 from rto.cluster import LocalCluster, ray_env
+from rto.rundir import RunDir
 
 pytestmark = pytest.mark.slow
 
@@ -82,11 +83,9 @@ def start_rto_run(job: Path, run_dir: Path, log: Path, *extra: str) -> subproces
 
 
 def ppo_steps(run_dir: Path) -> list[int]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r["step"] for r in rows if r.get("stage") == "ppo"]
+    """The ppo steps in metrics.jsonl (read while the run appends to it: a half-written last line
+    is not a record, as for every reader of the file)."""
+    return [r["step"] for r in RunDir(run_dir).read_metrics("ppo")]
 
 
 def wait_for_step(
@@ -181,37 +180,58 @@ def test_a_lost_worker_process_is_recreated_without_a_rewind(cluster, trained, t
     assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["restarts"] == 1
 
 
+class SubmittedRun:
+    """A copy of the trained run directory and a job that runs its ppo stage, submitted to the
+    cluster's job API with `rto submit` (and watched with `rto jobs`)."""
+
+    def __init__(self, cluster: LocalCluster, trained: Path, tmp_path: Path, **changes):
+        self.address = cluster.dashboard
+        self.run_dir = tmp_path / "run"
+        shutil.copytree(trained, self.run_dir)
+        job = write_job(tmp_path, **changes)
+        env = ["--env", "OMP_NUM_THREADS=1", "--env", "HF_HUB_OFFLINE=1", "--env", "COLUMNS=400"]
+        self.command = ["submit", str(job), "--address", self.address, "--run-dir", str(self.run_dir), *env]
+
+    def submit(self, job_id: str, *extra: str) -> str:
+        result = rto(*self.command, "--job-id", job_id, *extra)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return job_id
+
+    def wait_for_step(self, job_id: str, step: int, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while not ppo_steps(self.run_dir) or max(ppo_steps(self.run_dir)) < step:
+            assert time.monotonic() < deadline, self.logs(job_id)[-3000:]
+            time.sleep(0.2)
+
+    def wait(self, job_id: str, timeout: float = 400) -> subprocess.CompletedProcess:
+        """`rto jobs status --wait`: exit 0 only if the job succeeded."""
+        return rto("jobs", "status", job_id, "--wait", "--timeout", str(timeout), "--address", self.address,
+                   timeout=timeout + 30)  # fmt: skip
+
+    def logs(self, job_id: str) -> str:
+        return rto("jobs", "logs", job_id, "--address", self.address).stdout
+
+    def listing(self) -> str:
+        return rto("jobs", "list", "--address", self.address).stdout
+
+
 def test_a_stopped_driver_is_continued_by_submit_resume(cluster, trained, tmp_path):
     """The driver itself ends (`rto jobs stop`: SIGTERM, then SIGKILL) after a checkpoint;
     `rto submit --resume` on the same run directory continues from the last checkpoint, every
     step once, and `rto jobs list` shows the stopped attempt beside the one that finished."""
-    run_dir = tmp_path / "run"
-    shutil.copytree(trained, run_dir)
-    job = write_job(tmp_path, **job_changes(cluster.address, ppo__steps=60))
-    env = ["--env", "OMP_NUM_THREADS=1", "--env", "HF_HUB_OFFLINE=1", "--env", "COLUMNS=400"]
-    submit = ["submit", str(job), "--address", cluster.dashboard, "--run-dir", str(run_dir), *env]
-    first = submitted_id(rto(*submit, "--job-id", "stopped-first"))
-    deadline = time.monotonic() + 300
-    while not ppo_steps(run_dir) or max(ppo_steps(run_dir)) < 3:
-        assert time.monotonic() < deadline, rto("jobs", "logs", first, "--address", cluster.dashboard).stdout[
-            -3000:
-        ]
-        time.sleep(0.2)
-    assert rto("jobs", "stop", first, "--address", cluster.dashboard).returncode == 0
-    stopped = rto(
-        "jobs", "status", first, "--wait", "--timeout", "120", "--address", cluster.dashboard, timeout=150
-    )
+    job = SubmittedRun(cluster, trained, tmp_path, **job_changes(cluster.address, ppo__steps=60))
+    first = job.submit("stopped-first")
+    job.wait_for_step(first, 3)
+    assert rto("jobs", "stop", first, "--address", job.address).returncode == 0
+    stopped = job.wait(first, 120)
     assert stopped.returncode == 1 and "STOPPED" in stopped.stdout, stopped.stdout
-    assert max(ppo_steps(run_dir)) < 60
-    second = submitted_id(rto(*submit, "--job-id", "stopped-second", "--resume"))
-    finished = rto(
-        "jobs", "status", second, "--wait", "--timeout", "400", "--address", cluster.dashboard, timeout=430
-    )
-    logs = rto("jobs", "logs", second, "--address", cluster.dashboard).stdout
-    assert finished.returncode == 0, logs[-3000:]
-    assert "resumed from" in logs
-    assert_every_step_once(run_dir, 60)
-    listing = rto("jobs", "list", "--address", cluster.dashboard).stdout
+    assert max(ppo_steps(job.run_dir)) < 60
+    second = job.submit("stopped-second", "--resume")
+    finished = job.wait(second)
+    assert finished.returncode == 0, job.logs(second)[-3000:]
+    assert "resumed from" in job.logs(second)
+    assert_every_step_once(job.run_dir, 60)
+    listing = job.listing()
     assert "stopped-first" in listing and "STOPPED" in listing and "stopped-second" in listing
 
 
@@ -220,54 +240,32 @@ def test_a_node_lost_for_good_fails_within_the_wait_and_submit_resume_completes(
     wait is over, saying which group could not be placed, and leaves a checkpoint of its last
     completed step; after a node is added, `rto submit --resume` on the same run directory
     completes it, and `rto jobs list` shows both attempts. (Runs last: it takes a node away.)"""
-    run_dir = tmp_path / "run"
-    shutil.copytree(trained, run_dir)
     changes = job_changes(cluster.address, ppo__steps=40)  # the kill lands long before the end
     changes["ppo__fault_tolerance"] = {**changes["ppo__fault_tolerance"], "wait_for_resources_s": 15}
-    job = write_job(tmp_path, **changes)
-    env = ["--env", "OMP_NUM_THREADS=1", "--env", "HF_HUB_OFFLINE=1", "--env", "COLUMNS=400"]
-    submit = ["submit", str(job), "--address", cluster.dashboard, "--run-dir", str(run_dir), *env]
-    first = submitted_id(rto(*submit, "--job-id", "chaos-first"))
-    deadline = time.monotonic() + 300
-    while not ppo_steps(run_dir) or max(ppo_steps(run_dir)) < 2:
-        assert time.monotonic() < deadline, rto("jobs", "logs", first, "--address", cluster.dashboard).stdout[
-            -3000:
-        ]
-        time.sleep(0.5)
-    status = rto("jobs", "status", first, "--address", cluster.dashboard).stdout
+    job = SubmittedRun(cluster, trained, tmp_path, **changes)
+    first = job.submit("chaos-first")
+    job.wait_for_step(first, 2)
+    status = rto("jobs", "status", first, "--address", job.address).stdout
     assert (
         "groups:" in status and "  policy    2 on node " in status and "  rollout   1 on node " in status
     ), status
-    scorer = cluster.node_with("scorer")
-    cluster.kill(scorer)
+    cluster.kill(cluster.node_with("scorer"))
     killed_at = time.monotonic()
-    waited = rto(
-        "jobs", "status", first, "--wait", "--timeout", "300", "--address", cluster.dashboard, timeout=330
-    )
+    waited = job.wait(first, 300)
     failed_after = time.monotonic() - killed_at
-    logs = rto("jobs", "logs", first, "--address", cluster.dashboard).stdout
+    logs = job.logs(first)
     assert waited.returncode == 1 and "FAILED" in waited.stdout, logs[-3000:]
     assert "could not place the '" in logs and "within 15 s" in logs, logs[-3000:]
     assert "--resume" in logs
     # the wait (15 s), the health checks and marking the node dead (<= 60 s), not the default 300 s
     assert failed_after < 150, failed_after
-    done_before = max(ppo_steps(run_dir))
-    assert list((run_dir / "checkpoints").glob(f"ppo-*/step-{done_before:06d}"))  # nothing is lost
+    done_before = max(ppo_steps(job.run_dir))
+    assert list((job.run_dir / "checkpoints").glob(f"ppo-*/step-{done_before:06d}"))  # nothing is lost
 
     cluster.add_node(num_cpus=2, resources=SCORER)
-    second = submitted_id(rto(*submit, "--job-id", "chaos-second", "--resume"))
-    finished = rto(
-        "jobs", "status", second, "--wait", "--timeout", "400", "--address", cluster.dashboard, timeout=430
-    )
-    assert finished.returncode == 0, rto("jobs", "logs", second, "--address", cluster.dashboard).stdout[
-        -3000:
-    ]
-    assert "resumed from" in rto("jobs", "logs", second, "--address", cluster.dashboard).stdout
-    assert_every_step_once(run_dir, 40)
-    listing = rto("jobs", "list", "--address", cluster.dashboard).stdout
+    second = job.submit("chaos-second", "--resume")
+    assert job.wait(second).returncode == 0, job.logs(second)[-3000:]
+    assert "resumed from" in job.logs(second)
+    assert_every_step_once(job.run_dir, 40)
+    listing = job.listing()
     assert "chaos-first" in listing and "FAILED" in listing and "chaos-second" in listing
-
-
-def submitted_id(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout.split("submitted ", 1)[1].split(" ", 1)[0]
