@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -333,19 +334,13 @@ class LocalCluster:
         for node in self.nodes():
             node.stop()
         for node in self.nodes():
-            _remove_tree(node.temp_dir)
+            shutil.rmtree(node.temp_dir, ignore_errors=True)
 
     def __enter__(self) -> LocalCluster:
         return self
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
-
-
-def _remove_tree(path: str) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- `rto cluster` state
@@ -450,7 +445,7 @@ def cluster_down() -> list[Node]:
     nodes = recorded_nodes()
     for node in sorted(nodes, key=lambda n: n.role == "head"):
         node.stop()
-        _remove_tree(node.temp_dir)
+        shutil.rmtree(node.temp_dir, ignore_errors=True)
     if state_file().exists():
         state_file().unlink()
     return nodes
