@@ -118,11 +118,17 @@ class Node:
 
     def kill(self) -> int:
         """SIGKILL every process of the node at once, as when its machine is lost; returns how many."""
-        pids = self.processes()
-        for pid in pids:
-            _signal(pid, signal.SIGKILL)
-        _reap(self.pid)
-        return len(pids)
+        killed: set[int] = set()
+        for _ in range(20):  # again, for any process forked while the first SIGKILLs were sent
+            pids = [pid for pid in self.processes() if _state(pid) not in ("Z", "X", None)]
+            if not pids:
+                break
+            for pid in pids:
+                _signal(pid, signal.SIGKILL)
+            killed.update(pids)
+            _reap(self.pid)
+            time.sleep(0.1)
+        return len(killed)
 
     def stop(self, timeout_s: float = 60.0) -> None:
         """SIGTERM to ``ray start --block`` (it stops the daemons it started), then SIGKILL to

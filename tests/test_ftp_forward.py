@@ -28,6 +28,19 @@ def left_padded_batch(vocab: int = 128, seed: int = 0):
     return input_ids, attention_mask
 
 
+class ReplayRouter(Router):
+    """A router that makes given decisions: the k-th routed block keeps exactly `keeps[k]`."""
+
+    def __init__(self, keeps: list[torch.Tensor]):
+        super().__init__()
+        self.keeps, self.calls = keeps, 0
+
+    def forward(self, factors: torch.Tensor) -> torch.Tensor:
+        keep = self.keeps[self.calls]
+        self.calls += 1
+        return torch.where(keep, 20.0, -20.0)
+
+
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_zero_sparsity_reproduces_dense_logits(arch, impl):
@@ -142,3 +155,33 @@ def test_pruned_sampling_runs_with_eos_and_padding():
     assert torch.equal(out[:, :14], input_ids)
     with pytest.raises(TypeError, match="not_an_option"):
         generate_pruned(model, "static", [0.0] * 4, input_ids, attention_mask, not_an_option=1)
+
+
+def test_a_row_that_skips_a_block_keeps_its_attention_table():
+    """Decoding, one row's new token computes block 1 and the other's skips it: the skipping row
+    gets no fresh attention there, so the factors block 2 routes it on are what they would be with
+    the row alone (its table is not zeroed)."""
+    model = random_causal_lm("llama")
+    ids, mask = left_padded_batch()
+    schedule, router = [0.0, 0.5, 0.5, 0.0], Router()
+
+    def decode(rows: slice, block1: list[bool]):
+        prefill = skipping_forward(model, ids[rows], mask[rows], schedule=schedule, router=router)
+        step_mask = torch.cat([mask[rows], mask.new_ones(len(block1), 1)], dim=1)
+        keeps = [torch.tensor(block1)[:, None], torch.ones(len(block1), 1, dtype=torch.bool)]
+        out = skipping_forward(
+            model,
+            ids[rows, -1:],
+            step_mask,
+            schedule=schedule,
+            router=ReplayRouter(keeps),
+            cache=prefill.cache,
+        )
+        assert out.routes[1].keep[:, 0].tolist() == block1
+        return out
+
+    with torch.no_grad():
+        both, alone = decode(slice(0, 2), [True, False]), decode(slice(1, 2), [False])
+    for name in ("attn_score", "attn_rank"):
+        assert torch.allclose(getattr(both.routes[2].state, name)[1], getattr(alone.routes[2].state, name)[0])
+    assert torch.allclose(both.logits[1], alone.logits[0], atol=1e-4)

@@ -2,9 +2,11 @@
 
 import pytest
 import torch
+from test_ftp_forward import ReplayRouter
 
 from prune.flops import dense_prefill_flops, token_sparsity_prefill_flops
 from prune.ftp.config import FTPConfig
+from prune.ftp.forward import skipping_forward
 from prune.ftp.models import random_causal_lm
 from prune.ftp.router import Router
 from prune.ftp.scheduler import dense_logits, genetic_search, project_to_budget, search_schedule
@@ -164,3 +166,32 @@ def test_static_router_fit_feeds_rollout_workers(tmp_path):
     out = worker.generate({"input_ids": ids, "attention_mask": mask})
     assert out["sequences"].shape == (4, 25)
     assert bool((out["sampler_logprobs"] <= 0).all())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_training_forward_sees_the_factors_inference_computes(arch):
+    """Router training computes every token (to pass gradients) but must route on what the
+    deployed forward sees: with the same decisions, the same factors at every block (the attention
+    table comes from the last kept tokens, not from skipped ones) and the same logits."""
+    model = random_causal_lm(arch, num_hidden_layers=6)
+    ids, mask = calibration(1)[0]
+    schedule = [0.0, 0.5, 0.5, 0.3, 0.6, 0.4]
+    torch.manual_seed(0)
+    trained = skipping_forward(
+        model, ids, mask, schedule=schedule, router=Router(), train=True, tau=1.0, n_probes=4
+    )
+    routed = [r for r in trained.routes if r.keep_prob is not None]
+    replay = ReplayRouter([r.keep for r in routed])
+    with torch.no_grad():
+        deployed = skipping_forward(model, ids, mask, schedule=schedule, router=replay, n_probes=4)
+    assert replay.calls == len(routed) == 5
+    for block, (t, d) in enumerate(zip(trained.routes, deployed.routes, strict=True)):
+        assert torch.equal(t.keep, d.keep), block
+        if t.state is None:
+            continue
+        valid = t.valid
+        for name in ("rel_pos", "attn_score", "attn_rank"):
+            got, want = getattr(t.state, name)[valid], getattr(d.state, name)[valid]
+            assert torch.allclose(got, want, atol=1e-5), (block, name, float((got - want).abs().max()))
+    valid = mask.bool()
+    assert torch.allclose(trained.logits[valid], deployed.logits[valid], atol=1e-4)

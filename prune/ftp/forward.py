@@ -106,13 +106,18 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def probe_attention(model, layer, cache: SkipCache, idx: int, h_sel, pos_sel, counts, n_probes: int, window):
-    """Attention each cached key of layer `idx` receives from the last `n_probes` computed tokens of
-    its row (mean over heads and probes), times the number of valid keys: [B, K_cache]."""
+def probe_attention(model, layer, cache: SkipCache, idx: int, h_sel, pos_sel, kept, n_probes: int, window):
+    """Attention each cached key of layer `idx` receives from the last `n_probes` kept tokens of its
+    row (mean over heads and probes), times the number of valid keys: [B, K_cache].
+
+    `kept` [B, slots] marks the slots the router kept. The deployed forward computes only those; the
+    training forward computes every token, and probing its last slots instead would route training
+    on factors inference never sees."""
     attn = layer.self_attn
     n_slots = h_sel.shape[1]
     n = min(n_probes, n_slots)
-    slot = counts[:, None] - n + torch.arange(n, device=h_sel.device)
+    order = torch.arange(n_slots, device=h_sel.device).expand_as(kept)
+    slot = torch.where(kept, order, -1).topk(n, dim=1).values  # the last n kept slots (or -1)
     probe_valid = slot >= 0
     slot = slot.clamp(min=0)
     hp = h_sel.gather(1, slot[..., None].expand(-1, -1, h_sel.shape[-1]))
@@ -128,11 +133,12 @@ def probe_attention(model, layer, cache: SkipCache, idx: int, h_sel, pos_sel, co
     probs = scores.float().softmax(-1).mean(1)  # [B, P, K]
     weight = probe_valid.float()[..., None]
     received = (probs * weight).sum(1) / weight.sum(1).clamp(min=1)
-    return received * cache.key_valid[idx].sum(1, keepdim=True)
+    return received * cache.key_valid[idx].sum(1, keepdim=True), probe_valid.any(1)
 
 
-def _update_table(cache: SkipCache, idx: int, received: torch.Tensor) -> None:
-    cols, valid = cache.key_col[idx], cache.key_valid[idx]
+def _update_table(cache: SkipCache, idx: int, received: torch.Tensor, probed: torch.Tensor) -> None:
+    """Overwrite the table's entries of the keys the probes saw (rows that kept no token keep theirs)."""
+    cols, valid = cache.key_col[idx], cache.key_valid[idx] & probed[:, None]
     hit = torch.zeros_like(cache.attn_table).scatter_add(1, cols, valid.float()) > 0
     vals = torch.zeros_like(cache.attn_table).scatter_add(1, cols, torch.where(valid, received, 0.0))
     cache.attn_table = torch.where(hit, vals, cache.attn_table)
@@ -174,9 +180,10 @@ def run_block(model, idx: int, h, positions, compute, write, gate, cache: SkipCa
     if gate is not None:
         new_sel = h_sel + gate.gather(1, order)[..., None].to(h.dtype) * (new_sel - h_sel)
     if probes:
-        _update_table(
-            cache, idx, probe_attention(model, layer, cache, idx, h_sel, pos_sel, counts, probes, window)
+        received, probed = probe_attention(
+            model, layer, cache, idx, h_sel, pos_sel, slot_write, probes, window
         )
+        _update_table(cache, idx, received, probed)
     return h.scatter(1, gather_h, new_sel)
 
 
