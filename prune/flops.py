@@ -113,3 +113,24 @@ def token_sparsity_prefill_flops(config, n_tokens: int, schedule: list[float]) -
         k = kept_tokens(n_tokens, sparsity)
         total += decoder_layer_flops(shape, k, causal_pairs(k)).total
     return total
+
+
+def token_sparsity_rollout_flops(
+    config, prompt_tokens: int, new_tokens: int, schedule: list[float], decode_keep: list[float] | None = None
+) -> tuple[float, float]:
+    """(prefill, decode) decoder-layer FLOPs of one rollout: a prefill of `prompt_tokens` routed by
+    `schedule`, then `new_tokens` decoded one at a time. A decoded token computes block l with
+    probability `decode_keep[l]` (default 1: dense decoding, FTP's default) and attends to the
+    keys block l holds: the prompt's kept tokens and the decoded tokens it computed. The dense
+    rollout is the schedule of zeros; a removed block (1.0) costs nothing in either phase."""
+    shape = LayerShape.from_config(config)
+    keep = decode_keep if decode_keep is not None else [1.0] * len(schedule)
+    prefill = decode = 0.0
+    for sparsity, p in zip(schedule, keep, strict=True):
+        k = kept_tokens(prompt_tokens, sparsity)
+        prefill += decoder_layer_flops(shape, k, causal_pairs(k)).total
+        if sparsity >= 1:
+            continue
+        for t in range(new_tokens):
+            decode += p * decoder_layer_flops(shape, 1, round(k + p * t) + 1).total
+    return prefill, decode

@@ -190,9 +190,31 @@ class TextTaskConfig(BuiltinTaskConfig):
     n_eval_pairs: int = Field(400, gt=0, description="Held-out preference pairs")
     label_temperature: float = Field(0.5, gt=0, description="Bradley-Terry annotator temperature (noise)")
     max_sentences: int = Field(4, ge=1, le=8)
+    variant: Literal["plain", "facts"] = Field(
+        "plain",
+        description="plain: short requests (pipelines/tasks/text.py); facts: a long context of facts "
+        "the answer must use (pipelines/tasks/text_facts.py)",
+    )
+    n_facts: int = Field(
+        40, ge=4, le=256, description="facts variant: facts per context (about 7 tokens each)"
+    )
 
     def adjust_job(self, job: Config) -> None:
-        """The text task asks nothing of the rest of the job."""
+        """The facts variant's prompts must fit the built-in models' positions."""
+        if self.variant != "facts":
+            return
+        need = 9 * self.n_facts + 16
+        for role in ("policy", "reward_model"):
+            spec = getattr(job, role, None)
+            if spec is None or getattr(spec, "builtin", None) is None:
+                continue
+            positions = (spec.arch or {}).get("max_position_embeddings", 128)
+            if positions < need + 64:
+                raise FieldError(
+                    f"{role}.arch.max_position_embeddings",
+                    f"{positions} positions cannot hold the facts variant's prompts (about {need} tokens "
+                    f"for task.n_facts = {self.n_facts}) and a response; use at least {need + 64}",
+                )
 
 
 class ImageTaskConfig(BuiltinTaskConfig):

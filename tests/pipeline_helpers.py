@@ -60,3 +60,14 @@ def rto(*args: str, timeout: float = 600, **kwargs) -> subprocess.CompletedProce
         env=env,
         **kwargs,
     )
+
+
+def one_line_error(code: int, err: str, words: list[str], expected: int = 2) -> None:
+    """Exit `expected` with one `error: ...` line, the last thing printed (progress lines of the
+    work done before may precede it), holding `words`."""
+    assert code == expected, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in err, err
+    for word in words:
+        assert word in errors[0], (word, errors[0])

@@ -17,21 +17,11 @@ import pytest
 import yaml
 from _trace_run_fixtures import make_run, run_cli, sample_row
 from model_families import save_family_model, write_family_data
+from pipeline_helpers import one_line_error
 
 from reward.traces import trace_path
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
-
-
-def one_line_error(code: int, err: str, words: list[str], expected: int = 2) -> None:
-    """Exit `expected` with one `error: ...` line, the last thing printed (progress lines of the
-    work done before may precede it), holding `words`."""
-    assert code == expected, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in err, err
-    for word in words:
-        assert word in errors[0], (word, errors[0])
 
 
 @pytest.fixture(scope="module")

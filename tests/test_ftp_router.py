@@ -13,11 +13,13 @@ from prune.ftp.losses import distill_kl, guide_loss, guide_weight, sparsity_loss
 from prune.ftp.models import random_causal_lm
 from prune.ftp.router import (
     Router,
+    check_router_folder,
     load_router,
     model_fingerprint,
     save_router,
     select_threshold,
     select_topk,
+    tokenizer_fingerprint,
 )
 from rto.errors import UserError
 
@@ -90,6 +92,45 @@ def test_router_file_for_another_model_is_a_user_error(tmp_path):
         load_router(tmp_path, model)
     with pytest.raises(UserError, match="not an FTP router folder"):
         load_router(tmp_path / "missing", model)
+
+
+def test_router_folders_are_checked_against_the_policy_before_loading_it(tmp_path):
+    """The driver's check (before any actor): architecture, depth, width, tokenizer and task
+    variant, each named with what the router expects and what the policy has."""
+    from pipelines.tasks.text import build_tokenizer
+    from pipelines.tasks.text_facts import facts_vocabulary
+
+    model, tokenizer = random_causal_lm("llama"), build_tokenizer()
+    model.save_pretrained(tmp_path / "policy")
+    tokenizer.save_pretrained(tmp_path / "policy")
+    policy, plain = str(tmp_path / "policy"), {"name": "text", "variant": "plain"}
+
+    def folder(**meta):
+        fields = {"tokenizer": tokenizer_fingerprint(tokenizer), "task": plain, **meta}
+        fingerprint = fields.pop("fingerprint", model_fingerprint(model))
+        save_router(tmp_path / "ftp", Router(), [0.3] * 4, fingerprint, **fields)
+        return tmp_path / "ftp"
+
+    assert check_router_folder(folder(), policy, plain)["task"] == plain
+    deeper = random_causal_lm("llama", num_hidden_layers=6)
+    other_words = tokenizer_fingerprint(build_tokenizer(words=facts_vocabulary()))
+    for meta, field, words in [
+        ({"fingerprint": model_fingerprint(deeper)}, "num_hidden_layers", ["6", "(the policy's: 4)"]),
+        ({"fingerprint": {**model_fingerprint(model), "hidden_size": 96}}, "hidden_size", ["96"]),
+        ({"tokenizer": other_words}, "vocab_size", ["another model"]),
+        ({"task": {"name": "text", "variant": "facts"}}, "task.variant", ["another task", "'facts'"]),
+    ]:
+        with pytest.raises(UserError) as caught:
+            check_router_folder(folder(**meta), policy, plain)
+        message = str(caught.value)
+        assert message.startswith(str(tmp_path / "ftp" / "ftp.json")) and field in message, message
+        for word in words:
+            assert word in message, (word, message)
+    # folders written before the tokenizer and the task were recorded: checked on the model alone
+    legacy = json.loads((folder() / "ftp.json").read_text())
+    legacy.pop("tokenizer"), legacy.pop("task")
+    (tmp_path / "ftp" / "ftp.json").write_text(json.dumps(legacy))
+    assert check_router_folder(tmp_path / "ftp", policy, {"name": "text", "variant": "facts"})
 
 
 def test_unsupported_architecture_is_a_user_error():

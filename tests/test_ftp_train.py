@@ -4,7 +4,13 @@ import pytest
 import torch
 from test_ftp_forward import ReplayRouter
 
-from prune.flops import dense_prefill_flops, token_sparsity_prefill_flops
+from prune.flops import (
+    LayerShape,
+    decoder_layer_flops,
+    dense_prefill_flops,
+    token_sparsity_prefill_flops,
+    token_sparsity_rollout_flops,
+)
 from prune.ftp.config import FTPConfig
 from prune.ftp.forward import skipping_forward
 from prune.ftp.models import random_causal_lm
@@ -108,6 +114,27 @@ def test_token_sparsity_flops():
     assert 0.5 * dense < token_sparsity_prefill_flops(config, 100, [0.3] * 4) < 0.7 * dense
 
 
+def test_rollout_flops_count_prefill_and_decode():
+    """By hand: a dense rollout is a prefill of the prompt, then one token per step attending to
+    every earlier one; pruning the prefill shrinks both (fewer cached keys); removed blocks cost
+    nothing; decode skipping scales the decode share."""
+    config = random_causal_lm("llama").config
+    shape = LayerShape.from_config(config)
+    prefill, decode = token_sparsity_rollout_flops(config, 10, 3, [0.0] * 4)
+    assert prefill == pytest.approx(dense_prefill_flops(config, 10))
+    by_hand = sum(decoder_layer_flops(shape, 1, 10 + t + 1).total for t in range(3))
+    assert decode == pytest.approx(4 * by_hand)
+    # the whole rollout is one causal pass over prompt + response
+    assert prefill + decode == pytest.approx(dense_prefill_flops(config, 13))
+    pruned_prefill, pruned_decode = token_sparsity_rollout_flops(config, 10, 3, [0.5, 0.5, 0.0, 1.0])
+    assert pruned_prefill == pytest.approx(token_sparsity_prefill_flops(config, 10, [0.5, 0.5, 0.0, 1.0]))
+    assert pruned_decode == pytest.approx(
+        2 * sum(decoder_layer_flops(shape, 1, 5 + t + 1).total for t in range(3)) + by_hand
+    )
+    _, half = token_sparsity_rollout_flops(config, 10, 3, [0.0] * 4, decode_keep=[0.5] * 4)
+    assert 0.45 * decode < half < 0.5 * decode
+
+
 def test_fit_save_and_generate_through_the_sampler_registry(tmp_path):
     from prune.ftp.fit import fit_ftp
     from prune.ftp.router import model_fingerprint, save_router
@@ -135,7 +162,8 @@ def test_fit_save_and_generate_through_the_sampler_registry(tmp_path):
     )
     spec = samplers().get("ftp")
     assert (spec.policies, spec.stage) == ("text", "ftp")
-    sampler = spec.build(None, "unused-policy-path", tmp_path)
+    model.save_pretrained(tmp_path / "policy")  # the driver checks the router against its config
+    sampler = spec.build(None, str(tmp_path / "policy"), tmp_path)
     ids, mask = calibration(1)[0]
     response, logprobs = sampler(model, ids, mask, max_new_tokens=3, temperature=0, pad_token_id=0)
     assert response.shape == logprobs.shape == (4, 3)

@@ -13,7 +13,7 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-from pipeline_helpers import rto, write_job
+from pipeline_helpers import one_line_error, rto, write_job
 
 
 @pytest.fixture(scope="module")
@@ -308,3 +308,19 @@ def test_ftp_pruned_rollouts_are_importance_weighted(reward_run, tmp_path):
     assert (run_dir / "stages" / "ftp" / "router.safetensors").is_file()
     # the policy is scored at the sampling temperature: ratio 1 before any update
     assert record["first_minibatch_ratio_error"] < 1e-4 and record["first_minibatch_value_clip_frac"] == 0.0
+    meta_file = run_dir / "stages" / "ftp" / "ftp.json"
+    meta = json.loads(meta_file.read_text())
+    assert meta["task"] == {"name": "text", "variant": "plain"} and meta["tokenizer"]["vocab_size"] > 0
+
+    # a router made for another model, tokenizer or task variant is refused before any actor starts
+    for key, value, field in [
+        ("fingerprint", {**meta["fingerprint"], "num_hidden_layers": 12}, "fingerprint.num_hidden_layers"),
+        ("tokenizer", {**meta["tokenizer"], "vocab_size": 999}, "tokenizer.vocab_size"),
+        ("task", {"name": "text", "variant": "facts"}, "task.variant"),
+    ]:
+        meta_file.write_text(json.dumps({**meta, key: value}))
+        again = write_job(tmp_path, stages=["ppo"], ppo__steps=2, ppo__rollout_pruner="ftp")
+        result = rto("run", str(again), "--run-dir", str(run_dir))
+        one_line_error(result.returncode, result.stderr, [str(meta_file), field.split(".")[-1], "another"])
+        assert "placement" not in result.stdout + result.stderr
+    assert ppo_steps(run_dir) == [1]  # nothing was run or lost

@@ -20,7 +20,14 @@ def run_ftp(ctx: StageContext) -> dict:
     # deferred: every stage module is imported to validate a job (start-up time)
     from prune.ftp.data import encode_record, left_padded_batches
     from prune.ftp.fit import fit_ftp
-    from prune.ftp.router import Router, check_supported, model_fingerprint, save_router
+    from prune.ftp.router import (
+        Router,
+        check_supported,
+        model_fingerprint,
+        save_router,
+        task_identity,
+        tokenizer_fingerprint,
+    )  # fmt: skip
     from rto.generation import encode_prompt
 
     cfg: FTPConfig = getattr(ctx.cfg, "ftp", None) or FTPConfig()
@@ -57,6 +64,7 @@ def run_ftp(ctx: StageContext) -> dict:
         kind="learned" if isinstance(result.router, Router) else "static",
         sparsity=cfg.sparsity, decode_thresholds=result.decode_thresholds, attention_probes=cfg.attention_probes,
         static_schedule=result.static_schedule, source_model=path, metrics=result.metrics,
+        tokenizer=tokenizer_fingerprint(tokenizer), task=task_identity(ctx.cfg),
         config=cfg.model_dump(mode="json"),
     )  # fmt: skip
     (ctx.out_dir / "train_history.json").write_text(json.dumps(result.history))

@@ -370,12 +370,12 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(max_length: int = 128):
-    """A word-level tokenizer over `vocabulary()`, as an ordinary HF fast tokenizer."""
+def build_tokenizer(max_length: int = 128, words: list[str] | None = None):
+    """A word-level tokenizer over `words` (default `vocabulary()`), as an ordinary HF fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(vocabulary())}
+    vocab = {w: i for i, w in enumerate(words or vocabulary())}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk"]))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     core.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
@@ -431,6 +431,11 @@ def llama_config(tokenizer, overrides: dict | None = None, **extra):
     )
 
 
+FACTS_PREFIX = "facts : "
+FACTS_MAX_LENGTH = 2048
+"""The facts variant's tokenizer limit (its prompts are long; `task.n_facts` sets their length)."""
+
+
 class TextTask:
     """The built-in synthetic text task (the `task` section with `name: text`)."""
 
@@ -439,6 +444,8 @@ class TextTask:
     prompt_only = True
 
     def build(self, settings, folder: Path) -> tuple[dict[str, list[dict]], Any]:
+        if settings.variant == "facts":
+            return self._build_facts(settings)
         task = TaskSettings(
             seed=settings.seed, n_sft=settings.n_sft, n_pairs=settings.n_pairs, n_prompts=settings.n_prompts,
             n_eval=settings.n_eval, label_temperature=settings.label_temperature,
@@ -453,13 +460,38 @@ class TextTask:
         }
         return records, build_tokenizer()
 
+    @staticmethod
+    def _build_facts(settings) -> tuple[dict[str, list[dict]], Any]:
+        from pipelines.tasks import text_facts as facts
+
+        task = TaskSettings(
+            seed=settings.seed, n_sft=settings.n_sft, n_pairs=settings.n_pairs, n_prompts=settings.n_prompts,
+            n_eval=settings.n_eval, label_temperature=settings.label_temperature,
+        )  # fmt: skip
+        n = settings.n_facts
+        records = {
+            "sft": facts.sft_records(task, n),
+            "pairs": facts.preference_records(task, n, split="train"),
+            "eval_pairs": facts.preference_records(task, n, settings.n_eval_pairs, split="eval"),
+            "prompts": facts.prompt_records(task, n, task.n_prompts, "train"),
+            "eval_prompts": facts.prompt_records(task, n, task.n_eval, "eval"),
+        }
+        return records, build_tokenizer(max_length=FACTS_MAX_LENGTH, words=facts.facts_vocabulary())
+
     def external(self, records: list[dict], role: str, source: str, folder: Path) -> list[dict]:
         return records
 
     def record_reward(self, record: dict, response: str, terminated: bool) -> float:
+        """The plain task's ground truth, or the facts variant's for a prompt that opens with a
+        context of facts (``facts : ...``; the plain task's prompts never do)."""
         from rto.generation import prompt_text  # deferred: torch (the task registry loads light)
 
-        return reward(prompt_text(record["prompt"]), response, terminated)
+        prompt = prompt_text(record["prompt"])
+        if prompt.startswith(FACTS_PREFIX):
+            from pipelines.tasks.text_facts import reward as facts_reward
+
+            return facts_reward(prompt, response, terminated)
+        return reward(prompt, response, terminated)
 
 
 TASKS.register("text")(TextTask())

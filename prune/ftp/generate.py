@@ -65,7 +65,8 @@ def generate_pruned(
     default to `model.generation_config`, as in `model.generate`. Returns [B, T + new] token ids.
     `threshold`: the decode rule, one value or one per block (see `calibrate_decode_thresholds`).
     With a `stats` dict, adds to stats["computed"] / stats["tokens"] (per block) the tokens each
-    block computed and the tokens it could have computed (prefill and decode, unfinished rows).
+    block computed and the tokens it could have computed (prefill and decode, unfinished rows), and
+    to stats["decode_computed"] / stats["decode_tokens"] the same for decoded tokens alone.
     With a `logprobs_out` list, appends each step's [B] log-prob of the chosen tokens as every
     sampler defines it: log softmax(logits / T) of the pruned model, before top-k/top-p truncation
     and token suppression (greedy: T = 1); PPO's truncated importance weights compare it with the
@@ -160,11 +161,18 @@ def _decode_keep_probs(model, router, schedule, prompt_batches, thresholds, max_
 
 
 def _count(stats: dict | None, routes, active: torch.Tensor | None) -> None:
+    """Per block: tokens computed and tokens that could have been, in all (`computed`, `tokens`)
+    and for decoded tokens alone (`decode_computed`, `decode_tokens`; `active` is None in prefill)."""
     if stats is None:
         return
-    for key in ("computed", "tokens"):
+    keys = ("computed", "tokens") + (() if active is None else ("decode_computed", "decode_tokens"))
+    for key in keys:
         stats.setdefault(key, [0] * len(routes))
     for i, route in enumerate(routes):
         valid = route.valid if active is None else route.valid & active[:, None]
-        stats["computed"][i] += int((route.keep & valid).sum())
-        stats["tokens"][i] += int(valid.sum())
+        computed, tokens = int((route.keep & valid).sum()), int(valid.sum())
+        stats["computed"][i] += computed
+        stats["tokens"][i] += tokens
+        if active is not None:
+            stats["decode_computed"][i] += computed
+            stats["decode_tokens"][i] += tokens

@@ -66,5 +66,9 @@ def make_generate_fn(ftp_dir) -> FTPGenerate:
 
 @register_sampler("ftp", policies="text", stage="ftp")
 def ftp_sampler(job, policy: str, stage_dir: Path | None) -> FTPGenerate:
-    """Rollouts from the policy with the `ftp` stage's token router."""
+    """Rollouts from the policy with the `ftp` stage's token router (checked against the policy,
+    its tokenizer and the job's task here, in the driver, before any actor starts)."""
+    from prune.ftp.router import check_router_folder, task_identity  # deferred: torch
+
+    check_router_folder(stage_dir, policy, task_identity(job))
     return FTPGenerate(stage_dir)

@@ -10,6 +10,7 @@ Scorers: `static` (the bootstrap: first token, then tokens from the end backward
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -55,6 +56,58 @@ def model_fingerprint(model) -> dict:
         "num_hidden_layers": int(config.num_hidden_layers),
         "hidden_size": int(config.hidden_size),
     }
+
+
+def tokenizer_fingerprint(tokenizer) -> dict:
+    """What a router file must match in the policy's tokenizer: its size and its vocabulary."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    digest = hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
+    return {"vocab_size": len(tokenizer), "vocab_sha256": digest}
+
+
+def task_identity(job) -> dict | None:
+    """The job's built-in task and variant (None for external data), recorded with a router."""
+    task = getattr(job, "task", None)
+    if task is None:
+        return None
+    return {"name": task.name, "variant": getattr(task, "variant", None)}
+
+
+def check_router_folder(path: str | Path, policy: str, task: dict | None = None) -> dict:
+    """Refuse, before any model is loaded or actor started, a router folder made for another model
+    (architecture, depth, width), another tokenizer or another task variant than `policy`'s and
+    `task`'s; returns the folder's metadata. Folders from before tokenizer and task were recorded
+    are checked on what they record."""
+    from transformers import AutoConfig
+
+    from rto.models import load_tokenizer
+
+    meta_file = Path(path) / ROUTER_META
+    meta = read_meta(Path(path))
+    config = AutoConfig.from_pretrained(policy)
+    config = getattr(config, "text_config", None) or config
+    theirs = meta["fingerprint"]
+    ours = {
+        "model_type": config.model_type,
+        "num_hidden_layers": int(config.num_hidden_layers),
+        "hidden_size": int(config.hidden_size),
+    }
+    if "tokenizer" in meta:
+        theirs = {**theirs, **meta["tokenizer"]}
+        ours.update(tokenizer_fingerprint(load_tokenizer(policy)))
+    if "task" in meta and task is not None and meta["task"] is not None:
+        theirs = {**theirs, **{f"task {k}": v for k, v in meta["task"].items()}}
+        ours.update({f"task {k}": v for k, v in task.items()})
+    differ = [key for key in ours if key in theirs and theirs[key] != ours[key]]
+    if differ:
+        what = "; ".join(f"{key} {theirs[key]!r} (the policy's: {ours[key]!r})" for key in differ)
+        raise UserError(
+            f"this FTP router was made for another {'task' if differ[0].startswith('task') else 'model'} "
+            f"than policy {policy}: {what}; run the ftp stage again for this policy",
+            source=str(meta_file),
+            field=differ[0].replace("task ", "task."),
+        )
+    return meta
 
 
 class Router(nn.Module):
@@ -159,6 +212,23 @@ def save_router(
     (out / ROUTER_META).write_text(json.dumps(record, indent=2))
 
 
+def read_meta(folder: Path) -> dict:
+    """A router folder's `ftp.json`, checked for the fields every reader needs."""
+    meta_file = folder / ROUTER_META
+    if not meta_file.is_file() or not (folder / ROUTER_WEIGHTS).is_file():
+        raise UserError(
+            f"not an FTP router folder (needs {ROUTER_META} and {ROUTER_WEIGHTS})", source=str(folder)
+        )
+    try:
+        meta = json.loads(meta_file.read_text())
+        if not isinstance(meta["fingerprint"], dict):
+            raise TypeError("fingerprint is not a mapping")
+        list(meta["schedule"])
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise UserError(f"unreadable router metadata ({exc})", source=str(meta_file)) from exc
+    return meta
+
+
 def load_router(path: str | Path, model=None) -> tuple[Router | str, list[float], dict]:
     """Load a router folder -> (Router, or "static" for a static-router folder; schedule; metadata).
 
@@ -167,15 +237,8 @@ def load_router(path: str | Path, model=None) -> tuple[Router | str, list[float]
 
     folder = Path(path)
     meta_file = folder / ROUTER_META
-    if not meta_file.is_file() or not (folder / ROUTER_WEIGHTS).is_file():
-        raise UserError(
-            f"not an FTP router folder (needs {ROUTER_META} and {ROUTER_WEIGHTS})", source=str(folder)
-        )
-    try:
-        meta = json.loads(meta_file.read_text())
-        fingerprint, schedule = meta["fingerprint"], list(meta["schedule"])
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise UserError(f"unreadable router metadata ({exc})", source=str(meta_file)) from exc
+    meta = read_meta(folder)
+    fingerprint, schedule = meta["fingerprint"], list(meta["schedule"])
     if model is not None:
         check_supported(model)
         expected = model_fingerprint(model)
