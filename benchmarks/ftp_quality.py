@@ -131,7 +131,7 @@ def main() -> None:
         help="also the token sparsities whose FLOPs equal ShortGPT minus these layers",
     )
     parser.add_argument("--variant", choices=["plain", "facts"], default="plain", help="text task variant")
-    parser.add_argument("--n-facts", type=int, default=40, help="facts variant: facts per context")
+    parser.add_argument("--n-facts", type=int, default=56, help="facts variant: facts per context")
     parser.add_argument("--task-seed", type=int, default=0)
     parser.add_argument("--n-prompts", type=int, default=512, help="held-out prompts sampled per method")
     parser.add_argument("--n-heldout", type=int, default=256, help="held-out SFT sequences (teacher-forced)")

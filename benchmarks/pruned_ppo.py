@@ -3,7 +3,7 @@
     python benchmarks/pruned_ppo.py --seeds 0 1 2 --steps 20
 
 The policy is the facts variant's 12-layer recipe (`configs/facts.yaml`: prompts of about 290
-tokens, a question about one subject of a context of 40 facts). Its SFT model and the FTP router
+tokens: the attributes of 56 subjects, then a request about one of them). Its SFT model and the FTP router
 (`ftp` stage) are trained once and cached (`--base`, default ~/.cache/rto/facts-12l-v1; delete it to
 retrain); then for each seed the `ppo` stage runs with `ppo.rollout_pruner: none` and `ftp`,
 interleaved (dense, ftp, dense, ftp, ...), from the same SFT policy, and the `eval` stage scores

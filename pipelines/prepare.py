@@ -220,7 +220,7 @@ def _materialize(spec: ModelSpec, role: str, cfg: Config, tmp: Path) -> str:
     if spec.builtin == "tiny-llava":
         return _materialize_vlm(spec, role, cfg, tmp)
 
-    tokenizer = text.build_tokenizer()
+    tokenizer = text.task_tokenizer(cfg.task)
     try:
         config = text.llama_config(tokenizer, spec.arch)
     except (TypeError, ValueError) as exc:

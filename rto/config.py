@@ -196,14 +196,14 @@ class TextTaskConfig(BuiltinTaskConfig):
         "the answer must use (pipelines/tasks/text_facts.py)",
     )
     n_facts: int = Field(
-        40, ge=4, le=256, description="facts variant: facts per context (about 7 tokens each)"
+        56, ge=4, le=84, description="facts variant: facts per context (5 tokens each; one per noun)"
     )
 
     def adjust_job(self, job: Config) -> None:
         """The facts variant's prompts must fit the built-in models' positions."""
         if self.variant != "facts":
             return
-        need = 9 * self.n_facts + 16
+        need = 5 * self.n_facts + 16
         for role in ("policy", "reward_model"):
             spec = getattr(job, role, None)
             if spec is None or getattr(spec, "builtin", None) is None:

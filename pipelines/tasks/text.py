@@ -436,6 +436,16 @@ FACTS_MAX_LENGTH = 2048
 """The facts variant's tokenizer limit (its prompts are long; `task.n_facts` sets their length)."""
 
 
+def task_tokenizer(settings=None):
+    """The tokenizer of the text task's variant (`settings`: the job's `task` section): the built-in
+    models are made with it, so every word of the variant's prompts has its own id."""
+    if getattr(settings, "variant", "plain") == "facts":
+        from pipelines.tasks.text_facts import facts_vocabulary
+
+        return build_tokenizer(max_length=FACTS_MAX_LENGTH, words=facts_vocabulary())
+    return build_tokenizer()
+
+
 class TextTask:
     """The built-in synthetic text task (the `task` section with `name: text`)."""
 
@@ -476,7 +486,7 @@ class TextTask:
             "prompts": facts.prompt_records(task, n, task.n_prompts, "train"),
             "eval_prompts": facts.prompt_records(task, n, task.n_eval, "eval"),
         }
-        return records, build_tokenizer(max_length=FACTS_MAX_LENGTH, words=facts.facts_vocabulary())
+        return records, task_tokenizer(settings)
 
     def external(self, records: list[dict], role: str, source: str, folder: Path) -> list[dict]:
         return records

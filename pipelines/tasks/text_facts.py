@@ -1,27 +1,28 @@
 """The `facts` variant of the built-in text task: long prompts whose content decides the answer.
 
-The user's message is a context of facts, sentences of the text task's grammar about a handful of
-subjects, shuffled, followed by a question about one of them:
+The user's message is a context of facts, one attribute for each of `n_facts` subjects and one
+tone instruction (``tone : warm .`` or ``tone : sad .``) somewhere among them, followed by the text
+task's request about one subject:
 
-    facts : the cat sees a river . the dog hates the cat . the cat kindly loves some tea . ...
-    describe the cat
+    facts : the cat is gloomy . the river is kind . tone : sad . the dog is brave . ... describe the cat
 
-(`n_facts` facts, about 7 tokens each: 40 facts make a prompt of about 290 tokens). A good
-answer states the facts whose *subject* is the asked thing, each once, and nothing else:
+(5 tokens a fact: 56 facts make a prompt of about 290 tokens). A good answer is what the plain task
+asks for (one to four grammatical, non-repetitive sentences about the asked thing, ended with
+EOS) in the tone the context asks for, whose first sentence gives the thing the attribute the
+context states:
 
-    r(x, y) = Σ_sentences [ +0.5 · (a context fact about the topic, not said before)
-                            − 0.5 · (a grammatical sentence about the topic that the context does
-                                     not state: a made-up fact)
-                            − 0.25 · (a sentence about another subject, stated or not)
-                            − 0.5 · (ungrammatical, or repeated) ]
-              + 0.5 · [every fact about the topic stated]
-              − 1.0 · [no EOS]  − 0.5 · #sentences beyond `MAX_ANSWER_SENTENCES`
+    r(x, y) = r_plain(x, y) with each sentence's sentiment credit 0.25 · tone · Σ sentiment(w)
+              + 1.0 · [the first sentence opens with ``DET <attribute> <thing>``]
+              − 0.5 · #(times the thing is given another adjective: a made-up attribute)
 
 so the reward is decided by the prompt's content (the same answer to another context scores
-differently), and the usual hacks do not pay: copying the whole context costs 0.25 per other
-fact, repeating a fact costs 0.5, a plausible made-up fact costs as much as a right one earns.
-"The dog hates the cat" is a fact about the dog. Every fact names its subject as ``the <noun>``,
-so an answer can be copied from the context (an induction pattern a small model can learn). Everything is deterministic given a seed.
+differently), and the usual hacks do not pay: copying the context is ungrammatical here (``is`` is
+no verb of the grammar), and stacking warm adjectives on the thing is a made-up attribute. The
+attribute may be out of tone ("the gloomy cat" in a warm answer): it still pays more than an
+invention. Two uses of the context, of two difficulties: the tone is one lookup of a fixed key
+anywhere in it (a small model learns it from SFT); the attribute needs the asked noun first, then
+the fact about it (a two-step recall the 12-layer recipe does not learn from SFT alone).
+Everything is deterministic given a seed.
 """
 
 from __future__ import annotations
@@ -30,10 +31,15 @@ import math
 import random
 from dataclasses import dataclass
 
+from pipelines.tasks import text as plain
 from pipelines.tasks.text import (
+    ADJ_NEG,
+    ADJ_NEU,
+    ADJ_POS,
     DETERMINERS,
     NOUNS,
     PERIOD,
+    POS_TAG,
     PROMPT_VERBS,
     TaskSettings,
     is_grammatical,
@@ -43,86 +49,70 @@ from pipelines.tasks.text import (
     vocabulary,
 )
 
-CONTEXT_WORDS = ["facts", ":"]
-FACT_CREDIT = 0.5
+CONTEXT_WORDS = ["facts", ":", "is", "tone"]
+TONES = {"warm": 1, "sad": -1}
+"""The tone instruction's words and the sign they give the sentiment credit."""
+ADJECTIVES = ADJ_POS + ADJ_NEU + ADJ_NEG
+ATTRIBUTE_BONUS = 1.0
 MADE_UP_PENALTY = 0.5
-OFF_TOPIC_PENALTY = 0.25
-BAD_SENTENCE_PENALTY = 0.5
-COMPLETE_BONUS = 0.5
-NO_EOS_PENALTY = 1.0
-EXTRA_SENTENCE_PENALTY = 0.5
-MAX_ANSWER_SENTENCES = 5
-SUBJECTS = 8
-"""Subjects per context: the topic and seven distractors."""
-TOPIC_FACTS = (2, 4)
-"""Facts about the topic per context (inclusive range)."""
+MAX_FACTS = len(NOUNS)
+"""At most one fact per noun: a context names each subject once."""
 
 
 def facts_vocabulary() -> list[str]:
-    """The text task's vocabulary plus the context marker (appended: the plain task's ids stay)."""
+    """The text task's vocabulary plus the context's words (appended: the plain task's ids stay)."""
     return vocabulary() + [w for w in CONTEXT_WORDS if w not in vocabulary()]
 
 
-def subject(sentence: list[str]) -> str | None:
-    """The subject noun of a grammatical sentence (``D [J] N ...``)."""
-    for word in sentence[:3]:
-        if word in NOUNS:
-            return word
-    return None
-
-
-def parse_prompt(prompt: str) -> tuple[list[tuple[str, ...]], str | None]:
-    """(the context's fact sentences as word tuples with their period, the asked noun)."""
+def parse_prompt(prompt: str) -> tuple[dict[str, str], str | None, int]:
+    """(the context's attribute of each subject, the asked noun, the tone's sign: 1 warm, -1 sad)."""
     words = prompt.split()
-    if words[:2] != CONTEXT_WORDS:
-        return [], prompt_topic(prompt)
-    body = words[2:]
-    cut = max((i for i, w in enumerate(body) if w == PERIOD), default=-1) + 1
-    facts = [tuple(s) for s in split_sentences(body[:cut])]
-    return facts, prompt_topic(" ".join(body[cut:]))
+    attributes: dict[str, str] = {}
+    tone = 1
+    if words[:2] == CONTEXT_WORDS[:2]:
+        body = words[2:]
+        for i in range(len(body) - 3):
+            if body[i] == "tone" and body[i + 1] == ":" and body[i + 3] == PERIOD:
+                tone = TONES.get(body[i + 2], 1)
+            elif i + 4 < len(body) and body[i] == "the" and body[i + 2] == "is" and body[i + 4] == PERIOD:
+                attributes[body[i + 1]] = body[i + 3]
+    return attributes, prompt_topic(prompt), tone
 
 
 @dataclass(frozen=True)
 class FactsGroundTruth:
     reward: float
-    n_sentences: int
-    stated: int  # context facts about the topic stated (once each)
-    topic_facts: int  # facts about the topic in the context
-    made_up: int
-    off_topic: int
+    plain: float  # the plain task's ground truth of the same response, sentiment signed by the tone
+    tone: int  # 1: warm, -1: sad
+    uses_attribute: bool  # the first sentence opens with DET <attribute> <thing>
+    made_up: int  # the thing given another adjective
     terminated: bool
 
 
 def score(prompt: str, response: str, terminated: bool = True) -> FactsGroundTruth:
     """Ground truth of `response` (words separated by spaces, without EOS) to a facts prompt."""
-    facts, topic = parse_prompt(prompt)
-    wanted = {f for f in facts if subject(list(f)) == topic}
+    attributes, topic, tone = parse_prompt(prompt)
+    attribute = attributes.get(topic or "")
+    plain_gt = plain.score(prompt, response, terminated)
+    # the context's tone decides the sign of the sentiment credit (a sad tone asks for gloom)
+    base = plain_gt.reward + (tone - 1) * plain.SENTIMENT_CREDIT * plain_gt.sentiment
     sentences = split_sentences(response.split())
-    reward = 0.0 if sentences else -BAD_SENTENCE_PENALTY
-    said: set[tuple[str, ...]] = set()
-    stated = made_up = off_topic = 0
-    for k, sentence in enumerate(sentences):
-        key = tuple(sentence)
-        if sentence[-1] != PERIOD or not is_grammatical(sentence[:-1]) or key in said:
-            reward -= BAD_SENTENCE_PENALTY
-            continue
-        said.add(key)
-        if k >= MAX_ANSWER_SENTENCES:
-            reward -= EXTRA_SENTENCE_PENALTY
-        elif key in wanted:
-            stated += 1
-            reward += FACT_CREDIT
-        elif subject(sentence) == topic:
-            made_up += 1
-            reward -= MADE_UP_PENALTY
-        else:
-            off_topic += 1
-            reward -= OFF_TOPIC_PENALTY
-    if wanted and stated == len(wanted):
-        reward += COMPLETE_BONUS
-    if not terminated:
-        reward -= NO_EOS_PENALTY
-    return FactsGroundTruth(reward, len(sentences), stated, len(wanted), made_up, off_topic, terminated)
+    first = sentences[0] if sentences else []
+    uses = bool(
+        attribute
+        and first[-1:] == [PERIOD]
+        and is_grammatical(first[:-1])
+        and first[1:3] == [attribute, topic]
+        and first[0] in DETERMINERS
+    )
+    words = response.split()
+    made_up = sum(
+        1
+        for i in range(1, len(words))
+        if words[i] == topic and POS_TAG.get(words[i - 1]) == "J" and words[i - 1] != attribute
+    )
+    reward = base + ATTRIBUTE_BONUS * uses - MADE_UP_PENALTY * made_up
+    return FactsGroundTruth(reward, base, tone, uses, made_up, terminated)
 
 
 def reward(prompt: str, response: str, terminated: bool = True) -> float:
@@ -135,66 +125,81 @@ def reward(prompt: str, response: str, terminated: bool = True) -> float:
 @dataclass(frozen=True)
 class Context:
     prompt: str
-    topic_facts: list[str]  # in context order
-    other_facts: list[str]
+    question: str
     topic: str
-
-
-def fact_sentence(rng: random.Random, owner: str) -> list[str]:
-    """A grammatical sentence whose subject is ``the <owner>`` (``the cat often sees a river .``)."""
-    words = make_sentence(rng, owner, tone=rng.uniform(-1, 1))
-    return ["the", owner] + words[words.index(owner) + 1 :]
+    attribute: str
+    attributes: dict[str, str]
+    tone: int
 
 
 def make_context(rng: random.Random, n_facts: int) -> Context:
-    """`n_facts` distinct facts about `SUBJECTS` subjects (2 to 4 about the asked one), shuffled."""
-    subjects = rng.sample(NOUNS, SUBJECTS)
-    topic = subjects[0]
-    n_topic = min(rng.randint(*TOPIC_FACTS), n_facts)
-    owners = [topic] * n_topic + [rng.choice(subjects[1:]) for _ in range(n_facts - n_topic)]
-    facts: list[tuple[str, str]] = []
-    seen: set[str] = set()
-    for owner in owners:
-        while True:
-            sentence = " ".join(fact_sentence(rng, owner))
-            if sentence not in seen:
-                break
-        seen.add(sentence)
-        facts.append((owner, sentence))
-    rng.shuffle(facts)
+    """`n_facts` subjects, each with one attribute, and the tone instruction among them, shuffled;
+    then a request about one subject."""
+    subjects = rng.sample(NOUNS, min(n_facts, MAX_FACTS))
+    attributes = {s: rng.choice(ADJECTIVES) for s in subjects}
+    topic = rng.choice(subjects)
+    tone = rng.choice(list(TONES))
+    facts = [f"the {s} is {attributes[s]} ." for s in subjects]
+    facts.insert(rng.randint(0, len(facts)), f"tone : {tone} .")
     question = f"{rng.choice(PROMPT_VERBS)} {rng.choice(DETERMINERS[:2])} {topic}"
-    prompt = " ".join(["facts", ":", *(s for _, s in facts), question])
     return Context(
-        prompt,
-        [s for o, s in facts if o == topic],
-        [s for o, s in facts if o != topic],
-        topic,
+        f"facts : {' '.join(facts)} {question}", question, topic, attributes[topic], attributes, TONES[tone]
     )
 
 
-def good_answer(context: Context) -> str:
-    return " ".join(context.topic_facts)
+def _opening(rng: random.Random, context: Context, adjective: str | None, tone: float) -> list[str]:
+    """A first sentence about the thing, with `adjective` before it (or none)."""
+    while True:
+        words = make_sentence(rng, context.topic, tone)
+        rest = words[words.index(context.topic) + 1 :]
+        if not _describes(rest, context.topic):
+            break
+    return [rng.choice(DETERMINERS)] + ([adjective] if adjective else []) + [context.topic] + rest
 
 
-def flawed_answer(rng: random.Random, context: Context) -> str:
-    """A plausible mistake: a fact dropped, made up, about another subject, repeated, or cut off."""
-    facts = list(context.topic_facts)
-    kind = rng.choice(["drop", "made_up", "off_topic", "repeat", "cut", "order"])
-    if kind == "drop" and len(facts) > 1:
-        facts.pop(rng.randrange(len(facts)))
-    elif kind == "made_up":
-        fake = " ".join(fact_sentence(rng, context.topic))
-        facts[rng.randrange(len(facts))] = fake
-    elif kind == "off_topic":
-        facts.insert(rng.randrange(len(facts) + 1), rng.choice(context.other_facts))
-    elif kind == "repeat":
-        facts.insert(rng.randrange(len(facts) + 1), rng.choice(facts))
-    elif kind == "cut":
-        words = " ".join(facts).split()
-        return " ".join(words[: max(1, rng.randrange(len(words)))])
-    else:
-        rng.shuffle(facts)  # the same facts in another order: as good
-    return " ".join(facts)
+def _describes(words: list[str], topic: str) -> bool:
+    """Whether `words` give `topic` an adjective."""
+    return any(b == topic and POS_TAG.get(a) == "J" for a, b in zip(words, words[1:], strict=False))
+
+
+def _more(rng: random.Random, context: Context, max_sentences: int, tone: float) -> list[str]:
+    """0 to max_sentences - 1 further sentences of `tone` that give the thing no adjective."""
+    words: list[str] = []
+    for _ in range(rng.randint(0, max_sentences - 1)):
+        while True:
+            sentence = make_sentence(rng, None, tone)
+            if not _describes(sentence, context.topic):
+                break
+        words += sentence
+    return words
+
+
+def _tone(rng: random.Random, sign: int) -> float:
+    return sign * rng.uniform(0.3, 1.0)
+
+
+def good_answer(rng: random.Random, context: Context, max_sentences: int = 4) -> str:
+    """The attribute in the first sentence, every sentence in the context's tone."""
+    tone = _tone(rng, context.tone)
+    return " ".join(
+        _opening(rng, context, context.attribute, tone) + _more(rng, context, max_sentences, tone)
+    )
+
+
+def flawed_answer(rng: random.Random, context: Context, max_sentences: int = 4) -> str:
+    """A plausible mistake: another subject's attribute, an invented one, none, the other tone, or a
+    bad response."""
+    kind = rng.choice(["other", "invented", "none", "tone", "corrupt"])
+    if kind == "corrupt":
+        return plain.corrupt(rng, good_answer(rng, context, max_sentences))
+    tone = _tone(rng, -context.tone if kind == "tone" else context.tone)
+    adjective = context.attribute if kind == "tone" else None
+    if kind == "other":
+        others = [a for s, a in context.attributes.items() if s != context.topic and a != context.attribute]
+        adjective = rng.choice(others) if others else None
+    elif kind == "invented":
+        adjective = rng.choice([a for a in ADJ_POS if a != context.attribute])
+    return " ".join(_opening(rng, context, adjective, tone) + _more(rng, context, max_sentences, tone))
 
 
 def user(content: str) -> list[dict]:
@@ -210,7 +215,8 @@ def sft_records(settings: TaskSettings, n_facts: int) -> list[dict]:
     records = []
     for _ in range(settings.n_sft):
         context = make_context(rng, n_facts)
-        records.append({"prompt": user(context.prompt), "completion": assistant(good_answer(context))})
+        answer = good_answer(rng, context, settings.max_sentences)
+        records.append({"prompt": user(context.prompt), "completion": assistant(answer)})
     return records
 
 
@@ -223,8 +229,8 @@ def preference_records(
     n = settings.n_pairs if n is None else n
     while len(records) < n:
         context = make_context(rng, n_facts)
-        a = good_answer(context) if rng.random() < 0.5 else flawed_answer(rng, context)
-        b = flawed_answer(rng, context)
+        a = (good_answer if rng.random() < 0.5 else flawed_answer)(rng, context, settings.max_sentences)
+        b = flawed_answer(rng, context, settings.max_sentences)
         if a == b:
             continue
         ra, rb = reward(context.prompt, a), reward(context.prompt, b)
