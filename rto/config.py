@@ -604,7 +604,10 @@ def _describe(error: dict) -> str:
 def format_validation_error(exc: ValidationError, source: str, overridden: set[str]) -> str:
     errors = exc.errors()
     first = errors[0]
-    field = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    loc = list(first["loc"])
+    if len(loc) > 2 and loc[0] == "task" and loc[1] in ("text", "image"):
+        loc.pop(1)  # the tagged union's member is not a field of the job file
+    field = ".".join(str(p) for p in loc) or "(top level)"
     if first["type"] == "union_tag_invalid" and field == "task":
         field = "task.name"
     cause = (first.get("ctx") or {}).get("error")

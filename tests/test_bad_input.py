@@ -95,6 +95,9 @@ VALIDATE = [
     ("stages: [ppo]\nresources: {policy: {strategy: SPREADOUT}}\n", ["resources.policy.strategy"]),
     ("stages: [ppo]\nresources: {rm: {node_resources: {CPU: 1}}}\n", ["resources.rm.node_resources", "custom"]),
     ("stages: [ppo]\nresources: {rm: {node_resources: {trainer: 0}}}\n", ["resources.rm.node_resources", "amount > 0"]),
+    ("stages: [sft]\ntask: {name: text, variant: facts}\n", ["policy.arch.max_position_embeddings", "use at least 360"]),
+    ("stages: [sft]\ntask: {name: text, variant: fact}\n", ["task.variant", "plain", "facts"]),
+    ("stages: [sft]\ntask: {name: text, variant: facts, n_facts: 85}\n", ["task.n_facts", "84"]),
 ]  # fmt: skip
 
 
