@@ -185,3 +185,27 @@ def test_a_row_that_skips_a_block_keeps_its_attention_table():
     for name in ("attn_score", "attn_rank"):
         assert torch.allclose(getattr(both.routes[2].state, name)[1], getattr(alone.routes[2].state, name)[0])
     assert torch.allclose(both.logits[1], alone.logits[0], atol=1e-4)
+
+
+def test_dense_decoding_skips_the_router_without_changing_anything():
+    """With every decode threshold 0, a decoded token computes every block: the decode step then
+    neither scores nor probes, and gives exactly what the routed path gives."""
+    model = random_causal_lm("llama")
+    ids, mask = left_padded_batch()
+    schedule, router = [0.0, 0.5, 0.3, 0.4], Router()
+    outs = []
+    for route in (False, True):
+        with torch.no_grad():
+            prefill = skipping_forward(model, ids, mask, schedule=schedule, router=router)
+            step_mask = torch.cat([mask, mask.new_ones(3, 1)], dim=1)
+            step = skipping_forward(
+                model, ids[:, -1:], step_mask, schedule=schedule, router=router, threshold=0.0,
+                cache=prefill.cache, route_dense_decode=route,
+            )  # fmt: skip
+        outs.append(step)
+    fast, routed = outs
+    assert all(r.state is None for r in fast.routes) and any(r.state is not None for r in routed.routes)
+    assert all(torch.equal(a.keep, b.keep) for a, b in zip(fast.routes, routed.routes, strict=True))
+    assert torch.allclose(fast.logits, routed.logits, atol=1e-6)
+    for layer in range(4):
+        assert torch.equal(fast.cache.keys[layer], routed.cache.keys[layer])

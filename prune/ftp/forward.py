@@ -201,13 +201,16 @@ def skipping_forward(
     n_probes: int = 8,
     logits_to_keep: int = 0,
     generator: torch.Generator | None = None,
+    route_dense_decode: bool = False,
 ) -> SkipOutput:
     """Forward `input_ids` [B, T] (after `cache`, if given) with per-block token sparsity `schedule`.
 
     `attention_mask` [B, past + T] is the usual HF padding mask (left padding for generation).
     A block with sparsity 0 computes every token, 1 computes none (the block is removed). Several
     new tokens are routed top-k (prefill); a single new token after a cache by `threshold` (decode;
-    one value, or one per block).
+    one value, or one per block). A decode step whose thresholds are all 0 computes every block for
+    the new token; it then neither scores nor probes (nothing reads the attention table again),
+    unless `route_dense_decode` (to collect keep-probabilities, as threshold calibration does).
     """
     check_supported(model)
     layers = model.model.layers
@@ -227,6 +230,8 @@ def skipping_forward(
     cache.seen = valid if cache.seen is None else torch.cat([cache.seen, valid], 1)
     scorer, needs_attention = make_scorer(router, generator)
     decode = past > 0 and n_new == 1
+    cuts = threshold if isinstance(threshold, (list, tuple)) else [threshold] * len(layers)
+    dense_decode = decode and not route_dense_decode and all(c <= 0 for c in cuts)
 
     h = model.model.embed_tokens(input_ids)
     routes = []
@@ -234,7 +239,7 @@ def skipping_forward(
         keep, prob, state = valid, None, None
         if sparsity >= 1:
             keep = torch.zeros_like(valid)
-        elif sparsity > 0:
+        elif sparsity > 0 and not dense_decode:
             rank = attention_ranks(cache.attn_table, cache.seen)[:, past:] if needs_attention else None
             state = RouteState(
                 idx, float(sparsity), rel_pos, cache.attn_table[:, past:], rank, valid, is_first
@@ -246,17 +251,15 @@ def skipping_forward(
                 prob = torch.sigmoid(logits / tau)
             else:
                 prob = torch.sigmoid(logits)
-            cut = threshold[idx] if isinstance(threshold, (list, tuple)) else threshold
-            rule = select_threshold(logits, valid, cut) if decode else None
+            rule = select_threshold(logits, valid, cuts[idx]) if decode else None
             keep = rule if rule is not None else select_topk(logits, valid, is_first, float(sparsity))
         routes.append(LayerRoute(float(sparsity), keep, valid, prob, state))
         compute = valid if (train and prob is not None) else keep
         if not bool(compute.any()):
             continue
         gate = keep.float() + prob - prob.detach() if (train and prob is not None) else None
-        h = run_block(
-            model, idx, h, positions, compute, keep, gate, cache, past, n_probes if needs_attention else 0
-        )
+        probes = n_probes if needs_attention and not dense_decode else 0
+        h = run_block(model, idx, h, positions, compute, keep, gate, cache, past, probes)
 
     cache.n_columns += n_new
     h = model.model.norm(h)

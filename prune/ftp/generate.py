@@ -145,7 +145,9 @@ def calibrate_decode_thresholds(
 
 def _decode_keep_probs(model, router, schedule, prompt_batches, thresholds, max_new_tokens, n_probes):
     probs: list[list[torch.Tensor]] = [[] for _ in schedule]
-    common = dict(schedule=schedule, router=router, threshold=thresholds, n_probes=n_probes)
+    common = dict(
+        schedule=schedule, router=router, threshold=thresholds, n_probes=n_probes, route_dense_decode=True
+    )
     for input_ids, attention_mask in prompt_batches:
         out = skipping_forward(model, input_ids, attention_mask, logits_to_keep=1, **common)
         for _ in range(max_new_tokens):
