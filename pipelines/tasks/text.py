@@ -440,7 +440,7 @@ def task_tokenizer(settings=None):
     """The tokenizer of the text task's variant (`settings`: the job's `task` section): the built-in
     models are made with it, so every word of the variant's prompts has its own id."""
     if getattr(settings, "variant", "plain") == "facts":
-        from pipelines.tasks.text_facts import facts_vocabulary
+        from pipelines.tasks.text_facts import facts_vocabulary  # deferred: text_facts imports this module
 
         return build_tokenizer(max_length=FACTS_MAX_LENGTH, words=facts_vocabulary())
     return build_tokenizer()
@@ -472,7 +472,7 @@ class TextTask:
 
     @staticmethod
     def _build_facts(settings) -> tuple[dict[str, list[dict]], Any]:
-        from pipelines.tasks import text_facts as facts
+        from pipelines.tasks import text_facts as facts  # deferred: text_facts imports this module
 
         task = TaskSettings(
             seed=settings.seed, n_sft=settings.n_sft, n_pairs=settings.n_pairs, n_prompts=settings.n_prompts,
@@ -498,6 +498,7 @@ class TextTask:
 
         prompt = prompt_text(record["prompt"])
         if prompt.startswith(FACTS_PREFIX):
+            # deferred: text_facts imports this module
             from pipelines.tasks.text_facts import reward as facts_reward
 
             return facts_reward(prompt, response, terminated)

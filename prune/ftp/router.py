@@ -78,6 +78,7 @@ def check_router_folder(path: str | Path, policy: str, task: dict | None = None)
     (architecture, depth, width), another tokenizer or another task variant than `policy`'s and
     `task`'s; returns the folder's metadata. Folders from before tokenizer and task were recorded
     are checked on what they record."""
+    # deferred: the config and tokenizer stack load only when a router folder is checked
     from transformers import AutoConfig
 
     from rto.models import load_tokenizer
