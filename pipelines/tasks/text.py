@@ -454,13 +454,13 @@ class TextTask:
     prompt_only = True
 
     def build(self, settings, folder: Path) -> tuple[dict[str, list[dict]], Any]:
-        if settings.variant == "facts":
-            return self._build_facts(settings)
         task = TaskSettings(
             seed=settings.seed, n_sft=settings.n_sft, n_pairs=settings.n_pairs, n_prompts=settings.n_prompts,
             n_eval=settings.n_eval, label_temperature=settings.label_temperature,
             max_sentences=settings.max_sentences,
         )  # fmt: skip
+        if settings.variant == "facts":
+            return self._build_facts(task, settings)
         records = {
             "sft": sft_records(task),
             "pairs": preference_records(task, split="train"),
@@ -471,13 +471,9 @@ class TextTask:
         return records, build_tokenizer()
 
     @staticmethod
-    def _build_facts(settings) -> tuple[dict[str, list[dict]], Any]:
+    def _build_facts(task: TaskSettings, settings) -> tuple[dict[str, list[dict]], Any]:
         from pipelines.tasks import text_facts as facts  # deferred: text_facts imports this module
 
-        task = TaskSettings(
-            seed=settings.seed, n_sft=settings.n_sft, n_pairs=settings.n_pairs, n_prompts=settings.n_prompts,
-            n_eval=settings.n_eval, label_temperature=settings.label_temperature,
-        )  # fmt: skip
         n = settings.n_facts
         records = {
             "sft": facts.sft_records(task, n),

@@ -50,7 +50,11 @@ def check_supported(model) -> None:
 
 def model_fingerprint(model) -> dict:
     """What a router file must match: architecture, depth and width of the model."""
-    config = text_config(model)
+    return config_fingerprint(text_config(model))
+
+
+def config_fingerprint(config) -> dict:
+    """`model_fingerprint` from a (text) model config alone, without loading the weights."""
     return {
         "model_type": config.model_type,
         "num_hidden_layers": int(config.num_hidden_layers),
@@ -86,13 +90,8 @@ def check_router_folder(path: str | Path, policy: str, task: dict | None = None)
     meta_file = Path(path) / ROUTER_META
     meta = read_meta(Path(path))
     config = AutoConfig.from_pretrained(policy)
-    config = getattr(config, "text_config", None) or config
     theirs = meta["fingerprint"]
-    ours = {
-        "model_type": config.model_type,
-        "num_hidden_layers": int(config.num_hidden_layers),
-        "hidden_size": int(config.hidden_size),
-    }
+    ours = config_fingerprint(getattr(config, "text_config", None) or config)
     if "tokenizer" in meta:
         theirs = {**theirs, **meta["tokenizer"]}
         ours.update(tokenizer_fingerprint(load_tokenizer(policy)))
