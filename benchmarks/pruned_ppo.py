@@ -1,31 +1,47 @@
-"""The same PPO job with dense rollouts and with FTP-pruned rollouts, same seeds, same steps.
+"""The same PPO job with dense rollouts and with pruned rollouts, same seeds, same steps.
 
-    python benchmarks/pruned_ppo.py --seeds 0 1 2 --steps 20
+    python benchmarks/pruned_ppo.py --task text --seeds 0 1 2 --steps 20     # FTP on long prompts
+    python benchmarks/pruned_ppo.py --task image --seeds 0 1 2                 # AdaptInfer on pictures
 
-The policy is the facts variant's 12-layer recipe (`configs/facts.yaml`: prompts of about 290
-tokens: the attributes of 56 subjects, then a request about one of them). Its SFT model and the FTP router
-(`ftp` stage) are trained once and cached (`--base`, default ~/.cache/rto/facts-12l-v1; delete it to
-retrain); then for each seed the `ppo` stage runs with `ppo.rollout_pruner: none` and `ftp`,
-interleaved (dense, ftp, dense, ftp, ...), from the same SFT policy, and the `eval` stage scores
-each trained policy on held-out prompts (dense generation, temperature 0.7).
+**text**: the facts variant's 12-layer recipe (`configs/facts.yaml`: prompts of about 290 tokens:
+the attributes of 56 subjects, then a request about one of them). Arms `dense` and `ftp`
+(`ppo.rollout_pruner: none` / `ftp`); the SFT model and the FTP router (`ftp` stage) are trained
+once and cached (`--base`, default ~/.cache/rto/facts-12l-v1). Held-out figure: ground truth at
+temperature 0.7.
 
-Per arm (JSON `results.arms.dense` / `results.arms.ftp`): final held-out ground truth (mean and
-standard error over seeds), the seconds of the rollout phase and of the whole step (means over
-steps and seeds), the rollout phase's share of a step, the mean importance weight, the share of
-tokens at the cap and the sampler-vs-dense KL per step, and the curves of training ground truth
-against cumulative rollout seconds and cumulative total seconds (PNG). FLOPs of the pruned
-rollouts against dense ones are computed from the router's schedule at the mean prompt and response
-lengths, for the prefill and for the whole rollout. Times are CPU seconds of wall clock on this
-machine: ratios between arms of the same run, not absolute figures.
+**image**: the image quickstart (`configs/image-quickstart.yaml`: the tiny LLaVA, RTO's token
+reward from its DPO stage). Arms `image_dense` and `image_adaptinfer` (25 % of the vision tokens),
+the job as configured, and `image_ppo`: dense rollouts with the ground truth alone as the reward
+(`reward.mode: ppo`), to tell what RTO's DPO term adds. The SFT and DPO models are cached
+(default ~/.cache/rto/image-quickstart-v2). Held-out figure: greedy accuracy on the task's
+evaluation questions (`task.n_eval`).
+
+For each seed the `ppo` stage runs once per arm, interleaved (every arm once per seed, in turn, so
+that all see the machine in the same state), from the same cached models, and the `eval` stage
+scores each trained policy. A task's run replaces its own arms in the results file and keeps the
+other task's.
+
+Per arm (JSON `results.arms.<arm>`): final held-out figure (mean and standard error over seeds),
+the seconds of the rollout phase and of the whole step (means over steps and seeds), the rollout
+phase's share of a step, the mean importance weight, the share of tokens at the cap and the
+sampler-vs-dense KL per step, and the curves of training ground truth against cumulative rollout
+seconds and cumulative total seconds (PNG). For the text task FLOPs of the pruned rollouts against
+dense ones are computed from the router's schedule at the mean prompt and response lengths. Times
+are CPU seconds of wall clock on this machine: ratios between arms of the same run, not absolute
+figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import multiprocessing
 import shutil
 import statistics
 import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -37,10 +53,47 @@ from prune.flops import token_sparsity_rollout_flops  # noqa: E402
 from rto.config import load_config  # noqa: E402
 from rto.rundir import RunDir  # noqa: E402
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "facts.yaml"
-ARMS = {"dense": "none", "ftp": "ftp"}
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CACHE = Path.home() / ".cache" / "rto"
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One task's comparison: its job file, the stages trained once into the cached base, the
+    arms (name -> config overrides), which arm is the baseline and which the pruned one."""
+
+    config: Path
+    base: Path
+    base_stages: tuple[str, ...]
+    arms: dict[str, list[str]]
+    baseline: str
+    pruned: str
+
+
+SETUPS = {
+    "text": Setup(
+        config=CONFIGS / "facts.yaml",
+        base=CACHE / "facts-12l-v1",
+        base_stages=("sft", "ftp"),
+        arms={"dense": ["ppo.rollout_pruner=none"], "ftp": ["ppo.rollout_pruner=ftp"]},
+        baseline="dense",
+        pruned="ftp",
+    ),
+    "image": Setup(
+        config=CONFIGS / "image-quickstart.yaml",
+        base=CACHE / "image-quickstart-v2",
+        base_stages=("sft", "dpo"),
+        arms={
+            "image_dense": ["ppo.rollout_pruner=none"],
+            "image_adaptinfer": ["ppo.rollout_pruner=adaptinfer"],
+            "image_ppo": ["ppo.rollout_pruner=none", "reward.mode=ppo"],
+        },
+        baseline="image_dense",
+        pruned="image_adaptinfer",
+    ),
+}
 PER_STEP = ("gt_reward", "time_generate", "time_score", "time_train", "time_step", "response_length",
-            "is_weight_mean", "is_capped_frac", "sampler_kl")  # fmt: skip
+            "is_weight_mean", "is_capped_frac", "sampler_kl", "dpo_gt_auc")  # fmt: skip
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
@@ -57,34 +110,31 @@ def cumulative(values: list[float]) -> list[float]:
     return out
 
 
-def prepare_base(config: str, base: Path, overrides: list[str]) -> dict:
-    """SFT policy and FTP router (cached: run_job skips the stages that are up to date)."""
-    cfg = load_config(config, ["stages=[sft,ftp,eval]", "eval.models=[sft]", *overrides])
+def prepare_base(setup: Setup, base: Path, overrides: list[str]) -> dict:
+    """The stages every arm starts from (cached: run_job skips the stages that are up to date)."""
+    stages = ",".join([*setup.base_stages, "eval"])
+    cfg = load_config(setup.config, [f"stages=[{stages}]", "eval.models=[sft]", *overrides])
     return run_job(cfg, base)
 
 
-def arm_run(config: str, base: Path, run_dir: Path, arm: str, seed: int, overrides: list[str]) -> dict:
+def arm_run(setup: Setup, base: Path, run_dir: Path, arm: str, seed: int, overrides: list[str]) -> dict:
     if not (run_dir / "stages" / "eval").exists():
         shutil.rmtree(run_dir, ignore_errors=True)
         (run_dir / "stages").mkdir(parents=True)
         shutil.copytree(base / "prepared", run_dir / "prepared")
-        for stage in ("sft", "ftp"):
+        for stage in setup.base_stages:
             shutil.copytree(base / "stages" / stage, run_dir / "stages" / stage)
+    stages = ",".join([*setup.base_stages, "ppo", "eval"])  # the base stages are up to date: skipped
     cfg = load_config(
-        config,
-        [
-            "stages=[ppo,eval]",
-            "eval.models=[ppo]",
-            f"ppo.rollout_pruner={ARMS[arm]}",
-            f"seed={seed}",
-            *overrides,
-        ],
+        setup.config,
+        [f"stages=[{stages}]", "eval.models=[ppo]", *setup.arms[arm], f"seed={seed}", *overrides],
     )
     summary = run_job(cfg, run_dir)
     rows = RunDir(run_dir).read_metrics("ppo")
     return {
         "seed": seed,
         "heldout_gt": summary["eval"]["policies"]["ppo"]["gt_reward"],
+        "heldout_samples": summary["eval"]["policies"]["ppo"].get("samples"),
         "steps": {key: [r.get(key) for r in rows] for key in PER_STEP},
     }
 
@@ -114,14 +164,20 @@ def summarise(runs: list[dict]) -> dict:
             for r in runs
         ],
     }
-    for key in ("is_weight_mean", "is_capped_frac", "sampler_kl"):
+    for key in ("is_weight_mean", "is_capped_frac", "sampler_kl", "dpo_gt_auc"):
         values = every(key)
         if values:
             arm[f"{key}_mean"] = statistics.fmean(values)
             arm[f"{key}_per_step"] = [
-                statistics.fmean(v) for v in zip(*(r["steps"][key] for r in runs), strict=True)
+                statistics.fmean(x for x in v if x is not None)
+                for v in zip(*(r["steps"][key] for r in runs), strict=True)
+                if any(x is not None for x in v)
             ]
     return arm
+
+
+def binomial_se(p: float, n: int) -> float:
+    return math.sqrt(p * (1 - p) / n) if n else 0.0
 
 
 def rollout_flops(base: Path, prompt_tokens: int, new_tokens: int) -> dict:
@@ -148,46 +204,12 @@ def rollout_flops(base: Path, prompt_tokens: int, new_tokens: int) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config", default=str(CONFIG))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--base", default=str(Path.home() / ".cache" / "rto" / "facts-12l-v1"),
-                        help="run directory of the cached SFT policy and FTP router")  # fmt: skip
-    parser.add_argument("--work-dir", default="runs/bench-pruned-ppo")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra config overrides")
-    parser.add_argument("--name", default="pruned_ppo")
-    args = parser.parse_args()
-
-    base, work = Path(args.base).expanduser(), Path(args.work_dir)
-    overrides = [f"ppo.steps={args.steps}", *args.overrides]
-    base_summary = prepare_base(args.config, base, args.overrides)
-    start_gt = base_summary["eval"]["policies"]["sft"]["gt_reward"]
-    print(f"SFT policy: held-out ground truth {start_gt:.3f}", flush=True)
-
-    runs: dict[str, list[dict]] = {arm: [] for arm in ARMS}
-    for seed in args.seeds:
-        for arm in ARMS:  # interleaved: both arms see the machine in the same state
-            result = arm_run(args.config, base, work / f"{arm}-seed{seed}", arm, seed, overrides)
-            runs[arm].append(result)
-            print(
-                f"seed {seed} {arm:<5}: held-out gt {result['heldout_gt']:.3f}, rollout "
-                f"{statistics.fmean(result['steps']['time_generate']):.2f} s / step "
-                f"{statistics.fmean(result['steps']['time_step']):.2f} s",
-                flush=True,
-            )
-
-    arms = {arm: summarise(r) for arm, r in runs.items()}
-    prompts = RunDir(work / f"ftp-seed{args.seeds[0]}")
-    prompt_tokens = prompt_length(prompts)
-    response_tokens = round(arms["dense"]["response_length_mean"])
+def text_results(setup: Setup, base: Path, work: Path, arms: dict, start_gt: float, seeds: list[int]) -> dict:
     dense, ftp = arms["dense"], arms["ftp"]
-    results = {
+    prompt_tokens = prompt_length(RunDir(work / f"ftp-seed{seeds[0]}"))
+    response_tokens = round(dense["response_length_mean"])
+    return {
         "start_policy_heldout_gt": start_gt,
-        "arms": arms,
         "ratios": {
             "rollout_seconds_ftp_over_dense": ftp["rollout_seconds_mean"] / dense["rollout_seconds_mean"],
             "step_seconds_ftp_over_dense": ftp["step_seconds_mean"] / dense["step_seconds_mean"],
@@ -204,12 +226,123 @@ def main() -> None:
             "final_gt_at_least_95pct_of_dense": ftp["final_gt_mean"] >= 0.95 * dense["final_gt_mean"],
         },
     }
-    settings = {"config": args.config, "seeds": args.seeds, "steps": args.steps, "overrides": overrides,
-                "base": str(base)}  # fmt: skip
-    out = write_results(args.name, settings, results)
-    plot(results, RESULTS / f"{args.name}.png")
+
+
+def image_results(arms: dict, start: float, n_eval: int) -> dict:
+    """Gains over the start policy and between arms, each with its standard error: over seeds for
+    a trained arm, binomial over the `n_eval` questions for the start policy (one model)."""
+    dense, pruned, ppo = arms["image_dense"], arms["image_adaptinfer"], arms["image_ppo"]
+    start_se = binomial_se(start, n_eval)
+
+    def gain(arm: dict) -> dict:
+        se = math.hypot(arm["final_gt_se"], start_se)
+        return {"gain": arm["final_gt_mean"] - start, "se": se}
+
+    def difference(a: dict, b: dict) -> dict:
+        return {
+            "difference": a["final_gt_mean"] - b["final_gt_mean"],
+            "se": math.hypot(a["final_gt_se"], b["final_gt_se"]),
+        }
+
+    gains = {name: gain(arm) for name, arm in arms.items()}
+    rto_vs_ppo, pruned_vs_dense = difference(dense, ppo), difference(pruned, dense)
+    rollout_ratio = pruned["rollout_seconds_mean"] / dense["rollout_seconds_mean"]
+    return {
+        "start_policy_heldout_gt": start,
+        "start_policy_heldout_se": start_se,
+        "heldout_questions": n_eval,
+        "gains_over_start": gains,
+        "rto_minus_ppo": rto_vs_ppo,
+        "adaptinfer_minus_dense": pruned_vs_dense,
+        "ratios": {
+            "rollout_seconds_adaptinfer_over_dense": rollout_ratio,
+            "step_seconds_adaptinfer_over_dense": pruned["step_seconds_mean"] / dense["step_seconds_mean"],
+        },
+        "goals": {
+            "dense_ppo_beats_start_by_2se": gains["image_dense"]["gain"] > 2 * gains["image_dense"]["se"],
+            "rto_at_least_level_with_ppo": rto_vs_ppo["difference"] >= -rto_vs_ppo["se"],
+            "adaptinfer_within_1se_of_dense": abs(pruned_vs_dense["difference"]) <= pruned_vs_dense["se"],
+            "rollout_time_at_most_0.6x_dense": rollout_ratio <= 0.6,
+        },
+    }
+
+
+def merge_previous(path: Path, task: str, arms: dict, section: dict, settings: dict) -> tuple[dict, dict]:
+    """The results file with this task's arms and section replaced and the other task's kept (a
+    file from before the image arms keeps its text figures at the top level: moved under `text`)."""
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    results, all_settings = previous.get("results", {}), previous.get("settings", {})
+    if results and "text" not in results and "start_policy_heldout_gt" in results:
+        results = {"arms": results["arms"], "text": {k: v for k, v in results.items() if k != "arms"}}
+        all_settings = {"text": all_settings}
+    own = set(SETUPS[task].arms)
+    results["arms"] = {**{k: v for k, v in results.get("arms", {}).items() if k not in own}, **arms}
+    results[task] = section
+    all_settings[task] = settings
+    return results, all_settings
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--task", choices=sorted(SETUPS), default="text")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=None, help="ppo.steps (default: the job file's)")
+    parser.add_argument("--base", default=None, help="run directory of the cached base models")
+    parser.add_argument("--work-dir", default=None, help="default runs/bench-pruned-ppo[-image]")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra config overrides")
+    parser.add_argument("--name", default="pruned_ppo")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="runs at a time, each with its own Ray (2 on a 2-core machine: "
+        "every arm then shares the machine with another, the same for all arms)",
+    )  # fmt: skip
+    args = parser.parse_args()
+
+    setup = SETUPS[args.task]
+    base = Path(args.base).expanduser() if args.base else setup.base
+    work = Path(args.work_dir or ("runs/bench-pruned-ppo" + ("" if args.task == "text" else f"-{args.task}")))
+    overrides = [*([f"ppo.steps={args.steps}"] if args.steps else []), *args.overrides]
+    base_summary = prepare_base(setup, base, args.overrides)
+    start = base_summary["eval"]["policies"]["sft"]
+    print(
+        f"SFT policy: held-out ground truth {start['gt_reward']:.3f} ({start.get('samples')} prompts)",
+        flush=True,
+    )
+
+    runs: dict[str, list[dict]] = {arm: [] for arm in setup.arms}
+    order = [(seed, arm) for seed in args.seeds for arm in setup.arms]  # interleaved
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [
+            pool.submit(arm_run, setup, base, work / f"{arm}-seed{seed}", arm, seed, overrides)
+            for seed, arm in order
+        ]
+        for (seed, arm), future in zip(order, futures, strict=True):
+            result = future.result()
+            runs[arm].append(result)
+            print(
+                f"seed {seed} {arm:<16}: held-out gt {result['heldout_gt']:.3f}, rollout "
+                f"{statistics.fmean(result['steps']['time_generate']):.2f} s / step "
+                f"{statistics.fmean(result['steps']['time_step']):.2f} s",
+                flush=True,
+            )
+
+    arms = {arm: summarise(r) for arm, r in runs.items()}
+    if args.task == "text":
+        section = text_results(setup, base, work, arms, start["gt_reward"], args.seeds)
+    else:
+        section = image_results(arms, start["gt_reward"], int(start["samples"]))
+    settings = {"config": str(setup.config), "seeds": args.seeds, "steps": args.steps, "overrides": overrides,
+                "base": str(base), "jobs": args.jobs}  # fmt: skip
+    results, all_settings = merge_previous(RESULTS / f"{args.name}.json", args.task, arms, section, settings)
+    out = write_results(args.name, all_settings, results)
+    plot(
+        results,
+        args.task,
+        RESULTS / (f"{args.name}.png" if args.task == "text" else f"{args.name}_{args.task}.png"),
+    )
     print()
-    print(table(results))
+    print(table(results, args.task))
     print(f"wrote {out}")
 
 
@@ -224,8 +357,9 @@ def prompt_length(run: RunDir) -> int:
     return round(statistics.fmean(len(encode_prompt(tokenizer, r["prompt"])) for r in records))
 
 
-def table(results: dict) -> str:
-    arms, flops = results["arms"], results["flops"]
+def table(results: dict, task: str) -> str:
+    section = results[task]
+    arms = {name: results["arms"][name] for name in SETUPS[task].arms}
     lines = [
         "| rollouts | final held-out GT (± s.e.) | per seed | rollout s / step | step s / step | rollout share "
         "| IS weight | at cap | sampler KL |",
@@ -243,45 +377,73 @@ def table(results: dict) -> str:
             f"{arm['rollout_seconds_mean']:.2f} | {arm['step_seconds_mean']:.2f} | {arm['rollout_share_of_step']:.0%} | "
             f"{extra} |"
         )
-    ratios = results["ratios"]
-    lines += [
-        "",
-        f"start (SFT) held-out GT {results['start_policy_heldout_gt']:.3f}; FTP / dense: rollout time "
-        f"{ratios['rollout_seconds_ftp_over_dense']:.2f}x, step time {ratios['step_seconds_ftp_over_dense']:.2f}x, "
-        f"final GT {ratios['final_gt_ftp_over_dense']:.1%}",
-        f"FTP rollout FLOPs / dense ({flops['prompt_tokens']}-token prompts, {flops['response_tokens']}-token "
-        f"responses, {flops['decode']} decoding): prefill {flops['prefill_ratio']:.2f}, whole rollout "
-        f"{flops['rollout_ratio']:.2f} (prefill is {flops['prefill_share_of_dense_rollout']:.0%} of a dense rollout)",
-    ]
+    ratios = section["ratios"]
+    lines.append("")
+    if task == "text":
+        flops = section["flops"]
+        lines += [
+            f"start (SFT) held-out GT {section['start_policy_heldout_gt']:.3f}; FTP / dense: rollout time "
+            f"{ratios['rollout_seconds_ftp_over_dense']:.2f}x, step time {ratios['step_seconds_ftp_over_dense']:.2f}x, "
+            f"final GT {ratios['final_gt_ftp_over_dense']:.1%}",
+            f"FTP rollout FLOPs / dense ({flops['prompt_tokens']}-token prompts, {flops['response_tokens']}-token "
+            f"responses, {flops['decode']} decoding): prefill {flops['prefill_ratio']:.2f}, whole rollout "
+            f"{flops['rollout_ratio']:.2f} (prefill is {flops['prefill_share_of_dense_rollout']:.0%} of a dense rollout)",
+        ]
+    else:
+        gains = ", ".join(
+            f"{name} {g['gain']:+.3f} ± {g['se']:.3f}" for name, g in section["gains_over_start"].items()
+        )
+        lines += [
+            f"start (SFT) held-out accuracy {section['start_policy_heldout_gt']:.3f} ± "
+            f"{section['start_policy_heldout_se']:.3f} ({section['heldout_questions']} questions); gains: {gains}",
+            f"RTO − PPO {section['rto_minus_ppo']['difference']:+.3f} ± {section['rto_minus_ppo']['se']:.3f}; "
+            f"AdaptInfer − dense {section['adaptinfer_minus_dense']['difference']:+.3f} ± "
+            f"{section['adaptinfer_minus_dense']['se']:.3f}; AdaptInfer / dense: rollout time "
+            f"{ratios['rollout_seconds_adaptinfer_over_dense']:.2f}x, step time "
+            f"{ratios['step_seconds_adaptinfer_over_dense']:.2f}x",
+        ]
+        auc = [f"{n} {a['dpo_gt_auc_mean']:.3f}" for n, a in arms.items() if "dpo_gt_auc_mean" in a]
+        if auc:
+            lines.append("DPO term vs ground truth, AUC over each step's rollouts: " + ", ".join(auc))
+    lines.append(
+        "goals: " + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in section["goals"].items())
+    )
     return "\n".join(lines)
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(results: dict, task: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    colors = {"dense": "tab:blue", "ftp": "tab:red"}
+    palette = ["tab:blue", "tab:red", "tab:green"]
+    arms = {name: results["arms"][name] for name in SETUPS[task].arms}
     for ax, key, label in zip(
         axes,
         ("cumulative_rollout_seconds", "cumulative_total_seconds"),
         ("cumulative rollout-phase seconds", "cumulative PPO seconds"),
         strict=True,
     ):
-        for name, arm in results["arms"].items():
+        for color, (name, arm) in zip(palette, arms.items()):  # noqa: B905
             for i, curve in enumerate(arm["curves"]):
                 ax.plot(
-                    curve[key], curve["gt_reward"], color=colors[name], alpha=0.35 + 0.65 * (i == 0),
-                    label=f"{name} rollouts" if i == 0 else None,
+                    curve[key], curve["gt_reward"], color=color, alpha=0.35 + 0.65 * (i == 0),
+                    label=name if i == 0 else None,
                 )  # fmt: skip
-        ax.axhline(results["start_policy_heldout_gt"], linestyle="--", color="gray", label="SFT (held-out)")
+        ax.axhline(
+            results[task]["start_policy_heldout_gt"], linestyle="--", color="gray", label="SFT (held-out)"
+        )
         ax.set_xlabel(label + " (CPU)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("training ground truth per step")
     axes[0].legend(loc="lower right", fontsize=8)
-    fig.suptitle("PPO on the facts task (12-layer policy): dense vs FTP-pruned rollouts, one line per seed")
+    title = {
+        "text": "PPO on the facts task (12-layer policy): dense vs FTP-pruned rollouts",
+        "image": "PPO on the image task (tiny LLaVA): dense vs AdaptInfer rollouts (25 %), and PPO without the DPO term",
+    }[task]
+    fig.suptitle(title + ", one line per seed", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -241,6 +241,25 @@ def rm_score_column(config: RewardConfig, rewards: TokenRewards) -> Tensor | Non
     return rewards.rm_score if config.uses_sentence_score else None
 
 
+def separation_by_ground_truth(term: Tensor, response_mask: Tensor, gt_rewards) -> dict[str, float]:
+    """How well a per-token reward term, summed over each response, orders the responses the way
+    the ground truth does: ``auc`` is the share of pairs with different ground truth in which the
+    better response has the larger sum (ties count half; 0.5 is no information), and with a 0/1
+    ground truth ``right`` / ``wrong`` are the mean sums of each group. Empty when every response
+    has the same ground truth."""
+    sums = (term * response_mask).sum(dim=1).double()
+    gt = torch.as_tensor(gt_rewards, dtype=torch.float64)
+    better = gt[:, None] > gt[None, :]
+    if not bool(better.any()):
+        return {}
+    larger = (sums[:, None] > sums[None, :]).double() + 0.5 * (sums[:, None] == sums[None, :]).double()
+    out = {"auc": float(larger[better].mean())}
+    if bool(((gt == 0) | (gt == 1)).all()):
+        out["right"] = float(sums[gt == 1].mean())
+        out["wrong"] = float(sums[gt == 0].mean())
+    return out
+
+
 def _check_mask(response_mask: Tensor, dtype: torch.dtype) -> Tensor:
     if response_mask.dim() != 2:
         raise ValueError(f"response_mask must be [B, R], got shape {tuple(response_mask.shape)}")

@@ -225,6 +225,11 @@ class ImageTaskConfig(BuiltinTaskConfig):
     n_eval: int = Field(256, gt=0, description="Held-out evaluation prompts")
     n_pairs: int = Field(4096, gt=0, description="Preference pairs for dpo (right vs wrong answer)")
     n_eval_pairs: int = Field(256, gt=0, description="Held-out preference pairs")
+    negatives: Literal["confusable", "random"] = Field(
+        "confusable",
+        description="Rejected answer of a preference pair: one the picture suggests (another object's "
+        "colour, a shape drawn elsewhere, another colour's count) or any wrong answer of the kind",
+    )
     describe_fraction: float = Field(
         0.5,
         ge=0,
@@ -318,6 +323,11 @@ class SFTConfig(TrainConfig):
 
 class DPOConfig(TrainConfig):
     beta: float = Field(0.1, gt=0, description="DPO beta (not reused by the token reward)")
+    negatives: Literal["data", "policy"] = Field(
+        "data",
+        description="Rejected answers: the pairs' own (data), or, for the image task, the SFT policy's "
+        "most likely wrong answer to each pair's question (policy: pairs built from its own mistakes)",
+    )
     lr: float = Field(2e-4, gt=0)
     loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
 
@@ -411,6 +421,12 @@ class Config(Section):
                     )
         if self.task is not None:
             self.task.adjust_job(self)
+        if self.dpo.negatives == "policy" and not isinstance(self.task, ImageTaskConfig):
+            raise FieldError(
+                "dpo.negatives",
+                "'policy' picks the SFT policy's most likely wrong answer among a question's answers, "
+                "which only the image task has; use 'data'",
+            )
         if not isinstance(self.task, ImageTaskConfig) and self.policy.builtin == "tiny-llava":
             raise FieldError("policy.builtin", "'tiny-llava' is the image task's model; set task.name: image")
         self._check_sampler()

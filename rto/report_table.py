@@ -31,8 +31,10 @@ def print_summary(summary: dict, stages: list[str]) -> None:
             for c in ("gt_reward", "grammatical", "terminated", "rm_score", "length")
             if any(c in v for v in evals.values())
         ]
+        if any("gt_se" in v for v in evals.values()):  # the mean's standard error, beside it
+            columns.insert(1, "gt_se")
         for c in columns:
-            table.add_column(c, justify="right")
+            table.add_column("± s.e." if c == "gt_se" else c, justify="right")
         order = {"base": 0, "sft": 1, "dpo": 2, "ppo": 3}
         for name, row in sorted(evals.items(), key=lambda kv: (order.get(kv[0].split("+")[0], 9), kv[0])):
             table.add_row(

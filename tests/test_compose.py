@@ -225,3 +225,20 @@ def test_batch_rewards_takes_the_sentence_score_from_the_configured_source():
     assert rm_score_column(RewardConfig(sentence_reward="ground_truth"), from_gt) is from_gt.rm_score
     dpo_only = batch_rewards(RewardConfig(mode="dpo"), rm_scores=None, gt_rewards=truth, **common)
     assert rm_score_column(RewardConfig(mode="dpo"), dpo_only) is None
+
+
+def test_separation_by_ground_truth_ranks_response_sums():
+    from reward.compose import separation_by_ground_truth
+
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0]], dtype=torch.float32)
+    term = torch.tensor([[0.2, 0.1, 9.0], [0.5, 9.0, 9.0], [-0.1, 0.0, 0.0], [0.3, 0.0, 0.0]])
+    # sums over the response tokens only: 0.3, 0.5, -0.1, 0.3
+    out = separation_by_ground_truth(term, mask, [1.0, 1.0, 0.0, 0.0])
+    # right-over-wrong pairs: (0.3>-0.1) (0.3=0.3: half) (0.5>-0.1) (0.5>0.3) -> 3.5 / 4
+    assert out["auc"] == pytest.approx(3.5 / 4)
+    assert out["right"] == pytest.approx(0.4) and out["wrong"] == pytest.approx(0.1)
+    assert separation_by_ground_truth(-term, mask, [1.0, 1.0, 0.0, 0.0])["auc"] == pytest.approx(0.5 / 4)
+    # a graded ground truth: AUC over every ordered pair, no right/wrong means
+    graded = separation_by_ground_truth(term, mask, [0.9, 0.5, 0.1, 0.1])
+    assert set(graded) == {"auc"} and graded["auc"] == pytest.approx(3.5 / 5)
+    assert separation_by_ground_truth(term, mask, [1.0] * 4) == {}  # nothing to separate

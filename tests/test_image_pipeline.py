@@ -88,10 +88,24 @@ def test_image_job_runs_ppo_with_pruned_rollouts(image_run):
         total = sum(row["reward_kl"]) + sum(row["reward_dpo"]) + row["rm_score"]
         assert sum(row["reward"]) == pytest.approx(total, abs=1e-5)
         assert "<image>" not in row["tokens"]  # the policy never emits its image placeholder
+    # the step's DPO-vs-ground-truth separation is the traces' own (absent when every GT is equal)
+    gts = [row["gt_reward"] for row in table]
+    sums = [sum(row["reward_dpo"]) for row in table]
+    if len(set(gts)) > 1:
+        pairs = [(s, t) for s, g in zip(sums, gts) for t, h in zip(sums, gts) if g > h]  # noqa: B905
+        auc = sum(1.0 if s > t else 0.5 if s == t else 0.0 for s, t in pairs) / len(pairs)
+        assert ppo[1]["dpo_gt_auc"] == pytest.approx(auc, abs=1e-6)
+    else:
+        assert "dpo_gt_auc" not in ppo[1]
 
     evals = summary["eval"]["policies"]
     assert {"base", "sft", "dpo", "ppo", "sft+adaptinfer", "dpo+adaptinfer", "ppo+adaptinfer"} <= set(evals)
     assert all(evals[name]["samples"] == 16 for name in evals)
+    # each accuracy comes with its standard error, from the policy's own samples
+    gts = [json.loads(x)["gt_reward"] for x in (image_run / "stages" / "eval" / "samples-sft.jsonl").open()]
+    mean = sum(gts) / len(gts)
+    se = (sum((g - mean) ** 2 for g in gts) / (len(gts) - 1) / len(gts)) ** 0.5
+    assert evals["sft"]["gt_reward"] == pytest.approx(mean) and evals["sft"]["gt_se"] == pytest.approx(se)
 
 
 def test_image_job_outputs_load_as_plain_transformers(image_run):
@@ -230,9 +244,12 @@ def test_image_preference_pairs_and_their_dpo_rows(tmp_path):
     for pair, example in zip(pairs, examples, strict=True):
         assert pair["chosen"] == example.answer != pair["rejected"]
         assert pair["rejected"] in task.answer_choices(example.question)
+        assert pair["rejected"] == task.confusable_answer(example)  # task.negatives' default
         assert (tmp_path / pair["image"]).exists()
     assert len({p["rejected"] for p in pairs}) > 3  # wrong answers of every kind, not one fixed word
     assert build_records(settings, tmp_path / "again")["pairs"] == pairs  # deterministic
+    uniform = build_records(settings.model_copy(update={"negatives": "random"}), tmp_path / "random")
+    assert [p["rejected"] for p in uniform["pairs"]] == [task.wrong_answer(e) for e in examples]
     rows = image_pair_rows(pairs[:2], tmp_path)
     assert rows[0]["prompt"] == task.prompt_text(pairs[0]["prompt"])
     assert rows[0]["chosen"].split() == [pairs[0]["chosen"], task.SPECIAL["eos"]]
@@ -262,3 +279,43 @@ def test_image_response_logprobs_match_a_plain_forward_of_each_pair(tmp_path):
             logits = model(input_ids=ids, pixel_values=pixels[None]).logits[0, :-1].float()
         logprobs = logits.log_softmax(-1).gather(1, ids[0, 1:, None])[:, 0]
         torch.testing.assert_close(value, logprobs[-len(response) :].sum(), rtol=1e-4, atol=1e-4)
+
+
+def test_policy_negatives_are_the_policys_most_likely_wrong_answers(tmp_path):
+    """`dpo.negatives: policy`: each pair's rejected answer is the wrong answer the policy scores
+    highest (answer + EOS after the picture and question); a question outside the task's kinds is a
+    one-line error naming the pairs file and the row."""
+    from pipelines.stages.dpo import image_response_logprob_sums, policy_negatives
+    from pipelines.tasks import image as task
+    from pipelines.tasks import image_model
+    from pipelines.tasks.image_data import build_records
+    from rto.config import ImageTaskConfig
+    from rto.errors import UserError
+
+    model, processor = image_model.tiny_random_vlm(seed=3, n_layers=2)
+    settings = ImageTaskConfig(n_sft=1, n_prompts=1, n_eval=1, n_pairs=12, n_eval_pairs=1, seed=2)
+    pairs = build_records(settings, tmp_path)["pairs"]
+    new, figures = policy_negatives(model, processor, pairs, tmp_path, "pairs.jsonl")
+    changed = 0
+    for pair, after in zip(pairs, new, strict=True):
+        assert {**after, "rejected": pair["rejected"]} == pair  # only the rejected answer moves
+        wrong = [c for c in task.answer_choices(pair["prompt"]) if c != pair["chosen"]]
+        scores = image_response_logprob_sums(
+            model, processor, [{**pair, "c": c} for c in wrong], "c", tmp_path
+        ).tolist()
+        assert after["rejected"] == wrong[max(range(len(wrong)), key=scores.__getitem__)]
+        changed += after["rejected"] != pair["rejected"]
+    assert figures["negatives_changed"] == pytest.approx(changed / len(pairs))
+    assert 0.0 <= figures["policy_prefers_a_wrong_answer"] <= 1.0
+    odd = [*pairs[:2], {**pairs[2], "prompt": "is it a nice picture ?"}]
+    with pytest.raises(UserError, match=r"row 3: dpo.negatives 'policy' needs a question") as error:
+        policy_negatives(model, processor, odd, tmp_path, "pairs.jsonl")
+    assert "pairs.jsonl" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_policy_negatives_need_the_image_task(tmp_path):
+    job = write_job(tmp_path, dpo__negatives="policy")
+    result = rto("validate", str(job), timeout=60)
+    assert result.returncode == 2
+    line = result.stderr.strip().splitlines()[-1]
+    assert "field 'dpo.negatives'" in line and str(job) in line and "image task" in line

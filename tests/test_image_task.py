@@ -258,3 +258,36 @@ def test_asked_tokens_are_the_objects_a_question_is_about():
     assert asked("how many red shapes ?") == {where["circle"], where["square"]}
     assert asked("how many green shapes ?") == set()
     assert asked("describe the picture .") == set()
+
+
+def test_confusable_negatives_are_wrong_answers_the_picture_suggests():
+    items = (
+        task.Item("circle", "red", "top left"),
+        task.Item("square", "blue", "top right"),
+        task.Item("triangle", "blue", "bottom left"),
+    )
+
+    def negative(question: str, answer: str) -> str:
+        return task.confusable_answer(task.Example(items, question, answer, seed=7))
+
+    for seed in range(20):  # whatever the draw, the answer is one of the picture's confusions
+        example = task.Example(items, "what color is the circle ?", "red", seed)
+        assert task.confusable_answer(example) == "blue"  # the other objects' colour
+        example = task.Example(items, "what shape is at the top left ?", "circle", seed)
+        assert task.confusable_answer(example) in {"square", "triangle", "nothing"}
+        example = task.Example(items, "what shape is at the bottom right ?", "nothing", seed)
+        assert task.confusable_answer(example) in {"circle", "square", "triangle"}
+        example = task.Example(items, "how many blue shapes ?", "two", seed)
+        assert task.confusable_answer(example) in {"one", "three"}  # red's count is one; or one off
+    assert negative("how many green shapes ?", "zero") in {"one", "two"}  # red: one, blue: two
+    # a picture that suggests nothing falls back to any wrong answer of the kind
+    alone = (task.Item("circle", "red", "top left"),)
+    fallback = task.confusable_answer(task.Example(alone, "what color is the circle ?", "red", seed=3))
+    assert fallback in task.answer_choices("what color is the circle ?") and fallback != "red"
+    # and on generated examples it is always a wrong answer of the right kind, seeded
+    for example in task.make_examples(300, seed=11):
+        if task.question_kind(example.question) == "describe":
+            continue
+        rejected = task.confusable_answer(example)
+        assert rejected != example.answer and rejected in task.answer_choices(example.question)
+        assert task.confusable_answer(example) == rejected

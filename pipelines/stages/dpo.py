@@ -65,6 +65,10 @@ def run_dpo(ctx: StageContext) -> dict:
         args.max_length = None  # never cut a prompt's image tokens
         processing_class = load_processor(init, field="policy.path")
         models = {name: load_vision_lm(init, field="policy.path") for name in ("model", "ref_model")}
+        if cfg.dpo.negatives == "policy":
+            pairs, negatives = policy_negatives(
+                models["ref_model"], processing_class, pairs, ctx.prepared.root, ctx.prepared.data["pairs"]
+            )
         rows = image_pair_rows(pairs, ctx.prepared.root)
 
         def figures(held_out: list[dict]) -> dict:
@@ -102,6 +106,8 @@ def run_dpo(ctx: StageContext) -> dict:
         "pairs": len(pairs),
         "steps": int(result.global_step),
     }
+    if ctx.prepared.is_image_task and cfg.dpo.negatives == "policy":
+        summary.update(negatives)
     if "eval_pairs" in ctx.prepared.data:
         held_out = ctx.prepared.records("eval_pairs")
         summary.update(figures(held_out))
@@ -121,6 +127,47 @@ def _label_agreement(pairs: list[dict], gt) -> float:
 def _text(value) -> str:
     """A response given as a string or as a conversation (its last message)."""
     return value if isinstance(value, str) else value[-1]["content"]
+
+
+def policy_negatives(model, processor, pairs: list[dict], root, source) -> tuple[list[dict], dict]:
+    """Pairs built from the policy's own mistakes: each pair's rejected answer becomes the one the
+    policy (the SFT model) finds most likely among its question's wrong answers, scored as SFT
+    trains it (the answer and EOS after the picture and question). Returns the new pairs and how
+    often that changed the rejected answer and how often the policy's favourite answer is wrong.
+
+    Only questions of the built-in image task have a known set of answers; another question is a
+    `UserError` naming the pairs file and the row."""
+    # deferred: every stage module is imported to validate a job (start-up time)
+    from pipelines.tasks import image as task
+    from pipelines.tasks.image_data import question_of
+    from rto.errors import UserError
+
+    candidates = []
+    for n, pair in enumerate(pairs, 1):
+        try:
+            choices = task.answer_choices(question_of(pair))
+        except ValueError:
+            raise UserError(
+                f"row {n}: dpo.negatives 'policy' needs a question of the image task's kinds (what color is "
+                f"the SHAPE ? / what shape is at the PLACE ? / how many COLOR shapes ?), got {question_of(pair)!r}",
+                source=str(source),
+            ) from None
+        candidates.append([c for c in choices if c != _text(pair["chosen"])])
+    flat = [{**pair, "candidate": c} for pair, cs in zip(pairs, candidates, strict=True) for c in cs]
+    chosen_scores = image_response_logprob_sums(model, processor, pairs, "chosen", root)
+    scores = image_response_logprob_sums(model, processor, flat, "candidate", root).tolist()
+    out, changed, mistakes, at = [], 0, 0, 0
+    for pair, cs, chosen_score in zip(pairs, candidates, chosen_scores.tolist(), strict=True):
+        own = scores[at : at + len(cs)]
+        at += len(cs)
+        worst = max(range(len(cs)), key=own.__getitem__)
+        changed += cs[worst] != _text(pair["rejected"])
+        mistakes += own[worst] > chosen_score
+        out.append({**pair, "rejected": cs[worst]})
+    return out, {
+        "negatives_changed": changed / len(pairs),
+        "policy_prefers_a_wrong_answer": mistakes / len(pairs),
+    }
 
 
 def image_pair_rows(pairs: list[dict], root) -> list[dict]:

@@ -9,6 +9,11 @@ from pipelines.stages import StageContext, no_grad, register_stage
 from rto.models import load_causal_lm, load_processor, load_tokenizer, load_vision_lm, sampling_token_ids
 
 
+def standard_error(values: list[float]) -> float:
+    """Standard error of the mean of `values` (0 for fewer than two)."""
+    return statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
+
+
 def policy_paths(ctx: StageContext) -> dict[str, str]:
     candidates = {
         "base": ctx.prepared.model("policy"),
@@ -60,6 +65,8 @@ def evaluate_policy(ctx: StageContext, path: str, prompts: list, rm_scorer=None)
         if k in rows[0]
     }
     summary["samples"] = len(rows)
+    if "gt_reward" in rows[0]:
+        summary["gt_se"] = standard_error([float(r["gt_reward"]) for r in rows])
     return {"summary": summary, "rows": rows}
 
 
@@ -139,6 +146,7 @@ def evaluate_vision_policy(
             for k in ("gt_reward", "terminated", "length")
         }
         summary["samples"] = len(label_rows)
+        summary["gt_se"] = standard_error([float(r["gt_reward"]) for r in label_rows])
         results[label] = {"summary": summary, "rows": label_rows}
     return results
 

@@ -184,6 +184,37 @@ def wrong_answer(example: Example) -> str:
     return random.Random(example.seed).choice(choices)
 
 
+def confusable_answer(example: Example) -> str:
+    """A wrong answer the picture itself suggests (a hard negative for a preference pair): the
+    colour of another object (colour questions), a shape drawn elsewhere or "nothing" (shape
+    questions), the count of another colour present or one off (counts). Falls back to
+    `wrong_answer` when the picture suggests none. Drawn from the example's seed."""
+    words = example.question.split()
+    kind = question_kind(example.question)
+    if kind == "color":
+        candidates = [i.color for i in example.items if i.shape != words[4]]
+    elif kind == "shape":
+        position = " ".join(words[5:7])
+        candidates = [i.shape for i in example.items if i.position != position]
+        if example.answer != "nothing":
+            candidates.append("nothing")
+    elif kind == "count":
+        n = COUNTS.index(example.answer)
+        present = {i.color for i in example.items if i.color != words[2]}
+        candidates = [COUNTS[sum(i.color == c for i in example.items)] for c in sorted(present)]
+        candidates += [COUNTS[k] for k in (n - 1, n + 1) if 0 <= k < len(COUNTS)]
+    else:
+        raise ValueError(f"not a question with a fixed set of answers: {example.question!r}")
+    candidates = sorted({c for c in candidates if c != example.answer})
+    if not candidates:
+        return wrong_answer(example)
+    return random.Random(example.seed).choice(candidates)
+
+
+NEGATIVES = {"random": wrong_answer, "confusable": confusable_answer}
+"""How a built-in preference pair's rejected answer is chosen (`task.negatives`)."""
+
+
 def describe(items: tuple[Item, ...]) -> str:
     """Every object, in reading order of the quadrants: ``red circle top left green square ...``."""
     order = list(POSITIONS)

@@ -7,7 +7,8 @@ reads (a Hugging Face `Image` column arrives as ``{"bytes": ..., "path": ...}``)
 * ``sft``:          ``{"prompt": question, "completion": answer, "image": ...}``
 * ``prompts`` and ``eval_prompts``: ``{"prompt": question, "image": ..., "answer": answer}``
 * ``pairs`` and ``eval_pairs``: ``{"prompt": question, "chosen": answer, "rejected": a wrong
-  answer of the same kind, "image": ...}`` (the built-in task's preference data for `dpo`)
+  answer of the same kind, "image": ...}`` (the built-in task's preference data for `dpo`; the
+  wrong answer is one the picture suggests unless ``task.negatives: random``)
 
 The ground truth of the built-in task needs the answer, which the question alone does not give, so
 it is read from the record (:func:`record_reward`).
@@ -45,7 +46,7 @@ def build_records(settings, root: Path) -> dict[str, list[dict]]:
             if role == "sft":
                 records.append({"prompt": example.question, "completion": example.answer, "image": name})
             elif role in ("pairs", "eval_pairs"):
-                rejected = task.wrong_answer(example)
+                rejected = task.NEGATIVES[settings.negatives](example)
                 records.append(
                     {
                         "prompt": example.question,

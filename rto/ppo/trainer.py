@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import ray
 import torch
 
-from reward.compose import batch_rewards, rm_score_column
+from reward.compose import batch_rewards, rm_score_column, separation_by_ground_truth
 from reward.traces import list_trace_steps, remove_stale_temp_files, trace_columns, trace_path, write_traces
 from rto.distributed import concat_results, init_ray, push_weights
 from rto.errors import ClusterError, UserError
@@ -491,6 +491,9 @@ def one_step(
             **times,
         }
     )
+    if cfg.reward.needs_dpo and gts is not None:  # does the DPO token term order responses as the GT does?
+        separation = separation_by_ground_truth(rewards.reward_dpo, mask, gts)
+        record.update({f"dpo_gt_{key}": value for key, value in separation.items()})
     if is_weights is not None:
         record["is_weight_mean"] = float(masked_mean(is_weights, mask))
         record.update(
