@@ -133,10 +133,24 @@ def arm_run(setup: Setup, base: Path, run_dir: Path, arm: str, seed: int, overri
     rows = RunDir(run_dir).read_metrics("ppo")
     return {
         "seed": seed,
+        "heldout_by_kind": accuracy_by_kind(run_dir / "stages" / "eval" / "samples-ppo.jsonl"),
         "heldout_gt": summary["eval"]["policies"]["ppo"]["gt_reward"],
         "heldout_samples": summary["eval"]["policies"]["ppo"].get("samples"),
         "steps": {key: [r.get(key) for r in rows] for key in PER_STEP},
     }
+
+
+def accuracy_by_kind(samples: Path) -> dict[str, float] | None:
+    """Held-out ground truth per question kind of the image task (None for the text task)."""
+    from pipelines.tasks import image as task
+
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    if not rows or not rows[0]["prompt"].startswith("["):
+        return None
+    kinds: dict[str, list[float]] = {}
+    for row in rows:
+        kinds.setdefault(task.question_kind(row["prompt"].split("] ", 1)[1]), []).append(row["gt_reward"])
+    return {kind: statistics.fmean(values) for kind, values in sorted(kinds.items())}
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -147,6 +161,15 @@ def summarise(runs: list[dict]) -> dict:
         "final_gt_mean": final_mean,
         "final_gt_se": final_se,
         "final_gt_per_seed": [r["heldout_gt"] for r in runs],
+        **(
+            {
+                "final_by_kind_mean": {
+                    k: statistics.fmean(r["heldout_by_kind"][k] for r in runs) for k in kinds
+                }
+            }
+            if (kinds := runs[0].get("heldout_by_kind"))
+            else {}
+        ),
         "seeds": [r["seed"] for r in runs],
         "rollout_seconds_mean": rollout,
         "step_seconds_mean": step,
@@ -305,6 +328,7 @@ def main() -> None:
     overrides = [*([f"ppo.steps={args.steps}"] if args.steps else []), *args.overrides]
     base_summary = prepare_base(setup, base, args.overrides)
     start = base_summary["eval"]["policies"]["sft"]
+    start_by_kind = accuracy_by_kind(base / "stages" / "eval" / "samples-sft.jsonl")
     print(
         f"SFT policy: held-out ground truth {start['gt_reward']:.3f} ({start.get('samples')} prompts)",
         flush=True,
@@ -332,6 +356,7 @@ def main() -> None:
         section = text_results(setup, base, work, arms, start["gt_reward"], args.seeds)
     else:
         section = image_results(arms, start["gt_reward"], int(start["samples"]))
+        section["start_policy_by_kind"] = start_by_kind
     settings = {"config": str(setup.config), "seeds": args.seeds, "steps": args.steps, "overrides": overrides,
                 "base": str(base), "jobs": args.jobs}  # fmt: skip
     results, all_settings = merge_previous(RESULTS / f"{args.name}.json", args.task, arms, section, settings)
@@ -402,6 +427,15 @@ def table(results: dict, task: str) -> str:
             f"{ratios['rollout_seconds_adaptinfer_over_dense']:.2f}x, step time "
             f"{ratios['step_seconds_adaptinfer_over_dense']:.2f}x",
         ]
+        kinds = section.get("start_policy_by_kind") or {}
+        if kinds:
+            lines.append(
+                "by question kind (start → each arm): "
+                + "; ".join(
+                    f"{k} {v:.3f} → " + " / ".join(f"{a['final_by_kind_mean'][k]:.3f}" for a in arms.values())
+                    for k, v in kinds.items()
+                )
+            )
         auc = [f"{n} {a['dpo_gt_auc_mean']:.3f}" for n, a in arms.items() if "dpo_gt_auc_mean" in a]
         if auc:
             lines.append("DPO term vs ground truth, AUC over each step's rollouts: " + ", ".join(auc))
