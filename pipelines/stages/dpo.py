@@ -56,6 +56,7 @@ def run_dpo(ctx: StageContext) -> dict:
     cfg = ctx.cfg
     init = ctx.policy_init()
     pairs = ctx.prepared.records("pairs")
+    negatives: dict = {}  # figures of `dpo.negatives: policy` (image task only)
     args = DPOConfig(
         **trainer_kwargs(cfg, cfg.dpo, ctx.out_dir, ctx.device),
         beta=cfg.dpo.beta,
@@ -106,8 +107,7 @@ def run_dpo(ctx: StageContext) -> dict:
         "pairs": len(pairs),
         "steps": int(result.global_step),
     }
-    if ctx.prepared.is_image_task and cfg.dpo.negatives == "policy":
-        summary.update(negatives)
+    summary.update(negatives)
     if "eval_pairs" in ctx.prepared.data:
         held_out = ctx.prepared.records("eval_pairs")
         summary.update(figures(held_out))
