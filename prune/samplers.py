@@ -9,7 +9,9 @@ touches nothing else.
 `build(job, policy, stage_dir)` returns an `rto.generation.Sampler` (sent to the rollout workers),
 or None for the dense policy's own `generate`. `policies` is "text", "vision" or "any"; `stage` is
 the stage whose output the sampler reads; `check(job)` returns a config error for this sampler, as
-(field, message), or None. Sampler modules import torch only when a sampler is built, so checking
+(field, message), or None. `shares_weights`: the sampler generates with the model it is given (the
+dense policy's weights, which `resources.colocate: all` shares with the trained policy); False for
+one that brings a model of its own. Sampler modules import torch only when a sampler is built, so checking
 a job file stays fast.
 """
 
@@ -32,6 +34,7 @@ class SamplerSpec:
     stage: str | None
     build: Callable[[Any, str, Path | None], Any]
     check: Callable[[Any], tuple[str, str] | None] | None = None
+    shares_weights: bool = True
 
 
 _SAMPLERS: Registry[SamplerSpec] = Registry("rollout sampler")
@@ -44,9 +47,10 @@ def register_sampler(
     policies: Literal["text", "vision", "any"],
     stage: str | None = None,
     check: Callable[[Any], tuple[str, str] | None] | None = None,
+    shares_weights: bool = True,
 ) -> Callable:
     def decorator(build: Callable) -> Callable:
-        _SAMPLERS.register(name)(SamplerSpec(name, policies, stage, build, check))
+        _SAMPLERS.register(name)(SamplerSpec(name, policies, stage, build, check, shares_weights))
         return build
 
     return decorator

@@ -443,7 +443,7 @@ class Config(Section):
         each trainable group (what DeepSpeed accumulates, and what ZeRO-3 needs to stay in step)."""
         ppo = self.ppo
         for group in ("policy", "critic"):
-            ranks = getattr(self.resources, group).ranks
+            ranks = getattr(self.resources, "policy" if self.resources.colocate_all else group).ranks
             if ppo.train_batch_size % (ppo.micro_batch_size * ranks):
                 raise FieldError(
                     "ppo.train_batch_size",
@@ -470,6 +470,12 @@ class Config(Section):
         if spec.policies == "vision" and not vision:
             raise FieldError(
                 "ppo.rollout_pruner", f"'{name}' samples vision-language policies: it needs task.name: image"
+            )
+        if self.resources.colocate_all and not spec.shares_weights:
+            raise FieldError(
+                "ppo.rollout_pruner",
+                f"'{name}' samples with a model of its own, and resources.colocate: all samples with the "
+                "policy's weights: use the distributed groups (resources.colocate: []) with this sampler",
             )
         problem = spec.check(self) if spec.check is not None else None
         if problem is not None:

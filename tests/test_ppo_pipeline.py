@@ -109,7 +109,7 @@ def test_rollout_workers_receive_updated_weights(reward_run, tmp_path):
             assert [s["global_steps"] for s in group.run_all("training_state")] == [1] * group.num_actors
             assert all(s["optimizer_step"] == 1 for s in group.run_all("training_state"))
         assert record["first_minibatch_ratio_error"] < 1e-4
-        assert calls == [{"gamma": cfg.ppo.gamma, "lam": cfg.ppo.lam}]  # the trainer asked the registry
+        assert calls == [{"gamma": cfg.ppo.gamma, "lam": cfg.ppo.lam, "group_size": 1}]  # asked the registry
         for key in (
             "gt_reward",
             "rm_score",

@@ -31,7 +31,8 @@ def model_paths(ctx: StageContext) -> ModelPaths:
         dpo = str(ctx.run.stage_dir("dpo"))
 
         check_same_tokenizer(dpo, policy)
-    if cfg.reward.needs_rm or cfg.ppo.critic_init == "rm":
+    critic_from_rm = cfg.ppo.critic_init == "rm" and cfg.ppo.uses_critic
+    if cfg.reward.needs_rm or critic_from_rm:
         if not ctx.has_stage("rm"):
             why = f"reward.mode '{cfg.reward.mode}'" if cfg.reward.needs_rm else "ppo.critic_init 'rm'"
             raise UserError(

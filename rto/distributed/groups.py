@@ -188,10 +188,14 @@ class ActorGroup:
         where = ", ".join(f"{count} on node {node} ({ip})" for (node, ip), count in nodes.items())
         return f"{self.name}: {where}"
 
+    def _remote(self, actor, method: str):
+        """``actor.method.remote`` (a colocated member's view routes it into the member)."""
+        return getattr(actor, method).remote
+
     # -- run on all ranks -------------------------------------------------------------------------
     def async_run_all(self, method: str, *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
         """Call ``method(*args, **kwargs)`` on every rank; return one ObjectRef per rank."""
-        return [getattr(actor, method).remote(*args, **kwargs) for actor in self.actors]
+        return [self._remote(actor, method)(*args, **kwargs) for actor in self.actors]
 
     def run_all(self, method: str, *args: Any, **kwargs: Any) -> list:
         """Call ``method(*args, **kwargs)`` on every rank and wait; results in rank order."""
@@ -199,7 +203,7 @@ class ActorGroup:
 
     def run_rank(self, rank: int, method: str, *args: Any, **kwargs: Any) -> Any:
         """Call ``method`` on one rank only and wait (never use it for collective methods)."""
-        return ray.get(getattr(self.actors[rank], method).remote(*args, **kwargs))
+        return ray.get(self._remote(self.actors[rank], method)(*args, **kwargs))
 
     # -- run on a slice of the batch --------------------------------------------------------------
     def async_run_sharded(self, method: str, batch: dict[str, Any], **kwargs: Any) -> list[ray.ObjectRef]:
@@ -211,7 +215,7 @@ class ActorGroup:
         """
         shards = split_batch(batch, self.num_actors)
         return [
-            getattr(actor, method).remote(shard, **kwargs)
+            self._remote(actor, method)(shard, **kwargs)
             for actor, shard in zip(self.actors, shards, strict=False)
         ]
 

@@ -21,7 +21,8 @@ from rto.models import load_model, model_sampling_token_ids
 
 
 class RolloutWorker(Worker):
-    """Generates rollouts with its own copy of the policy; receives new weights after each update.
+    """Generates rollouts with its own copy of the policy, which receives new weights after each
+    update, or (colocated) with the policy engine's module itself.
 
     Args:
         model_path: the policy's Hugging Face folder (causal LM).
@@ -32,11 +33,13 @@ class RolloutWorker(Worker):
         eos_token_id, pad_token_id, suppress_token_ids: the token ids of
             :func:`rto.models.sampling_token_ids` (the one EOS, the pad, what is never sampled);
             by default taken from the tokenizer saved with the model.
+        model: instead of ``model_path``, a module to sample with as it is (colocated mode: the
+            policy engine's own module, so updates need no weight push).
     """
 
     def __init__(
         self,
-        model_path: str,
+        model_path: str | None = None,
         generate_fn: Sampler | str = hf_generate,
         max_new_tokens: int = 32,
         temperature: float = 1.0,
@@ -50,11 +53,18 @@ class RolloutWorker(Worker):
         rank: int = 0,
         world_size: int = 1,
         num_threads: int | None = 1,
+        model: torch.nn.Module | None = None,
     ) -> None:
         super().__init__(rank, world_size, num_threads)
-        self.device = default_device()
-        self.model = load_model(model_path, "causal_lm", dtype).to(self.device).eval()
-        self.model.requires_grad_(False)
+        if (model is None) == (model_path is None):
+            raise ValueError("give the rollout worker a model_path or a model to share, not both")
+        if model is not None:  # colocated: sample with the trained module itself (its device, its dtype)
+            self.model = model
+            self.device = next(model.parameters()).device
+        else:
+            self.device = default_device()
+            self.model = load_model(model_path, "causal_lm", dtype).to(self.device).eval()
+            self.model.requires_grad_(False)
         self.generate_fn = generate_fn
         self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
         self.generator_seed = seed + rank
@@ -74,6 +84,8 @@ class RolloutWorker(Worker):
         without a tokenizer falls back to its generation config (nothing suppressed)."""
 
         try:
+            if model_path is None:
+                raise UserError("a shared model has no folder")
             return model_sampling_token_ids(model_path)
         except UserError:
             config = self.model.generation_config
@@ -106,15 +118,20 @@ class RolloutWorker(Worker):
         max_new_tokens = settings["max_new_tokens"]
         input_ids = batch["input_ids"].to(self.device)
         prompt_mask = batch["attention_mask"].to(self.device)
-        with torch.no_grad():
-            response_ids, logprobs = resolve_function(self.generate_fn)(
-                self.model,
-                input_ids,
-                prompt_mask,
-                eos_token_id=self.eos_token_ids or None,
-                pad_token_id=self.pad_token_id,
-                **settings,
-            )
+        was_training = self.model.training  # a shared (colocated) module is the training engine's
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                response_ids, logprobs = resolve_function(self.generate_fn)(
+                    self.model,
+                    input_ids,
+                    prompt_mask,
+                    eos_token_id=self.eos_token_ids or None,
+                    pad_token_id=self.pad_token_id,
+                    **settings,
+                )
+        finally:
+            self.model.train(was_training)
         pad = max_new_tokens - response_ids.shape[1]
         response_ids = torch.nn.functional.pad(response_ids, (0, pad), value=self.pad_token_id)
         logprobs = torch.nn.functional.pad(logprobs.float(), (0, pad), value=0.0)

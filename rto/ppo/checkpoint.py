@@ -93,7 +93,7 @@ def save(root: Path, step: int, groups, state: dict, keep: int) -> Path:
     tmp = root / f".step-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for group in (groups.policy, groups.critic):
+    for group in (g for g in (groups.policy, groups.critic) if g is not None):  # no critic: critic-free
         written = group.run_all("save_checkpoint", str(tmp / group.name), TAG)
         check_visible(tmp / group.name, group.name, written)
     atomic_write_json(tmp / "state.json", {**state, "step": step, "rng": rng_state()})
@@ -145,7 +145,8 @@ def load(path: Path, groups) -> dict:
         ) from None
     try:
         groups.policy.run_all("load_checkpoint", str(path / "policy"), TAG)
-        groups.critic.run_all("load_checkpoint", str(path / "critic"), TAG)
+        if groups.critic is not None:
+            groups.critic.run_all("load_checkpoint", str(path / "critic"), TAG)
     except UserError as exc:  # raised in a worker: Ray's error is also a UserError; keep its one line
         raise UserError(str(exc).splitlines()[-1].removeprefix("rto.errors.UserError: ")) from None
     restore_rng(rng, str(state_file))

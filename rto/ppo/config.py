@@ -106,6 +106,32 @@ class PPOConfig(Section):
         return value
 
     @model_validator(mode="after")
+    def _group_baseline(self) -> PPOConfig:
+        """An estimator whose baseline is the prompt's other samples (rloo, grpo) needs several."""
+        if self.advantage_estimator == "gae":
+            return self
+        from rto.ppo import algo  # deferred: torch; only an estimator other than GAE needs the registry
+
+        needed = algo.estimator_min_group(self.advantage_estimator)
+        if needed > self.samples_per_prompt:
+            raise FieldError(
+                "samples_per_prompt",
+                f"ppo.advantage_estimator {self.advantage_estimator!r} needs a group baseline: set "
+                f"ppo.samples_per_prompt >= {needed} (now {self.samples_per_prompt})",
+            )
+        return self
+
+    @property
+    def uses_critic(self) -> bool:
+        """Whether the advantage estimator reads a critic's values; without one the trainer builds no
+        critic group and skips the value loss."""
+        if self.advantage_estimator == "gae":
+            return True
+        from rto.ppo import algo  # deferred: torch; only an estimator other than GAE needs the registry
+
+        return algo.estimator_needs_critic(self.advantage_estimator)
+
+    @model_validator(mode="after")
     def _batches(self) -> PPOConfig:
         total = self.rollout_batch_size * self.samples_per_prompt
         if self.train_batch_size > total:
@@ -181,9 +207,43 @@ class ResourcesConfig(Section):
     dpo: GroupResources = Field(default_factory=GroupResources)
     rm: GroupResources = Field(default_factory=GroupResources)
     rollout: GroupResources = Field(default_factory=GroupResources)
-    colocate: list[list[Literal["policy", "critic", "ref", "dpo", "rm", "rollout"]]] = Field(
-        default_factory=list, description="Groups that share one placement group's bundles"
+    actor_threads: int = Field(
+        1, ge=1, description="Torch threads of each Ray actor process; a colocated rank runs every phase, "
+        "so give it the cores its node has for it",
+    )  # fmt: skip
+    colocate: Literal["all"] | list[list[Literal["policy", "critic", "ref", "dpo", "rm", "rollout"]]] = Field(
+        default_factory=list,
+        description="Groups that share one placement group's bundles; 'all': each rank is one process "
+        "holding every model, sampling with the policy's own weights (docs/design.md, colocated mode)",
     )
+
+    @property
+    def colocate_all(self) -> bool:
+        return self.colocate == "all"
+
+    @model_validator(mode="after")
+    def _one_process_per_rank(self) -> ResourcesConfig:
+        """With ``colocate: all`` every rank holds every model: the groups' ranks are the policy's,
+        and a rank's models share one node."""
+        if not self.colocate_all:
+            return self
+        for name in ("critic", "ref", "dpo", "rm", "rollout"):
+            spec = getattr(self, name)
+            if "ranks" in spec.model_fields_set and spec.ranks != self.policy.ranks:
+                raise FieldError(
+                    f"{name}.ranks",
+                    f"is {spec.ranks} with colocate: all, where every rank holds every model: leave it out "
+                    f"or set it to resources.policy.ranks ({self.policy.ranks})",
+                )
+        for name in ("policy", "critic", "ref", "dpo", "rm", "rollout"):
+            spec = getattr(self, name)
+            if spec.strategy in ("SPREAD", "STRICT_SPREAD"):
+                raise FieldError(
+                    f"{name}.strategy",
+                    f"is {spec.strategy} with colocate: all: a colocated run keeps its ranks on one node "
+                    "(use the distributed groups, colocate: [] or lists of groups, to spread them over nodes)",
+                )
+        return self
 
 
 class PPOJob(Protocol):

@@ -149,9 +149,10 @@ class Supervisor:
         """Every actor that is gone: the one the error names, and any other that fails its health
         check (or does not answer it within `probe_timeout_s`; a busy actor answers when its current
         call ends). If the named actor is trainable, the rest are not checked: all are rebuilt."""
-        owners = {
-            actor_id: (group, rank) for group in groups.all() for actor_id, rank in group.actor_ids().items()
-        }
+        owners: dict[str, tuple] = {}
+        for group in groups.all():  # colocated: one actor serves every group; the policy's (first) owns it
+            for actor_id, rank in group.actor_ids().items():
+                owners.setdefault(actor_id, (group, rank))
         lost: dict[tuple[str, int], LostActor] = {}
         actor_id = getattr(exc, "actor_id", None)
         if actor_id in owners:

@@ -14,7 +14,9 @@ from rto.distributed import (
     RolloutWorker,
     TrainableWorker,
     create_placement_group,
+    push_weights,
 )
+from rto.distributed.colocated import ColocatedWorker, MemberGroup
 from rto.models import model_sampling_token_ids
 from rto.ppo.config import GroupResources, PPOJob
 
@@ -33,12 +35,22 @@ class ModelPaths:
 
 @dataclass
 class Groups:
+    """The PPO groups. ``critic`` is None for a critic-free estimator; with ``resources.colocate:
+    all`` every group is a `MemberGroup` of the one ``colocated`` group, and the sampler shares
+    the policy's weights."""
+
     policy: ActorGroup
-    critic: ActorGroup
+    critic: ActorGroup | None
     ref: ActorGroup
     rollout: ActorGroup
     dpo: ActorGroup | None = None
     rm: ActorGroup | None = None
+    colocated: ActorGroup | None = None
+
+    def sync_weights(self) -> None:
+        """Give the rollout samplers the policy's new weights (nothing to do when they share them)."""
+        if self.colocated is None:
+            push_weights(self.policy, self.rollout)
 
     def all(self) -> list[ActorGroup]:
         return [
@@ -85,16 +97,21 @@ class GroupBuilder:
         self.cfg, self.paths, self.optimizer_steps, self.dtype = cfg, paths, optimizer_steps, dtype
         self.generate_fn, self.ready_timeout_s = generate_fn, ready_timeout_s
         self.wanted = (
-            {"policy", "critic", "ref", "rollout"}
+            {"policy", "ref", "rollout"}
+            | ({"critic"} if cfg.ppo.uses_critic else set())
             | ({"dpo"} if paths.dpo else set())
             | ({"rm"} if paths.rm else set())
         )
+        self.threads = cfg.resources.actor_threads
+        self.env = {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}
         self.gpu_share = default_gpu_share(cfg, self.wanted, device)
         self.tokens = model_sampling_token_ids(paths.policy)  # the one EOS, the pad, what is never sampled
         self._shared: dict[str, PlacementGroup] = {}
 
     def colocated_with(self, names: set[str]) -> set[str]:
         """``names`` and every group that shares a placement group with one of them."""
+        if self.cfg.resources.colocate_all:
+            return set(self.wanted)
         out = set(names)
         for members in self.cfg.resources.colocate:
             members = {m for m in members if m in self.wanted}
@@ -103,6 +120,8 @@ class GroupBuilder:
         return out
 
     def build_all(self) -> Groups:
+        if self.cfg.resources.colocate_all:
+            return self._build_colocated()
         groups = Groups(**{name: None for name in ("policy", "critic", "ref", "rollout")})
         try:
             for name in GROUP_NAMES:
@@ -118,6 +137,12 @@ class GroupBuilder:
         """Shut down ``names`` (and the groups colocated with them) and build them again; returns
         the names rebuilt."""
         names = self.colocated_with(names)
+        if groups.colocated is not None:  # one process per rank holds them all
+            groups.shutdown()
+            fresh = self._build_colocated()
+            for name in ("colocated", *GROUP_NAMES):
+                setattr(groups, name, getattr(fresh, name))
+            return names
         for name in names:
             old = getattr(groups, name)
             if old is not None:
@@ -142,7 +167,7 @@ class GroupBuilder:
 
     def _placement_group(self, name: str) -> PlacementGroup | None:
         res = self.cfg.resources
-        for members in res.colocate:
+        for members in [] if res.colocate_all else res.colocate:
             members = [m for m in members if m in self.wanted]
             if name not in members:
                 continue
@@ -166,13 +191,47 @@ class GroupBuilder:
         return ActorGroup(
             cls,
             spec.ranks,
-            worker_kwargs=kwargs,
+            worker_kwargs={**kwargs, "num_threads": self.threads},
             resources=_resources(spec, self.gpu_share),
             placement_group=self._placement_group(name),
+            env_vars=self.env,
             name=name,
             strategy=spec.strategy,
             ready_timeout_s=self.ready_timeout_s,
         )
+
+    def _build_colocated(self) -> Groups:
+        """One `ColocatedWorker` per rank holding every wanted model (all on one node:
+        STRICT_PACK); each group is a member's view. A rank is one process: it asks for the most
+        CPUs (and custom resources) any of its groups asks for, and for their GPU shares together
+        (the models share its device)."""
+        res = self.cfg.resources
+        members = {
+            name: self._worker(name) for name in GROUP_NAMES if name in self.wanted and name != "rollout"
+        }
+        rollout = {k: v for k, v in self._worker("rollout")[1].items() if k != "model_path"}
+        specs = [_resources(getattr(res, name), self.gpu_share) for name in sorted(self.wanted)]
+        custom: dict[str, float] = {}
+        for spec in specs:
+            for key, value in spec.custom:
+                custom[key] = max(custom.get(key, 0), value)
+        resources = Resources(
+            num_cpus=max(s.num_cpus for s in specs),
+            num_gpus=sum(s.num_gpus for s in specs),
+            custom=tuple(sorted(custom.items())),
+        )
+        base = ActorGroup(
+            ColocatedWorker,
+            res.policy.ranks,
+            worker_kwargs={"members": members, "rollout": rollout, "num_threads": self.threads},
+            resources=resources,
+            env_vars=self.env,
+            name="colocated",
+            strategy="STRICT_PACK",
+            ready_timeout_s=self.ready_timeout_s,
+        )
+        views = {name: MemberGroup(base, name) if name in self.wanted else None for name in GROUP_NAMES}
+        return Groups(**views, colocated=base)
 
     def _engine(self, lr: float, ranks: int) -> EngineConfig:
         ppo = self.cfg.ppo
@@ -198,7 +257,7 @@ class GroupBuilder:
         if name == "critic":
             return TrainableWorker, dict(
                 model_path=paths.critic, model_kind=paths.critic_kind,
-                config=self._engine(ppo.critic_lr, res.critic.ranks),
+                config=self._engine(ppo.critic_lr, res.policy.ranks if res.colocate_all else res.critic.ranks),
             )  # fmt: skip
         if name in ("ref", "dpo"):
             path = paths.ref if name == "ref" else paths.dpo

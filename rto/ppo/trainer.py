@@ -21,7 +21,7 @@ import torch
 
 from reward.compose import batch_rewards, rm_score_column, separation_by_ground_truth
 from reward.traces import list_trace_steps, remove_stale_temp_files, trace_columns, trace_path, write_traces
-from rto.distributed import concat_results, init_ray, push_weights
+from rto.distributed import concat_results, init_ray
 from rto.errors import ClusterError, UserError
 from rto.generation import Sampler
 from rto.ppo import checkpoint
@@ -102,10 +102,11 @@ def score_concurrently(
         "policy": groups.policy.async_run_even(
             "score", batch, fn="rto.ppo.losses:policy_scores", prompt_len=prompt_len, temperature=temperature
         ),
-        "values": groups.critic.async_run_even(
-            "score", batch, fn="rto.ppo.losses:critic_values", prompt_len=prompt_len
-        ),
     }
+    if groups.critic is not None:  # a critic-free estimator has none
+        pending["values"] = groups.critic.async_run_even(
+            "score", batch, fn="rto.ppo.losses:critic_values", prompt_len=prompt_len
+        )
     refs = {
         "ref_logprobs": groups.ref.async_run_sharded(
             "score", batch, prompt_len=prompt_len, micro_batch_size=micro
@@ -128,6 +129,22 @@ def score_concurrently(
     return out
 
 
+def trim_responses(samples: dict, prompt_len: int) -> dict:
+    """Cut the response columns past the batch's longest real response (the samplers pad every
+    response to ``max_new_tokens``): no scorer or update computes on padding. A causal model's
+    log-probs and values of the kept positions do not depend on the columns cut."""
+    mask = samples["response_mask"]
+    keep = max(1, int(mask.sum(1).max()))
+    if keep == mask.size(1):
+        return samples
+    out = dict(samples)
+    out["sequences"] = samples["sequences"][:, : prompt_len + keep]
+    out["attention_mask"] = samples["attention_mask"][:, : prompt_len + keep]
+    for name in ("response_mask", "sampler_logprobs"):
+        out[name] = samples[name][:, :keep]
+    return out
+
+
 def all_finite(mask: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
     keep = mask.bool()
     return all(t is None or bool(torch.isfinite(t[keep] if t.dim() == 2 else t).all()) for t in tensors)
@@ -145,18 +162,17 @@ def train_on_batch(groups: Groups, cfg: PPOJob, experience: dict, step: int) -> 
     stats: dict[str, list[float]] = defaultdict(list)
     first: dict[str, list[float]] = defaultdict(list)
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-    policy_calls = ppo.accumulation_steps(res.policy.ranks)  # = the engine's gradient accumulation
-    critic_calls = ppo.accumulation_steps(res.critic.ranks)
+    ranks = res.policy.ranks if res.colocate_all else None  # colocated: every group has the policy's
+    trainers = [(ppo.accumulation_steps(ranks or res.policy.ranks), groups.policy, "policy_loss")]
+    if groups.critic is not None:
+        trainers.append((ppo.accumulation_steps(ranks or res.critic.ranks), groups.critic, "value_loss"))
     for epoch in range(ppo.epochs):
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, ppo.train_batch_size):  # n is a multiple of train_batch_size
             rows = order[start : start + ppo.train_batch_size]
             minibatch = {k: (v[rows] if isinstance(v, torch.Tensor) else v) for k, v in experience.items()}
             refs = []
-            for calls, group, loss in (
-                (policy_calls, groups.policy, "policy_loss"),
-                (critic_calls, groups.critic, "value_loss"),
-            ):
+            for calls, group, loss in trainers:
                 for chunk in torch.tensor_split(torch.arange(len(rows)), calls):
                     piece = {
                         k: (v[chunk] if isinstance(v, torch.Tensor) else v) for k, v in minibatch.items()
@@ -171,7 +187,7 @@ def train_on_batch(groups: Groups, cfg: PPOJob, experience: dict, step: int) -> 
                         first[key].append(value)
     out = {k: sum(v) / len(v) for k, v in stats.items() if k not in ("loss", "ratio_error")}
     out["first_minibatch_ratio_error"] = max(first["ratio_error"])
-    out["first_minibatch_value_clip_frac"] = max(first["value_clip_frac"])
+    out["first_minibatch_value_clip_frac"] = max(first["value_clip_frac"], default=0.0)  # 0: no critic
     return out
 
 
@@ -198,9 +214,7 @@ def run_ppo(inputs: PPOInputs) -> dict:
         cfg, inputs.paths, optimizer_steps, inputs.dtype, inputs.generate_fn, inputs.device,
         ready_timeout_s=ppo.fault_tolerance.wait_for_resources_s,
     )  # fmt: skip
-    supervisor = Supervisor(
-        ppo.fault_tolerance, builder, lambda g: push_weights(g.policy, g.rollout), log, announce_placement
-    )
+    supervisor = Supervisor(ppo.fault_tolerance, builder, lambda g: g.sync_weights(), log, announce_placement)
     logger = StepLogger(run, ppo.tensorboard, ppo.wandb, cfg)
     initial_rng = checkpoint.rng_state()
     groups: Groups | None = None
@@ -280,7 +294,7 @@ def run_steps(
             **state,
             **supervisor.run(groups, lambda: checkpoint.load(latest, groups), "loading", retry=False),
         }
-        supervisor.run(groups, lambda: push_weights(groups.policy, groups.rollout), "weight sync")
+        supervisor.run(groups, groups.sync_weights, "weight sync")
         log(f"resumed from {latest} (step {state['step']})")
     else:
         checkpoint.restore_rng(initial_rng)
@@ -324,11 +338,12 @@ def run_steps(
     def finish() -> dict:
         memory = {group.name: round(max(group.run_all("peak_rss_mb")), 1) for group in groups.all()}
         groups.policy.run_all("save_hf", str(inputs.out_dir / "policy"))
-        groups.critic.run_all("save_hf", str(inputs.out_dir / "critic"))
+        if groups.critic is not None:
+            groups.critic.run_all("save_hf", str(inputs.out_dir / "critic"))
         return memory
 
     memory = supervisor.run(groups, finish, "saving the models", retry=False)
-    for folder in ("policy", "critic"):
+    for folder in ("policy", "critic") if groups.critic is not None else ("policy",):
         inputs.processing_class.save_pretrained(inputs.out_dir / folder)
     return state, memory
 
@@ -367,7 +382,7 @@ def one_step(
     def collect() -> tuple[dict, dict]:  # run again, the same, after lost scorers or samplers
         start = time.perf_counter()
         groups.rollout.run_all("call", "rto.ppo.losses:reseed", cfg.seed * 100_003 + step)
-        samples = groups.rollout.run_sharded("generate", prompt_batch)
+        samples = trim_responses(groups.rollout.run_sharded("generate", prompt_batch), prompt_len)
         if "pixel_values" in prompt_batch:  # scorers and trainers see the whole picture (dense)
             samples["pixel_values"] = prompt_batch["pixel_values"]
         times["time_generate"] = time.perf_counter() - start
@@ -400,7 +415,8 @@ def one_step(
         rm_mean=inputs.rm_normalization[0] if inputs.rm_normalization else None,
         rm_std=inputs.rm_normalization[1] if inputs.rm_normalization else None,
     )
-    if not all_finite(mask, rewards.reward, scores["values"], scores["sampling_logprobs"]):
+    values = scores.get("values")  # None without a critic
+    if not all_finite(mask, rewards.reward, values, scores["sampling_logprobs"]):
         state["skipped_batches"] += 1
         inputs.log(
             f"[yellow]warning: step {step}: non-finite reward/value/log-prob in the batch; skipped[/yellow]"
@@ -408,7 +424,9 @@ def one_step(
         return {**record, "skipped": 1, "skipped_batches": state["skipped_batches"], **times}
 
     estimator = ADVANTAGE_ESTIMATORS.get(ppo.advantage_estimator)
-    advantages, returns = estimator(rewards.reward, scores["values"], mask, gamma=ppo.gamma, lam=ppo.lam)
+    advantages, returns = estimator(
+        rewards.reward, values, mask, gamma=ppo.gamma, lam=ppo.lam, group_size=ppo.samples_per_prompt
+    )
     train_advantages = masked_whiten(advantages, mask) if ppo.whiten_advantages else advantages
     is_weights = None
     if inputs.generate_fn is not None:
@@ -435,7 +453,7 @@ def one_step(
             reward_dpo=rewards.reward_dpo[keep] if cfg.reward.needs_dpo else None,
             reward_kl=rewards.reward_kl[keep],
             reward=rewards.reward[keep],
-            value=scores["values"][keep],
+            value=_rows(values, keep),
             advantage=advantages[keep],
             **{"return": returns[keep]},
         ),
@@ -447,7 +465,7 @@ def one_step(
         "attention_mask": samples["attention_mask"],
         "response_mask": mask,
         "old_logprobs": scores["sampling_logprobs"],  # PPO's ratio is taken at the sampling temperature
-        "old_values": scores["values"],
+        "old_values": values,
         "advantages": train_advantages,
         "returns": returns,
         "is_weights": is_weights,
@@ -468,7 +486,7 @@ def one_step(
     )
     times["time_train"] = time.perf_counter() - t2
     t3 = time.perf_counter()
-    guard(groups, lambda: push_weights(groups.policy, groups.rollout), f"the weight sync of step {step}")
+    guard(groups, groups.sync_weights, f"the weight sync of step {step}")
     times["time_sync"] = time.perf_counter() - t3
     times["time_step"] = time.perf_counter() - t0
 
@@ -481,7 +499,7 @@ def one_step(
             "reward_kl": float((rewards.reward_kl * mask).sum(1).mean()),
             "kl": float(((scores["logprobs"] - scores["ref_logprobs"]) * mask).sum(1).mean()),
             "entropy": float(masked_mean(scores["entropy"], mask)),
-            "value_mean": float(masked_mean(scores["values"], mask)),
+            "value_mean": float(masked_mean(values, mask)) if values is not None else None,
             "advantage_std": float(advantages[mask.bool()].std()),
             "response_length": n_tokens / len(chosen),
             "terminated": sum(terminated) / len(terminated),

@@ -1,0 +1,168 @@
+"""Colocated mode (`resources.colocate: all`, issue 19): one process per rank holds every model and
+samples with the policy's own weights. It computes what the distributed groups compute: the first
+steps' traces are the same for the same seed. Critic-free estimators build no critic at all."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+from pipeline_helpers import one_line_error, rto, write_job
+
+COMPARED = ("token_ids", "logprob", "ref_logprob", "dpo_logprob", "reward", "value", "advantage", "return")
+
+
+@pytest.fixture(scope="module")
+def reward_run(tmp_path_factory):
+    """A run directory with finished sft, dpo and rm stages of the tiny job."""
+    root = tmp_path_factory.mktemp("reward")
+    job = write_job(root, stages=["sft", "dpo", "rm"])
+    result = rto("run", str(job), "--run-dir", str(root / "run"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "run"
+
+
+def run_steps(reward_run, tmp_path, name: str, steps: int, **changes):
+    """``steps`` PPO iterations through `one_step` on freshly built groups; the run directory."""
+    import ray
+
+    from pipelines.prepare import prepare
+    from pipelines.prompts import TextPrompts
+    from pipelines.stages.rm import load_normalization
+    from rto.config import load_config
+    from rto.distributed import init_ray
+    from rto.models import load_tokenizer
+    from rto.ppo.groups import ModelPaths, build_groups
+    from rto.ppo.trainer import PPOInputs, one_step
+    from rto.rundir import RunDir
+
+    run_dir = tmp_path / name
+    shutil.copytree(reward_run, run_dir)
+    (tmp_path / f"{name}-job").mkdir()
+    cfg = load_config(write_job(tmp_path / f"{name}-job", stages=["ppo"], **changes))
+    run = RunDir(run_dir)
+    prepared = prepare(cfg, run)
+    stages = run_dir / "stages"
+    paths = ModelPaths(
+        policy=str(stages / "sft"), critic=str(stages / "rm"), ref=str(stages / "sft"),
+        dpo=str(stages / "dpo"), rm=str(stages / "rm"),
+    )  # fmt: skip
+    init_ray(None, 2)
+    groups = build_groups(cfg, paths, optimizer_steps=steps, dtype="float32")
+    try:
+        tokenizer = load_tokenizer(paths.policy)
+        inputs = PPOInputs(
+            cfg=cfg, run=run, out_dir=tmp_path / f"{name}-out", paths=paths,
+            prompts=TextPrompts(tokenizer, prepared.records("prompts")), tokenizer=tokenizer,
+            processing_class=tokenizer, ground_truth=prepared.ground_truth(),
+            rm_normalization=load_normalization(stages / "rm"), stage_hash="test", resume=False,
+        )  # fmt: skip
+        run.traces_dir.mkdir(exist_ok=True)
+        state = {"step": 0, "prompts_consumed": 0, "skipped_batches": 0}
+        records = [one_step(inputs, groups, state, step) for step in range(1, steps + 1)]
+        layout = {
+            "colocated": groups.colocated is not None,
+            "actors": len({a for g in groups.all() for a in g.actor_ids()}),
+            "critic": groups.critic is not None,
+            "shares_weights": groups.colocated.run_all("shares_weights") if groups.colocated else None,
+        }
+    finally:
+        groups.shutdown()
+        ray.shutdown()
+    return run_dir, records, layout
+
+
+def traces(run_dir, step):
+    return pq.read_table(run_dir / "traces" / f"step-{step:06d}.parquet").to_pylist()
+
+
+def test_colocated_steps_match_the_distributed_groups(reward_run, tmp_path):
+    """Two steps each way, same seed: same rollouts (step 2's come from the updated weights, which
+    the colocated sampler never received by a push) and the same scores, rewards, values and
+    advantages, to float tolerance."""
+    common = dict(ppo__steps=2, ppo__micro_batch_size=4, resources__policy__ranks=1)  # one sampling stream
+    spread, spread_records, spread_layout = run_steps(reward_run, tmp_path, "spread", 2, **common)
+    shared, shared_records, shared_layout = run_steps(
+        reward_run, tmp_path, "shared", 2, resources__colocate="all", **common
+    )
+    assert spread_layout == {"colocated": False, "actors": 6, "critic": True, "shares_weights": None}
+    assert shared_layout == {"colocated": True, "actors": 1, "critic": True, "shares_weights": [True]}
+    for step in (1, 2):
+        a, b = traces(spread, step), traces(shared, step)
+        assert len(a) == len(b) > 0
+        for row_a, row_b in zip(a, b, strict=True):
+            assert row_a["response"] == row_b["response"]
+            for column in COMPARED:
+                x, y = row_a[column], row_b[column]
+                assert len(x) == len(y), column
+                assert max((abs(p - q) for p, q in zip(x, y, strict=True)), default=0.0) < 1e-4, (
+                    step,
+                    column,
+                )
+    for ra, rb in zip(spread_records, shared_records, strict=True):
+        assert ra["first_minibatch_ratio_error"] < 1e-4 and rb["first_minibatch_ratio_error"] < 1e-4
+        assert rb["first_minibatch_value_clip_frac"] == 0.0
+        assert abs(ra["policy_loss"] - rb["policy_loss"]) < 1e-4
+        assert abs(ra["value_loss"] - rb["value_loss"]) < 1e-4
+
+
+def test_critic_free_estimator_builds_no_critic_and_its_advantages_recompute(reward_run, tmp_path):
+    """REINFORCE++ with the RTO token reward, colocated on two ranks: no critic anywhere, no value in the traces,
+    and each trace row's advantage is its reward-to-go (γ = 1) of the logged rewards."""
+    run_dir, records, layout = run_steps(
+        reward_run, tmp_path, "reinforce", 1, resources__colocate="all",
+        ppo__advantage_estimator="reinforce_pp", ppo__micro_batch_size=4,
+    )  # fmt: skip
+    assert layout == {
+        "colocated": True,
+        "actors": 2,
+        "critic": False,
+        "shares_weights": [True, True],
+    }  # 2 ranks
+    record = records[0]
+    assert "value_loss" not in record and record["first_minibatch_ratio_error"] < 1e-4
+    for row in traces(run_dir, 1):
+        assert row["value"] is None
+        to_go, expected = 0.0, []
+        for reward in reversed(row["reward"]):
+            to_go += reward
+            expected.append(to_go)
+        assert max(abs(a - b) for a, b in zip(expected[::-1], row["advantage"], strict=True)) < 1e-5
+
+
+def test_colocated_critic_free_job_runs_end_to_end(reward_run, tmp_path):
+    """`rto run` with colocate: all and RLOO: a checkpoint mid-way, a policy folder and no critic."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reward_run, run_dir)
+    job = write_job(
+        tmp_path, stages=["ppo"], ppo__steps=3, ppo__checkpoint_every=2, ppo__samples_per_prompt=2,
+        ppo__rollout_batch_size=4, ppo__train_batch_size=8, ppo__micro_batch_size=4,
+        ppo__advantage_estimator="rloo", resources__colocate="all",
+    )  # fmt: skip
+    result = rto("run", str(job), "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "placement policy" in (run_dir / "rto.log").read_text() + result.stderr
+    assert (run_dir / "stages" / "ppo" / "policy" / "config.json").is_file()
+    assert not (run_dir / "stages" / "ppo" / "critic").exists()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["ppo"]["steps"] == 3
+
+
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        (dict(resources__colocate="all", resources__critic__ranks=3), ["resources.critic.ranks", "colocate"]),
+        (
+            dict(resources__colocate="all", resources__policy__strategy="SPREAD"),
+            ["resources.policy.strategy"],
+        ),
+        (dict(resources__colocate="some"), ["resources.colocate"]),
+        (dict(ppo__advantage_estimator="grpo"), ["ppo.samples_per_prompt", "grpo"]),
+    ],
+)
+def test_bad_colocated_or_estimator_settings_are_one_line_errors(tmp_path, changes, words):
+    job = write_job(tmp_path, **changes)
+    result = rto("validate", str(job))
+    one_line_error(result.returncode, result.stderr, [str(job), *words])
