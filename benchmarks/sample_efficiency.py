@@ -4,7 +4,8 @@
 
 SFT, DPO and the RM are trained once (as in the paper, every method starts from the same models);
 then for each seed the `ppo` stage runs in mode `rto` and in mode `ppo` with identical settings
-(learning rates, KL coefficient, batch sizes, critic initialised from the RM). The curve is the
+(learning rates, KL coefficient, batch sizes, critic initialised from the RM), and with
+`--modes rto ppo rto_reinforce_pp` also with the RTO reward and REINFORCE++ (no critic). The curve is the
 ground-truth reward of each step's training rollouts against the number of rollouts so far; the
 final figures are held-out ground truth from the `eval` stage. Writes
 benchmarks/results/sample_efficiency.json and .png.
@@ -17,6 +18,7 @@ import json
 import shutil
 import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -27,6 +29,13 @@ from pipelines.runner import run_job  # noqa: E402
 from rto.config import load_config  # noqa: E402
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+
+# Each arm's overrides of the ppo stage: a reward mode, and for the critic-free arm an estimator.
+ARMS = {
+    "rto": ["reward.mode=rto"],
+    "ppo": ["reward.mode=ppo"],
+    "rto_reinforce_pp": ["reward.mode=rto", "ppo.advantage_estimator=reinforce_pp"],
+}
 
 
 def smooth(values: list[float], window: int) -> list[float]:
@@ -40,7 +49,10 @@ def main() -> None:
     parser.add_argument("--config", default=str(QUICKSTART))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--modes", nargs="+", default=["rto", "ppo"])
+    parser.add_argument(
+        "--modes", nargs="+", default=["rto", "ppo"], choices=sorted(ARMS),
+        help="arms: rto, ppo (sentence-level), rto_reinforce_pp (the RTO reward with REINFORCE++, no critic)",
+    )  # fmt: skip
     parser.add_argument("--work-dir", default="runs/bench-sample-efficiency")
     parser.add_argument("--smooth", type=int, default=5, help="moving-average window over steps")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra config overrides")
@@ -58,6 +70,7 @@ def main() -> None:
 
     curves: dict[str, list[list[float]]] = {m: [] for m in args.modes}
     finals: dict[str, list[float]] = {m: [] for m in args.modes}
+    seconds: dict[str, list[float]] = {m: [] for m in args.modes}
     for seed in args.seeds:
         for mode in args.modes:
             run_dir = work / f"{mode}-seed{seed}"
@@ -69,9 +82,11 @@ def main() -> None:
                     shutil.copytree(base / "stages" / stage, run_dir / "stages" / stage)
             cfg = load_config(
                 args.config,
-                ["stages=[ppo,eval]", "eval.models=[ppo]", f"reward.mode={mode}", f"seed={seed}", *overrides],
+                ["stages=[ppo,eval]", "eval.models=[ppo]", *ARMS[mode], f"seed={seed}", *overrides],
             )
+            started = time.perf_counter()
             result = run_job(cfg, run_dir)
+            seconds[mode].append(time.perf_counter() - started)
             rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
             gt = [r["gt_reward"] for r in rows if r.get("stage") == "ppo"]
             curves[mode].append(gt)
@@ -93,6 +108,8 @@ def main() -> None:
                 "per_seed": finals[m],
                 "mean": statistics.fmean(finals[m]),
                 "std": statistics.pstdev(finals[m]),
+                "se": statistics.stdev(finals[m]) / len(finals[m]) ** 0.5 if len(finals[m]) > 1 else None,
+                "ppo_eval_seconds_per_seed": seconds[m],
             }
             for m in args.modes
         },
