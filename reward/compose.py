@@ -1,4 +1,6 @@
-"""Token reward composition (docs/design.md, "The token reward (RTO)"): RTO, sentence-level PPO and DPO-only.
+"""Token reward composition (docs/design.md, "The token reward (RTO)"): RTO, sentence-level PPO,
+DPO-only, and two of the RTO paper's variants (the DPO term delayed to the last token; the DPO term
+as pure shaping).
 
 Tensor convention (shared by the whole PPO layer): per-token tensors are **response-aligned**
 `[B, R]` — position t is the t-th generated token. `response_mask [B, R]` is 1 for real response
@@ -54,6 +56,7 @@ class RewardInputs:
     terminated: Tensor | None = (
         None  # [B] bool: the response ended with EOS (needed by missing_eos 'penalty')
     )
+    sentence_ends: Tensor | None = None  # [B, R] 1 where a token ends a sentence (mode 'semi_rto')
 
 
 RewardMode = Callable[[RewardConfig, RewardInputs], TokenRewards]
@@ -164,6 +167,72 @@ def dpo_rewards(config: RewardConfig, inputs: RewardInputs) -> TokenRewards:
     return _total(reward_dpo, reward_kl, torch.zeros_like(reward_kl), rm_score)
 
 
+def sum_onto_segment_ends(term: Tensor, ends: Tensor, response_mask: Tensor) -> Tensor:
+    """[B, R] each segment's sum of ``term`` at the token that closes it: a segment ends where
+    ``ends`` is 1 and at the row's last response token; zero elsewhere and outside the mask."""
+    mask = response_mask > 0
+    closes = (ends > 0) & mask
+    closes = closes | (at_last_token(torch.ones(mask.size(0), dtype=term.dtype), response_mask) > 0)
+    out = torch.zeros_like(term)
+    running = torch.zeros_like(term[:, 0])
+    for t in range(term.size(1)):
+        running = running + term[:, t] * mask[:, t]
+        out[:, t] = torch.where(closes[:, t], running, 0.0)
+        running = torch.where(closes[:, t], torch.zeros_like(running), running)
+    return out
+
+
+def sentence_end_mask(token_ids: Tensor, delimiter_ids: Tensor, response_mask: Tensor) -> Tensor:
+    """[B, R] 1 where a response token is one of ``delimiter_ids`` (see `delimiter_token_ids`)."""
+    return torch.isin(token_ids, delimiter_ids.to(token_ids.device)).to(response_mask.dtype) * response_mask
+
+
+def delimiter_token_ids(tokenizer, delimiters: list[str]) -> Tensor:
+    """The ids of the vocabulary's tokens whose text, stripped of spaces, ends with a delimiter
+    ("." and also "," + "." merged into one BPE token like ".\n")."""
+    ends = tuple(delimiters)
+    vocab = tokenizer.get_vocab()
+    special = set(tokenizer.all_special_ids)
+    ids = [
+        i for i in sorted(vocab.values())
+        if i not in special and tokenizer.decode([i]).strip().endswith(ends)
+    ]  # fmt: skip
+    return torch.tensor(ids, dtype=torch.long)
+
+
+@REWARD_MODES.register("semi_rto")
+def semi_rto_rewards(config: RewardConfig, inputs: RewardInputs) -> TokenRewards:
+    """The RTO paper's sentence-level ablation: `rto` with each sentence's DPO terms summed onto
+    the token that ends it (`reward.sentence_delimiters`); what follows the last delimiter goes to
+    the last token. KL per token and the RM score as in `rto`."""
+    reward_dpo, reward_kl = _dpo_and_kl(config, inputs)
+    reward_rm, rm_score = _rm_rewards(config, inputs)
+    moved = sum_onto_segment_ends(reward_dpo, inputs.sentence_ends, inputs.response_mask)
+    return _total(moved, reward_kl, reward_rm, rm_score)
+
+
+@REWARD_MODES.register("delayed")
+def delayed_rewards(config: RewardConfig, inputs: RewardInputs) -> TokenRewards:
+    """The RTO paper's delayed-DPO ablation (DPPO): the same DPO, KL and RM terms as `rto`, but the
+    DPO term's sum over the response given at its last token, Σ_h DPO_h; KL stays per token."""
+    reward_dpo, reward_kl = _dpo_and_kl(config, inputs)
+    reward_rm, rm_score = _rm_rewards(config, inputs)
+    delayed = at_last_token(reward_dpo.sum(dim=1), inputs.response_mask)
+    return _total(delayed, reward_kl, reward_rm, rm_score)
+
+
+@REWARD_MODES.register("rs_ppo")
+def shaped_rewards(config: RewardConfig, inputs: RewardInputs) -> TokenRewards:
+    """`rto` minus the DPO term's sum at the last token: DPO_h at every token and −Σ_h DPO_h at the
+    last, so the DPO terms of a response add up to 0 and its return (γ = 1) is the sentence-level
+    one plus the KL; the DPO term only shapes when the reward arrives (the sum subtracted is of the
+    same scaled, clipped terms, so the cancellation is exact)."""
+    reward_dpo, reward_kl = _dpo_and_kl(config, inputs)
+    reward_rm, rm_score = _rm_rewards(config, inputs)
+    shaped = reward_dpo - at_last_token(reward_dpo.sum(dim=1), inputs.response_mask)
+    return _total(shaped, reward_kl, reward_rm, rm_score)
+
+
 # ---------------------------------------------------------------- entry point
 
 
@@ -178,6 +247,7 @@ def compose_token_rewards(
     rm_mean: float | None = None,
     rm_std: float | None = None,
     terminated: Tensor | None = None,
+    sentence_ends: Tensor | None = None,
 ) -> TokenRewards:
     """Per-token rewards of a batch in `config.mode`. All `[B, R]` inputs are response-aligned;
     `rm_scores [B]` are raw scores, normalised with (`rm_mean`, `rm_std`) when `config.rm_normalize`;
@@ -192,6 +262,7 @@ def compose_token_rewards(
         rm_mean=rm_mean,
         rm_std=rm_std,
         terminated=terminated,
+        sentence_ends=sentence_ends,
     )
     _validate(config, inputs)
     return REWARD_MODES.get(config.mode)(config, inputs)
@@ -209,11 +280,13 @@ def batch_rewards(
     gt_rewards: Tensor | list[float] | None = None,
     rm_mean: float | None = None,
     rm_std: float | None = None,
+    sentence_ends: Tensor | None = None,
 ) -> TokenRewards:
     """The token rewards of a scored batch, as the PPO step and `rto score` both compute them: the
     sentence-level score is the RM's raw score (`sentence_reward: rm`, normalised as configured) or
     the task's ground truth (`sentence_reward: ground_truth`, used as is); `terminated [B]` tells
-    which responses ended with EOS (for `missing_eos`)."""
+    which responses ended with EOS (for `missing_eos`); `sentence_ends [B, R]` where sentences end
+    (mode `semi_rto`: `sentence_end_mask`)."""
     sentence = None
     if config.uses_sentence_score:
         if config.sentence_reward == "ground_truth":
@@ -232,6 +305,7 @@ def batch_rewards(
         rm_mean=rm_mean,
         rm_std=rm_std,
         terminated=torch.as_tensor(terminated, dtype=torch.bool),
+        sentence_ends=sentence_ends,
     )
 
 
@@ -276,6 +350,8 @@ def _validate(config: RewardConfig, inputs: RewardInputs) -> None:
     per_token = {"logprobs": inputs.logprobs, "ref_logprobs": inputs.ref_logprobs}
     if config.needs_dpo:
         per_token["dpo_logprobs"] = inputs.dpo_logprobs
+    if config.mode == "semi_rto":
+        per_token["sentence_ends"] = inputs.sentence_ends
     for name, tensor in per_token.items():
         if tensor is None:
             raise ValueError(f"reward mode '{config.mode}' needs {name}")

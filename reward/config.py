@@ -9,7 +9,9 @@ from pydantic import Field, model_validator
 from rto.errors import FieldError
 from rto.schema import Section
 
-RewardMode = Literal["rto", "ppo", "dpo"]
+RewardMode = Literal["rto", "ppo", "dpo", "semi_rto", "delayed", "rs_ppo"]
+WITH_DPO = ("rto", "dpo", "semi_rto", "delayed", "rs_ppo")  # modes that use the DPO term
+WITH_SENTENCE = ("rto", "ppo", "semi_rto", "delayed", "rs_ppo")  # modes that add a sentence-level score
 
 
 class RewardConfig(Section):
@@ -20,10 +22,17 @@ class RewardConfig(Section):
     * `rto`: all three terms (needs π_dpo and an RM).
     * `ppo`: sentence-level baseline, RM score at the last token + KL (no DPO term, β1 must stay 0).
     * `dpo`: DPO term + KL, no RM.
+    * `semi_rto`: `rto` with each sentence's DPO terms summed at the token that ends the sentence.
+    * `delayed`: `rto` with the DPO term's sum over the response at its last token.
+    * `rs_ppo`: `rto` minus the DPO term's sum at the last token (the DPO term only shapes).
     """
 
     mode: RewardMode = Field(
-        "rto", description="Reward mode: 'rto' (DPO + KL + RM), 'ppo' (RM + KL), 'dpo' (DPO + KL)."
+        "rto",
+        description="Reward mode: 'rto' (DPO + KL + RM), 'ppo' (RM + KL), 'dpo' (DPO + KL), "
+        "'semi_rto' (rto with each sentence's DPO terms summed at its delimiter), "
+        "'delayed' (rto with the DPO term summed at the last token), 'rs_ppo' (rto minus the DPO "
+        "term's sum at the last token: shaping only).",
     )
     beta1: float = Field(
         0.05,
@@ -55,6 +64,12 @@ class RewardConfig(Section):
     rm_clamp: float = Field(
         10.0, description="The (normalised) RM score is clamped to [−rm_clamp, rm_clamp]; > 0."
     )
+    sentence_delimiters: list[str] = Field(
+        default_factory=lambda: [".", "!", "?"],
+        min_length=1,
+        description="Mode 'semi_rto': a response token ends a sentence when its text, stripped of "
+        "spaces, ends with one of these",
+    )
     missing_eos: Literal["score", "penalty"] = Field(
         "score",
         description="A response cut at max_new_tokens without EOS: 'score' gives it the sentence-level "
@@ -80,12 +95,12 @@ class RewardConfig(Section):
 
     @model_validator(mode="after")
     def _check_combination(self) -> RewardConfig:
-        if self.mode in ("rto", "dpo") and self.beta1 <= 0:
+        if self.mode in WITH_DPO and self.beta1 <= 0:
             raise FieldError(
                 "beta1",
                 f"beta1 must be > 0 in mode '{self.mode}' (got {self.beta1}); use mode 'ppo' for no DPO term",
             )
-        if self.mode in ("rto", "ppo") and self.beta3 <= 0:
+        if self.mode in WITH_SENTENCE and self.beta3 <= 0:
             raise FieldError(
                 "beta3",
                 f"beta3 must be > 0 in mode '{self.mode}' (got {self.beta3}); use mode 'dpo' for no RM term",
@@ -107,14 +122,14 @@ class RewardConfig(Section):
     @property
     def needs_rm(self) -> bool:
         """Whether this mode uses a reward model score."""
-        return self.mode in ("rto", "ppo") and self.sentence_reward == "rm"
+        return self.mode in WITH_SENTENCE and self.sentence_reward == "rm"
 
     @property
     def uses_sentence_score(self) -> bool:
         """Whether a sentence-level score (RM or ground truth) is added at the last token."""
-        return self.mode in ("rto", "ppo")
+        return self.mode in WITH_SENTENCE
 
     @property
     def needs_dpo(self) -> bool:
         """Whether this mode uses π_dpo log-probs."""
-        return self.mode in ("rto", "dpo")
+        return self.mode in WITH_DPO

@@ -436,6 +436,12 @@ class Config(Section):
             raise FieldError("dtype", "float16 is not supported on the CPU; use float32 or bfloat16")
         if "ppo" in self.stages:
             self._check_ppo_geometry()
+        if self.reward.mode == "rs_ppo" and self.ppo.gamma != 1.0:
+            raise FieldError(
+                "ppo.gamma",
+                f"is {self.ppo.gamma} with reward.mode 'rs_ppo', whose DPO terms cancel over a response only "
+                "undiscounted: set ppo.gamma: 1 (or use reward.mode 'rto')",
+            )
         return self
 
     def _check_ppo_geometry(self) -> None:
@@ -514,7 +520,7 @@ def stage_inputs(cfg: Config) -> list[tuple[str, str, str, str]]:
         if reward.needs_rm:
             why = f"reward.mode '{reward.mode}' adds the reward model's score (reward.sentence_reward 'rm')"
             needs.append(("ppo", "rm", "reward.sentence_reward", why))
-        if ppo.critic_init == "rm":
+        if ppo.critic_init == "rm" and ppo.uses_critic:  # a critic-free estimator builds no critic
             needs.append(
                 (
                     "ppo",

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 
 TRAINER = {"trainer": 4}
 SCORER = {"scorer": 8}
-STEPS = 6
+STEPS = 12  # room after the step a fault waits for: a step takes well under a second here
 
 
 def job_changes(address: str | None, **extra) -> dict:

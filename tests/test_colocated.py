@@ -166,3 +166,22 @@ def test_bad_colocated_or_estimator_settings_are_one_line_errors(tmp_path, chang
     job = write_job(tmp_path, **changes)
     result = rto("validate", str(job))
     one_line_error(result.returncode, result.stderr, [str(job), *words])
+
+
+def test_semi_rto_step_puts_each_sentence_dpo_reward_on_its_full_stop(reward_run, tmp_path):
+    """Mode `semi_rto` through a real step: the DPO term is nonzero only on '.' tokens and on the
+    last token, and each row's reward still adds up from its components."""
+    run_dir, records, _ = run_steps(
+        reward_run, tmp_path, "semi", 1, reward__mode="semi_rto", resources__colocate="all",
+        ppo__micro_batch_size=4,
+    )  # fmt: skip
+    rows = traces(run_dir, 1)
+    assert any("." in row["tokens"][:-1] for row in rows)  # some response has a sentence before its end
+    for row in rows:
+        n = len(row["tokens"])
+        for h, (token, dpo) in enumerate(zip(row["tokens"], row["reward_dpo"], strict=True)):
+            if token != "." and h != n - 1:
+                assert dpo == 0.0, (h, token, dpo)
+        for h in range(n):
+            expected = row["reward_dpo"][h] + row["reward_kl"][h] + (row["rm_score"] if h == n - 1 else 0.0)
+            assert abs(row["reward"][h] - expected) < 1e-5

@@ -127,8 +127,70 @@ def test_input_validation():
         compose(RewardConfig(), response_mask=torch.tensor([[1, 0, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]]))
 
 
-def test_registry_holds_the_three_modes():
-    assert REWARD_MODES.names() == ["dpo", "ppo", "rto"]
+def test_semi_rto_mode_sums_each_sentence_onto_its_delimiter():
+    """Row 0 ends a sentence at t=1: (0.025 − 0.05) there, 0.05 at the last token; row 1 at t=0 and
+    t=3: 0 and (0.02 − 0.02 + 0.05); row 2 has no delimiter inside its mask (the one at t=3 is
+    padding): its whole sum 0.02 at its last token, t=1."""
+    ends = torch.tensor([[0, 1, 0, 0], [1, 0, 0, 1], [0, 0, 0, 1]])
+    out = compose(RewardConfig(mode="semi_rto"), sentence_ends=ends)
+    close(out.reward_dpo, torch.tensor([[0, -0.025, 0.05, 0], [0, 0, 0, 0.05], [0, 0.02, 0, 0]]))
+    close(out.reward_kl, EXPECTED_KL)
+    close(out.reward_rm, EXPECTED_RM)
+    close(out.reward.sum(1), compose(RewardConfig()).reward.sum(1))
+    with pytest.raises(ValueError, match="sentence_ends"):
+        compose(RewardConfig(mode="semi_rto"))
+
+
+def test_delimiter_tokens_are_found_in_the_vocabulary():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from reward.compose import delimiter_token_ids, sentence_end_mask
+
+    vocab = {"<eos>": 0, "cat": 1, ".": 2, "warm!": 3, "?\n": 4, "dog": 5}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
+    ids = delimiter_token_ids(tokenizer, [".", "!", "?"])
+    assert ids.tolist() == [2, 3, 4]  # "." , "warm!" and "?\n"; not the special EOS
+    tokens = torch.tensor([[1, 2, 5, 3], [5, 4, 0, 2]])
+    mask = torch.tensor([[1.0, 1, 1, 1], [1, 1, 1, 0]])
+    assert sentence_end_mask(tokens, ids, mask).tolist() == [[0, 1, 0, 1], [0, 1, 0, 0]]
+
+
+def test_delayed_mode_gives_the_dpo_sum_at_the_last_token():
+    """The RTO paper's delayed-DPO ablation: Σ_h DPO_h (0.025, 0.05, 0.02 by hand) at each row's last
+    token; KL per token and the RM score as in `rto`, so each response's total is `rto`'s."""
+    out = compose(RewardConfig(mode="delayed"))
+    close(out.reward_dpo, torch.tensor([[0, 0, 0.025, 0], [0, 0, 0, 0.05], [0, 0.02, 0, 0]]))
+    close(out.reward_kl, EXPECTED_KL)
+    close(out.reward_rm, EXPECTED_RM)
+    close(
+        out.reward,
+        torch.tensor([[-0.002, 0.001, 1.025, 0], [-0.01, 0.0, 0.01, -0.955], [0.0, 10.017, 0, 0]]),
+    )
+    close(out.reward.sum(1), compose(RewardConfig()).reward.sum(1))
+
+
+def test_rs_ppo_mode_cancels_the_dpo_term_over_each_response():
+    """`rto` minus Σ_h DPO_h at the last token: the DPO terms of a response sum to 0, so its total
+    is the sentence-level one plus the KL (`ppo`'s), and only their timing differs."""
+    out = compose(RewardConfig(mode="rs_ppo"))
+    close(
+        out.reward_dpo, torch.tensor([[0.025, -0.05, 0.025, 0], [0.0, 0.02, -0.02, 0.0], [-0.01, 0.01, 0, 0]])
+    )
+    close(out.reward_dpo.sum(1), torch.zeros(3))
+    close(
+        out.reward,
+        torch.tensor([[0.023, -0.049, 1.025, 0], [-0.01, 0.02, -0.01, -1.005], [-0.01, 10.007, 0, 0]]),
+    )
+    sentence = compose(RewardConfig(mode="ppo"), dpo_logprobs=None)
+    close(out.reward.sum(1), sentence.reward.sum(1))
+    close(out.reward, out.reward_dpo + out.reward_kl + out.reward_rm)
+
+
+def test_registry_holds_the_modes():
+    assert REWARD_MODES.names() == ["delayed", "dpo", "ppo", "rs_ppo", "rto", "semi_rto"]
     with pytest.raises(KeyError, match="unknown reward mode"):
         REWARD_MODES.get("grpo")
 
@@ -140,6 +202,8 @@ def test_registry_holds_the_three_modes():
         ({"mode": "dpo", "beta1": -0.1}, "beta1"),
         ({"mode": "rto", "beta3": 0.0}, "beta3"),
         ({"mode": "ppo", "beta3": -1.0}, "beta3"),
+        ({"mode": "delayed", "beta1": 0.0}, "beta1"),
+        ({"mode": "rs_ppo", "beta3": 0.0}, "beta3"),
         ({"beta2": -0.01}, "beta2"),
         ({"clip": 0.0}, "clip"),
         ({"rm_clamp": 0.0}, "rm_clamp"),
@@ -163,6 +227,9 @@ def test_config_defaults_and_needs():
     assert RewardConfig(mode="dpo", beta3=2.0).needs_rm is False
     dpo = RewardConfig(mode="dpo")
     assert dpo.needs_dpo and not dpo.needs_rm
+    for mode in ("semi_rto", "delayed", "rs_ppo"):  # the paper's variants use every term rto uses
+        variant = RewardConfig(mode=mode)
+        assert variant.needs_dpo and variant.needs_rm and variant.uses_sentence_score
     for config in (RewardConfig(), ppo, dpo):  # a resolved (dumped) config validates again
         assert RewardConfig(**config.model_dump()) == config
 

@@ -72,6 +72,7 @@ BAD = [
     ),
     ("stages: [ppo]\nppo: {train_batch_size: 16, micro_batch_size: 32}\n", [], ["ppo.micro_batch_size"]),
     ("stages: [sft]\nppo: {advantage_estimator: td0}\n", [], ["ppo.advantage_estimator", "gae"]),
+    ("stages: [sft]\nreward: {mode: rs_ppo}\nppo: {gamma: 0.9}\n", [], ["ppo.gamma", "rs_ppo"]),
     ("stages: [sft]\nppo: {policy_loss: grpo}\n", [], ["ppo.policy_loss", "ppo_clip"]),
     ("stages: [sft]\nppo: {rollout_pruner: magic}\n", [], ["ppo.rollout_pruner", "adaptinfer, ftp, none"]),
     ("stages: [sft]\nppo: {rollout_pruner: adaptinfer}\n", [], ["ppo.rollout_pruner", "vision-language"]),
