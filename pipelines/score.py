@@ -14,7 +14,7 @@ import torch
 
 from pipelines.prepare import _is_empty, _text_kind, _type_name, prepare
 from pipelines.stages.rm import load_normalization
-from reward.compose import batch_rewards, delimiter_token_ids, rm_score_column, sentence_end_mask
+from reward.compose import batch_rewards, rm_score_column, sentence_ends
 from reward.scoring import FrozenLM, FrozenRM, check_same_tokenizer
 from reward.traces import trace_columns, write_traces
 from rto.config import Config
@@ -181,12 +181,9 @@ def _score(cfg: Config, run: RunDir, pairs: list | None, out: Path | None, n_sam
     ]
     gt = prepared.ground_truth(prompt_only=True)
     gts = [gt(r, t, d) for r, t, d in zip(prompt_records, texts, terminated, strict=True)] if gt else None
-    sentence_ends = None
-    if cfg.reward.mode == "semi_rto":
-        delimiters = delimiter_token_ids(tokenizer, cfg.reward.sentence_delimiters)
-        sentence_ends = sentence_end_mask(sequences[:, prompt_len:], delimiters, mask)
     rewards = batch_rewards(
-        cfg.reward, sentence_ends=sentence_ends, response_mask=mask, logprobs=logprobs, ref_logprobs=ref_logprobs, dpo_logprobs=dpo_logprobs,
+        cfg.reward, sentence_ends=sentence_ends(cfg.reward, tokenizer, sequences[:, prompt_len:], mask),
+        response_mask=mask, logprobs=logprobs, ref_logprobs=ref_logprobs, dpo_logprobs=dpo_logprobs,
         rm_scores=rm_scores, gt_rewards=gts, terminated=torch.tensor(terminated),
         rm_mean=normalization[0], rm_std=normalization[1],
     )  # fmt: skip

@@ -200,6 +200,21 @@ def delimiter_token_ids(tokenizer, delimiters: list[str]) -> Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+_DELIMITERS: dict[tuple[int, tuple[str, ...]], Tensor] = {}
+
+
+def sentence_ends(config: RewardConfig, tokenizer, token_ids: Tensor, response_mask: Tensor) -> Tensor | None:
+    """What `batch_rewards` takes as ``sentence_ends``: `sentence_end_mask` of the response tokens
+    in mode `semi_rto` (the delimiter ids found once per tokenizer: it decodes the vocabulary),
+    None in every other mode."""
+    if config.mode != "semi_rto":
+        return None
+    key = (id(tokenizer), tuple(config.sentence_delimiters))
+    if key not in _DELIMITERS:
+        _DELIMITERS[key] = delimiter_token_ids(tokenizer, list(key[1]))
+    return sentence_end_mask(token_ids, _DELIMITERS[key], response_mask)
+
+
 @REWARD_MODES.register("semi_rto")
 def semi_rto_rewards(config: RewardConfig, inputs: RewardInputs) -> TokenRewards:
     """The RTO paper's sentence-level ablation: `rto` with each sentence's DPO terms summed onto

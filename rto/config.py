@@ -449,7 +449,7 @@ class Config(Section):
         each trainable group (what DeepSpeed accumulates, and what ZeRO-3 needs to stay in step)."""
         ppo = self.ppo
         for group in ("policy", "critic"):
-            ranks = getattr(self.resources, "policy" if self.resources.colocate_all else group).ranks
+            ranks = self.resources.ranks_of(group)
             if ppo.train_batch_size % (ppo.micro_batch_size * ranks):
                 raise FieldError(
                     "ppo.train_batch_size",

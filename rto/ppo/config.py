@@ -221,6 +221,10 @@ class ResourcesConfig(Section):
     def colocate_all(self) -> bool:
         return self.colocate == "all"
 
+    def ranks_of(self, group: str) -> int:
+        """The ranks ``group`` really has: its own, or the policy's with ``colocate: all``."""
+        return getattr(self, "policy" if self.colocate_all else group).ranks
+
     @model_validator(mode="after")
     def _one_process_per_rank(self) -> ResourcesConfig:
         """With ``colocate: all`` every rank holds every model: the groups' ranks are the policy's,

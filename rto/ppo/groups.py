@@ -257,7 +257,7 @@ class GroupBuilder:
         if name == "critic":
             return TrainableWorker, dict(
                 model_path=paths.critic, model_kind=paths.critic_kind,
-                config=self._engine(ppo.critic_lr, res.policy.ranks if res.colocate_all else res.critic.ranks),
+                config=self._engine(ppo.critic_lr, res.ranks_of("critic")),
             )  # fmt: skip
         if name in ("ref", "dpo"):
             path = paths.ref if name == "ref" else paths.dpo

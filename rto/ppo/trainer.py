@@ -19,13 +19,7 @@ from typing import Any, Protocol
 import ray
 import torch
 
-from reward.compose import (
-    batch_rewards,
-    delimiter_token_ids,
-    rm_score_column,
-    sentence_end_mask,
-    separation_by_ground_truth,
-)
+from reward.compose import batch_rewards, rm_score_column, sentence_ends, separation_by_ground_truth
 from reward.traces import list_trace_steps, remove_stale_temp_files, trace_columns, trace_path, write_traces
 from rto.distributed import concat_results, init_ray
 from rto.errors import ClusterError, UserError
@@ -168,10 +162,9 @@ def train_on_batch(groups: Groups, cfg: PPOJob, experience: dict, step: int) -> 
     stats: dict[str, list[float]] = defaultdict(list)
     first: dict[str, list[float]] = defaultdict(list)
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-    ranks = res.policy.ranks if res.colocate_all else None  # colocated: every group has the policy's
-    trainers = [(ppo.accumulation_steps(ranks or res.policy.ranks), groups.policy, "policy_loss")]
+    trainers = [(ppo.accumulation_steps(res.ranks_of("policy")), groups.policy, "policy_loss")]
     if groups.critic is not None:
-        trainers.append((ppo.accumulation_steps(ranks or res.critic.ranks), groups.critic, "value_loss"))
+        trainers.append((ppo.accumulation_steps(res.ranks_of("critic")), groups.critic, "value_loss"))
     for epoch in range(ppo.epochs):
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, ppo.train_batch_size):  # n is a multiple of train_batch_size
@@ -409,13 +402,9 @@ def one_step(
         record["gt_reward"] = sum(gts) / len(gts)
     else:
         gts = None
-    sentence_ends = None
-    if cfg.reward.mode == "semi_rto":
-        delimiters = _delimiters(tokenizer, tuple(cfg.reward.sentence_delimiters))
-        sentence_ends = sentence_end_mask(samples["sequences"][:, prompt_len:], delimiters, mask)
     rewards = batch_rewards(
         cfg.reward,
-        sentence_ends=sentence_ends,
+        sentence_ends=sentence_ends(cfg.reward, tokenizer, samples["sequences"][:, prompt_len:], mask),
         response_mask=mask,
         logprobs=scores["logprobs"],
         ref_logprobs=scores["ref_logprobs"],
@@ -529,17 +518,6 @@ def one_step(
             sampler_mismatch(scores["sampling_logprobs"], samples["sampler_logprobs"], mask, ppo.is_cap)
         )
     return {k: v for k, v in record.items() if v is not None}
-
-
-_DELIMITERS: dict[tuple[int, tuple[str, ...]], torch.Tensor] = {}
-
-
-def _delimiters(tokenizer, delimiters: tuple[str, ...]) -> torch.Tensor:
-    """`delimiter_token_ids`, once per tokenizer and delimiter set (it decodes the vocabulary)."""
-    key = (id(tokenizer), delimiters)
-    if key not in _DELIMITERS:
-        _DELIMITERS[key] = delimiter_token_ids(tokenizer, list(delimiters))
-    return _DELIMITERS[key]
 
 
 def _unguarded(groups: Groups, phase: Callable, what: str, retry: bool = True):
