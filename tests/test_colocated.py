@@ -14,16 +14,6 @@ from pipeline_helpers import one_line_error, rto, write_job
 COMPARED = ("token_ids", "logprob", "ref_logprob", "dpo_logprob", "reward", "value", "advantage", "return")
 
 
-@pytest.fixture(scope="module")
-def reward_run(tmp_path_factory):
-    """A run directory with finished sft, dpo and rm stages of the tiny job."""
-    root = tmp_path_factory.mktemp("reward")
-    job = write_job(root, stages=["sft", "dpo", "rm"])
-    result = rto("run", str(job), "--run-dir", str(root / "run"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return root / "run"
-
-
 def run_steps(reward_run, tmp_path, name: str, steps: int, **changes):
     """``steps`` PPO iterations through `one_step` on freshly built groups; the run directory."""
     import ray

@@ -16,16 +16,6 @@ import pytest
 from pipeline_helpers import one_line_error, rto, write_job
 
 
-@pytest.fixture(scope="module")
-def reward_run(tmp_path_factory):
-    """A run directory with finished sft, dpo and rm stages of the tiny job."""
-    root = tmp_path_factory.mktemp("reward")
-    job = write_job(root, stages=["sft", "dpo", "rm"])
-    result = rto("run", str(job), "--run-dir", str(root / "run"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return root / "run"
-
-
 def fresh_copy(reward_run, tmp_path):
     target = tmp_path / "run"
     shutil.copytree(reward_run, target)
@@ -324,3 +314,59 @@ def test_ftp_pruned_rollouts_are_importance_weighted(reward_run, tmp_path):
         one_line_error(result.returncode, result.stderr, [str(meta_file), field.split(".")[-1], "another"])
         assert "placement" not in result.stdout + result.stderr
     assert ppo_steps(run_dir) == [1]  # nothing was run or lost
+
+
+def test_heldout_evaluation_during_ppo_equals_the_eval_stage(reward_run, tmp_path):
+    """`ppo.eval_every`: the held-out figure logged at the last step is the eval stage's for the
+    saved policy (greedy decoding, so both must pick the same answers); no other step has one.
+    `ppo.max_prompts`: every rollout's prompt is one of the first N."""
+    run_dir = fresh_copy(reward_run, tmp_path)
+    job = write_job(
+        tmp_path, stages=["ppo", "eval"], ppo__steps=3, ppo__eval_every=2, ppo__max_prompts=6,
+        ppo__micro_batch_size=4, eval__temperature=0, eval__models=["ppo"], resources__colocate="all",
+    )  # fmt: skip
+    result = rto("run", str(job), "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {
+        r["step"]: r
+        for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+        if r["stage"] == "ppo"
+    }
+    assert sorted(rows) == [1, 2, 3]
+    assert "heldout_gt" not in rows[1] and "heldout_gt" in rows[2] and "heldout_gt" in rows[3]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    final = summary["eval"]["policies"]["ppo"]
+    assert abs(rows[3]["heldout_gt"] - final["gt_reward"]) < 1e-6, (rows[3], final)
+    assert abs(rows[3]["heldout_gt_se"] - final["gt_se"]) < 1e-6
+
+    from pipelines.prepare import prepare
+    from rto.config import load_config
+    from rto.generation import prompt_text
+    from rto.rundir import RunDir
+
+    records = prepare(load_config(job), RunDir(run_dir)).records("prompts")
+    allowed = {prompt_text(r["prompt"]) for r in records[:6]}
+    seen = {
+        row["prompt"] for step in (1, 2, 3) for row in pq.read_table(trace_file(run_dir, step)).to_pylist()
+    }
+    assert seen and seen <= allowed, seen - allowed
+
+
+def trace_file(run_dir, step):
+    return run_dir / "traces" / f"step-{step:06d}.parquet"
+
+
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        (dict(ppo__max_prompts=100_000), ["ppo.max_prompts", "100000"]),
+        (dict(ppo__max_prompts=0), ["ppo.max_prompts"]),
+        (dict(ppo__eval_every=-1), ["ppo.eval_every"]),
+    ],
+)
+def test_bad_prompt_budget_or_eval_cadence_is_a_one_line_error(reward_run, tmp_path, changes, words):
+    run_dir = fresh_copy(reward_run, tmp_path)
+    job = write_job(tmp_path, stages=["ppo"], ppo__steps=1, **changes)
+    result = rto("run", str(job), "--run-dir", str(run_dir))
+    one_line_error(result.returncode, result.stderr, [*words])
+    assert not (run_dir / "stages" / "ppo" / "policy").exists()

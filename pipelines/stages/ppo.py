@@ -86,18 +86,50 @@ def run_ppo_stage(ctx: StageContext) -> dict:
             device=ctx.device,
             generate_fn=pruned_sampler(ctx, paths.policy),
             log=ctx.log,
+            heldout=heldout_set(ctx, paths.policy),
         )
     )
 
 
-def prompt_set(ctx: StageContext, policy: str):
+def heldout_set(ctx: StageContext, policy: str):
+    """The held-out prompts `ppo.eval_every` samples (the eval stage's), or None when it is 0."""
+    # deferred: every stage module is imported to validate a job (start-up time)
+    from rto.ppo.trainer import HeldOut
+
+    cfg = ctx.cfg
+    if not cfg.ppo.eval_every:
+        return None
+    ground_truth = ctx.prepared.ground_truth()
+    if ground_truth is None:
+        raise UserError(
+            f"ppo.eval_every is {cfg.ppo.eval_every}, but this job's task has no ground truth to score "
+            "held-out answers with (the built-in tasks have one): set it to 0",
+            source=str(ctx.run.config_path), field="ppo.eval_every",
+        )  # fmt: skip
+    prompts, _, _ = prompt_set(ctx, policy, role="eval_prompts")
+    return HeldOut(
+        prompts=prompts, ground_truth=ground_truth, temperature=cfg.eval.temperature,
+        max_new_tokens=cfg.eval.max_new_tokens, top_p=cfg.eval.top_p, batch_size=cfg.eval.batch_size,
+    )  # fmt: skip
+
+
+def prompt_set(ctx: StageContext, policy: str, role: str = "prompts"):
     """(the PPO prompts, the tokenizer that decodes responses, what is saved with the models):
-    a vision-language policy's prompts carry pictures (encoded by its processor)."""
+    a vision-language policy's prompts carry pictures (encoded by its processor). The training
+    prompts are cut to `ppo.max_prompts`."""
     # deferred: every stage module is imported to validate a job (start-up time)
     from pipelines.prompts import TextPrompts
     from pipelines.tasks.image_data import ImagePrompts
 
-    records = ctx.prepared.records("prompts")
+    records = ctx.prepared.records(role)
+    limit = ctx.cfg.ppo.max_prompts
+    if role == "prompts" and limit is not None:
+        if limit > len(records):
+            raise UserError(
+                f"ppo.max_prompts is {limit}, but the prompt set has only {len(records)} prompts",
+                source=str(ctx.run.config_path), field="ppo.max_prompts",
+            )  # fmt: skip
+        records = records[:limit]
     if is_vision_language(policy):
         processor = load_processor(policy)
         return ImagePrompts(processor, records, ctx.prepared.root), processor.tokenizer, processor

@@ -86,6 +86,15 @@ class PPOConfig(Section):
     trace_samples: int | None = Field(
         None, gt=0, description="Rollouts per step written to traces (None: all)"
     )
+    max_prompts: int | None = Field(
+        None, gt=0, description="Train on the first N prompts of the prompt set only (a prompt budget, "
+        "e.g. the RTO paper's data-fraction experiment); None: all of them",
+    )  # fmt: skip
+    eval_every: int = Field(
+        0, ge=0, description="Every N steps and at the last, sample the held-out eval prompts with the "
+        "rollout sampler (eval.temperature, eval.max_new_tokens, eval.top_p) and log their ground truth "
+        "(heldout_gt, heldout_gt_se in the metrics); needs a task with a ground truth; 0: off",
+    )  # fmt: skip
     fault_tolerance: FaultToleranceConfig = Field(default_factory=FaultToleranceConfig)
     tensorboard: bool = True
     wandb: bool = Field(False, description="Also log to Weights & Biases (needs `pip install wandb`)")

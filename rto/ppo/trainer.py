@@ -62,6 +62,20 @@ class GroundTruth(Protocol):
 
 
 @dataclass
+class HeldOut:
+    """Held-out prompts the policy answers every ``ppo.eval_every`` steps, scored by the task's ground
+    truth: a learning curve that, unlike the training reward, does not depend on the rollouts'
+    sampling temperature (the stage passes the ``eval`` section's settings)."""
+
+    prompts: PromptSet
+    ground_truth: GroundTruth
+    temperature: float
+    max_new_tokens: int
+    top_p: float = 1.0
+    batch_size: int = 64
+
+
+@dataclass
 class PPOInputs:
     cfg: PPOJob
     run: RunDir
@@ -78,6 +92,7 @@ class PPOInputs:
     device: str = "cpu"
     generate_fn: Sampler | None = None  # a pruned sampler (FTP, AdaptInfer), or None: dense HF generate
     log: Callable[[str], None] = print
+    heldout: HeldOut | None = None  # with ppo.eval_every > 0
 
 
 def prompt_indices(consumed: int, count: int, n_prompts: int, seed: int) -> list[int]:
@@ -313,6 +328,14 @@ def run_steps(
             except ClusterError:
                 save_after_giving_up(inputs, groups, state, ckpt_root, log)
                 raise
+            if eval_due(ppo, inputs.heldout, step):
+                record.update(
+                    supervisor.run(
+                        groups,
+                        lambda step=step: evaluate_heldout(inputs, groups, step),
+                        f"the held-out evaluation of step {step}",
+                    )
+                )
             supervisor.step_completed()
             state["step"] = step
             state["restarts"] = supervisor.restarts
@@ -332,6 +355,8 @@ def run_steps(
                 if "gt_reward" in record
                 else f"rm {record.get('rm_score', 0):.3f}"
             )
+            if "heldout_gt" in record:
+                info += f" · held-out {record['heldout_gt']:.3f}"
             progress.update(task, completed=step, info=info)
 
     def finish() -> dict:
@@ -345,6 +370,45 @@ def run_steps(
     for folder in ("policy", "critic") if groups.critic is not None else ("policy",):
         inputs.processing_class.save_pretrained(inputs.out_dir / folder)
     return state, memory
+
+
+def eval_due(ppo, heldout: HeldOut | None, step: int) -> bool:
+    return heldout is not None and ppo.eval_every > 0 and (step % ppo.eval_every == 0 or step == ppo.steps)
+
+
+def evaluate_heldout(inputs: PPOInputs, groups: Groups, step: int) -> dict[str, float]:
+    """The policy of ``step`` answers every held-out prompt once; returns the mean ground truth and
+    its standard error. The rollout workers are reseeded with one seed for every evaluation (the
+    next step reseeds them for its own rollouts, so training draws the same samples either way)."""
+    heldout, tokenizer = inputs.heldout, inputs.tokenizer
+    start = time.perf_counter()
+    groups.rollout.run_all("call", "rto.ppo.losses:reseed", inputs.cfg.seed * 100_003 + 99_991)
+    gts: list[float] = []
+    terminated_all: list[bool] = []
+    n_tokens = 0
+    for begin in range(0, len(heldout.prompts), heldout.batch_size):
+        indices = list(range(begin, min(begin + heldout.batch_size, len(heldout.prompts))))
+        samples = groups.rollout.run_sharded(
+            "generate", heldout.prompts.batch(indices), temperature=heldout.temperature,
+            max_new_tokens=heldout.max_new_tokens, top_p=heldout.top_p,
+        )  # fmt: skip
+        mask = samples["response_mask"].float()
+        responses, terminated, _ = decode(tokenizer, samples, mask)
+        gts += [
+            heldout.ground_truth(heldout.prompts.records[i], r, t)
+            for i, r, t in zip(indices, responses, terminated, strict=True)
+        ]
+        terminated_all += terminated
+        n_tokens += int(mask.sum())
+    mean = sum(gts) / len(gts)
+    se = (sum((g - mean) ** 2 for g in gts) / (len(gts) - 1) / len(gts)) ** 0.5 if len(gts) > 1 else 0.0
+    return {
+        "heldout_gt": mean,
+        "heldout_gt_se": se,
+        "heldout_terminated": sum(terminated_all) / len(terminated_all),
+        "heldout_response_length": n_tokens / len(gts),
+        "time_heldout": time.perf_counter() - start,
+    }
 
 
 def save_after_giving_up(inputs: PPOInputs, groups: Groups, state: dict, ckpt_root: Path, log) -> None:
