@@ -436,6 +436,7 @@ class Config(Section):
             raise FieldError("dtype", "float16 is not supported on the CPU; use float32 or bfloat16")
         if "ppo" in self.stages:
             self._check_ppo_geometry()
+        self._check_dpo_refresh()
         if self.reward.mode == "rs_ppo" and self.ppo.gamma != 1.0:
             raise FieldError(
                 "ppo.gamma",
@@ -443,6 +444,26 @@ class Config(Section):
                 "undiscounted: set ppo.gamma: 1 (or use reward.mode 'rto')",
             )
         return self
+
+    def _check_dpo_refresh(self) -> None:
+        refresh = self.ppo.dpo_refresh
+        if not refresh.every:
+            return
+        if not self.reward.needs_dpo:
+            raise FieldError(
+                "ppo.dpo_refresh.every",
+                f"is {refresh.every}, but reward.mode '{self.reward.mode}' has no DPO term to refresh",
+            )
+        if refresh.label == "rm" and not self.reward.needs_rm:
+            raise FieldError(
+                "ppo.dpo_refresh.label",
+                f"is 'rm', but reward.mode '{self.reward.mode}' with sentence_reward "
+                f"'{self.reward.sentence_reward}' runs no reward model: use 'ground_truth'",
+            )
+        if refresh.label == "ground_truth" and self.task is None:
+            raise FieldError("ppo.dpo_refresh.label", "'ground_truth' needs a built-in task (task.name)")
+        if refresh.beta is None:
+            refresh.beta = self.dpo.beta
 
     def _check_ppo_geometry(self) -> None:
         """Every PPO minibatch splits into the same whole number of micro-batches on every rank of

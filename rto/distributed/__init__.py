@@ -26,7 +26,7 @@ from rto.distributed.groups import (
     split_batch,
 )
 from rto.distributed.rollout import RolloutWorker
-from rto.distributed.trainable import EngineConfig, TrainableWorker
+from rto.distributed.trainable import EngineConfig, TrainableScorer, TrainableWorker
 from rto.distributed.workers import FrozenModelWorker, Worker, state_dict_checksum, weights_checksum
 
 
@@ -45,6 +45,7 @@ __all__ = [
     "FrozenModelWorker",
     "Resources",
     "RolloutWorker",
+    "TrainableScorer",
     "TrainableWorker",
     "Worker",
     "concat_results",

@@ -308,3 +308,34 @@ class TrainableWorker(Worker):
         """See :func:`rto.distributed.workers.weights_checksum` (this rank's full replica; ZeRO-3
         holds only partitions, so use :meth:`state_dict_for_broadcast` there)."""
         return weights_checksum(self.model)
+
+
+class TrainableScorer(TrainableWorker):
+    """A trainable model that also scores like a
+    :class:`~rto.distributed.workers.FrozenModelWorker`: ``score(batch, **kwargs)`` runs the
+    constructor's ``scoring_fn``. The DPO model of an online refresh (``ppo.dpo_refresh``) is one:
+    it scores every step's rollouts and takes a DPO update on some of them.
+
+    ``dtype`` is accepted for the frozen worker's signature and not used: the engine trains in
+    float32 (bf16 mixed precision with ``config.bf16``)."""
+
+    def __init__(
+        self,
+        model_path: str,
+        config: EngineConfig | dict[str, Any] | None = None,
+        model_kind: ModelKind = "causal_lm",
+        scoring_fn: Callable | str | None = None,
+        dtype: Any = None,
+        rank: int = 0,
+        world_size: int = 1,
+        num_threads: int | None = 1,
+    ) -> None:
+        super().__init__(model_path, config, model_kind, rank, world_size, num_threads)
+        self.scoring_fn = scoring_fn
+
+    def score(self, batch: dict[str, Any], fn: Callable | str | None = None, **kwargs: Any) -> Any:
+        """``fn`` (default: the constructor's ``scoring_fn``) on ``batch``, without gradients."""
+        fn = fn or self.scoring_fn
+        if fn is None:
+            raise ValueError("no scoring function: pass fn= or construct the worker with scoring_fn=")
+        return super().score(batch, fn, **kwargs)

@@ -93,7 +93,7 @@ def save(root: Path, step: int, groups, state: dict, keep: int) -> Path:
     tmp = root / f".step-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for group in (g for g in (groups.policy, groups.critic) if g is not None):  # no critic: critic-free
+    for group in groups.trainable():  # policy, critic (none when critic-free), dpo (online refresh)
         written = group.run_all("save_checkpoint", str(tmp / group.name), TAG)
         check_visible(tmp / group.name, group.name, written)
     atomic_write_json(tmp / "state.json", {**state, "step": step, "rng": rng_state()})
@@ -144,9 +144,14 @@ def load(path: Path, groups) -> dict:
             f"unreadable checkpoint state ({type(exc).__name__})", source=str(state_file)
         ) from None
     try:
-        groups.policy.run_all("load_checkpoint", str(path / "policy"), TAG)
-        if groups.critic is not None:
-            groups.critic.run_all("load_checkpoint", str(path / "critic"), TAG)
+        for group in groups.trainable():
+            if not (path / group.name).is_dir():
+                raise UserError(
+                    f"the checkpoint has no {group.name} state (was it written with other ppo settings, "
+                    "e.g. without ppo.dpo_refresh?)",
+                    source=str(path),
+                )
+            group.run_all("load_checkpoint", str(path / group.name), TAG)
     except UserError as exc:  # raised in a worker: Ray's error is also a UserError; keep its one line
         raise UserError(str(exc).splitlines()[-1].removeprefix("rto.errors.UserError: ")) from None
     restore_rng(rng, str(state_file))

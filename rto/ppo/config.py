@@ -43,6 +43,25 @@ class FaultToleranceConfig(Section):
         return self
 
 
+class DPORefreshConfig(Section):
+    """Online refresh of the token reward's DPO model (docs/design.md, "Online DPO refresh"): every
+    ``every`` PPO steps, the DPO model takes ``epochs`` optimizer steps of the DPO loss on
+    preference pairs built from that step's rollouts (per prompt, the best-labelled sample against
+    the worst), with the reference model as DPO's reference."""
+
+    every: int = Field(0, ge=0, description="Refresh every N PPO steps; 0: the DPO model stays frozen")
+    label: Literal["rm", "ground_truth"] = Field(
+        "rm",
+        description="What ranks a prompt's samples: the reward model's score, or the task's ground truth",
+    )
+    lr: float = Field(1e-5, gt=0, description="The DPO model's learning rate (AdamW, constant)")
+    beta: float | None = Field(None, gt=0, description="DPO's beta; None: the dpo stage's (dpo.beta)")
+    epochs: int = Field(1, gt=0, description="Optimizer steps on each refresh's pairs")
+    min_gap: float = Field(
+        0.0, ge=0, description="Pair a prompt's best and worst samples only when their labels differ by more"
+    )
+
+
 class PPOConfig(Section):
     steps: int = Field(30, gt=0, description="PPO iterations (rollout + update)")
     rollout_batch_size: int = Field(64, gt=0, description="Prompts sampled per iteration")
@@ -96,6 +115,7 @@ class PPOConfig(Section):
         "(heldout_gt, heldout_gt_se in the metrics); needs a task with a ground truth; 0: off",
     )  # fmt: skip
     fault_tolerance: FaultToleranceConfig = Field(default_factory=FaultToleranceConfig)
+    dpo_refresh: DPORefreshConfig = Field(default_factory=DPORefreshConfig)
     tensorboard: bool = True
     wandb: bool = Field(False, description="Also log to Weights & Biases (needs `pip install wandb`)")
 
@@ -127,6 +147,17 @@ class PPOConfig(Section):
                 "samples_per_prompt",
                 f"ppo.advantage_estimator {self.advantage_estimator!r} needs a group baseline: set "
                 f"ppo.samples_per_prompt >= {needed} (now {self.samples_per_prompt})",
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _refresh_pairs(self) -> PPOConfig:
+        """A refresh pairs samples of one prompt: it needs several per prompt."""
+        if self.dpo_refresh.every and self.samples_per_prompt < 2:
+            raise FieldError(
+                "dpo_refresh.every",
+                f"is {self.dpo_refresh.every}: a refresh pairs a prompt's best sample with its worst, so set "
+                f"ppo.samples_per_prompt >= 2 (now {self.samples_per_prompt})",
             )
         return self
 

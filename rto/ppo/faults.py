@@ -28,7 +28,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from rto.errors import ClusterError
 from rto.ppo.config import FaultToleranceConfig
-from rto.ppo.groups import TRAINABLE, GroupBuilder, Groups
+from rto.ppo.groups import GroupBuilder, Groups
 
 # The errors of a call whose actor (or the owner of one of its inputs) is gone: its process died,
 # its node died or cannot be reached. Anything else (an exception raised by our code) is not a fault.
@@ -102,7 +102,7 @@ class Supervisor:
             except LOST as exc:
                 lost = self.find_lost(groups, exc)
                 self.count(lost, exc, what)
-                if not retry or any(item.group in TRAINABLE for item in lost):
+                if not retry or any(item.group in groups.trainable_names() for item in lost):
                     raise Rewind(lost) from None
                 self.rebuild(groups, {item.group for item in lost}, lost)
 
@@ -158,7 +158,7 @@ class Supervisor:
         if actor_id in owners:
             group, rank = owners[actor_id]
             lost[(group.name, rank)] = self._lost(group, rank, first_line(exc))
-            if group.name in TRAINABLE:
+            if group.name in groups.trainable_names():
                 return list(lost.values())
         probes = {
             group.actors[rank].where.remote(): (group, rank)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from ray.util.placement_group import PlacementGroup, remove_placement_group
@@ -12,6 +13,7 @@ from rto.distributed import (
     FrozenModelWorker,
     Resources,
     RolloutWorker,
+    TrainableScorer,
     TrainableWorker,
     create_placement_group,
     push_weights,
@@ -46,6 +48,15 @@ class Groups:
     dpo: ActorGroup | None = None
     rm: ActorGroup | None = None
     colocated: ActorGroup | None = None
+    dpo_trainable: bool = False  # the online refresh trains the DPO model (ppo.dpo_refresh)
+
+    def trainable(self) -> list[ActorGroup]:
+        """The groups with optimizer state: checkpointed, and rewound to a checkpoint when lost."""
+        names = TRAINABLE + (("dpo",) if self.dpo_trainable else ())
+        return [g for g in (getattr(self, name) for name in names) if g is not None]
+
+    def trainable_names(self) -> set[str]:
+        return {g.name for g in self.trainable()}
 
     def sync_weights(self) -> None:
         """Give the rollout samplers the policy's new weights (nothing to do when they share them)."""
@@ -106,6 +117,7 @@ class GroupBuilder:
         self.env = {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}
         self.gpu_share = default_gpu_share(cfg, self.wanted, device)
         self.tokens = model_sampling_token_ids(paths.policy)  # the one EOS, the pad, what is never sampled
+        self.dpo_trainable = bool(paths.dpo) and cfg.ppo.dpo_refresh.every > 0
         self._shared: dict[str, PlacementGroup] = {}
 
     def colocated_with(self, names: set[str]) -> set[str]:
@@ -122,7 +134,10 @@ class GroupBuilder:
     def build_all(self) -> Groups:
         if self.cfg.resources.colocate_all:
             return self._build_colocated()
-        groups = Groups(**{name: None for name in ("policy", "critic", "ref", "rollout")})
+        groups = Groups(
+            **{name: None for name in ("policy", "critic", "ref", "rollout")},
+            dpo_trainable=self.dpo_trainable,
+        )
         try:
             for name in GROUP_NAMES:
                 if name in self.wanted:
@@ -231,7 +246,7 @@ class GroupBuilder:
             ready_timeout_s=self.ready_timeout_s,
         )
         views = {name: MemberGroup(base, name) if name in self.wanted else None for name in GROUP_NAMES}
-        return Groups(**views, colocated=base)
+        return Groups(**views, colocated=base, dpo_trainable=self.dpo_trainable)
 
     def _engine(self, lr: float, ranks: int) -> EngineConfig:
         ppo = self.cfg.ppo
@@ -259,6 +274,15 @@ class GroupBuilder:
                 model_path=paths.critic, model_kind=paths.critic_kind,
                 config=self._engine(ppo.critic_lr, res.ranks_of("critic")),
             )  # fmt: skip
+        if name == "dpo" and self.dpo_trainable:
+            refresh = ppo.dpo_refresh
+            engine = dataclasses.replace(
+                self._engine(refresh.lr, res.ranks_of("dpo")), gradient_accumulation_steps=1,
+                total_steps=max(1, ppo.steps // refresh.every) * refresh.epochs,
+            )  # fmt: skip
+            return TrainableScorer, dict(
+                model_path=paths.dpo, config=engine, scoring_fn="rto.forward:response_logprobs"
+            )
         if name in ("ref", "dpo"):
             path = paths.ref if name == "ref" else paths.dpo
             return FrozenModelWorker, dict(

@@ -121,6 +121,44 @@ def value_loss(
     return loss, stats
 
 
+def dpo_pair_loss(
+    model,
+    pair_sequences: Tensor,
+    pair_attention_mask: Tensor,
+    pair_response_mask: Tensor,
+    ref_logprob_sums: Tensor,
+    prompt_len: int,
+    beta: float,
+    loss_scale: float | None = None,
+    micro_batch_size: int = 64,
+):
+    """DPO's loss on preference pairs of rollouts (the online refresh, ``ppo.dpo_refresh``):
+    ``pair_* [P, 2, ...]`` hold each pair's chosen (index 0) and rejected (1) response to the same
+    prompt; ``ref_logprob_sums [P, 2]`` their summed log-probs under the reference model. Per pair,
+    ℓ = −log σ(β·[(Σ log π − Σ log π_ref)(chosen) − (Σ log π − Σ log π_ref)(rejected)]).
+
+    The loss is Σℓ · ``loss_scale`` (default 1/P, the mean): with the pairs split unevenly over W
+    ranks, whose gradients DeepSpeed averages, ``loss_scale`` = W / (all pairs) makes the step the
+    gradient of the mean over every pair. The metrics are sums (``dpo_refresh_n`` pairs), so the
+    caller can average over ranks exactly."""
+    pairs, _, length = pair_sequences.shape
+    logprobs = response_logprobs(
+        model, pair_sequences.reshape(2 * pairs, length), pair_attention_mask.reshape(2 * pairs, length),
+        prompt_len, micro_batch_size,
+    )  # fmt: skip
+    sums = (logprobs * pair_response_mask.reshape(2 * pairs, -1)).sum(-1).view(pairs, 2)
+    implicit = sums - ref_logprob_sums.to(sums.dtype)
+    margin = beta * (implicit[:, 0] - implicit[:, 1])
+    per_pair = -torch.nn.functional.logsigmoid(margin)
+    loss = per_pair.sum() * (loss_scale if loss_scale is not None else 1.0 / pairs)
+    return loss, {
+        "dpo_refresh_n": float(pairs),
+        "dpo_refresh_loss_sum": float(per_pair.detach().sum()),
+        "dpo_refresh_correct": float((margin.detach() > 0).sum()),
+        "dpo_refresh_margin_sum": float(margin.detach().sum()),
+    }
+
+
 def reseed(worker, seed: int) -> None:
     """Run inside a rollout worker: make this step's sampling reproducible (and resumable)."""
     torch.manual_seed(seed + worker.rank)

@@ -302,7 +302,7 @@ def run_steps(
     """From ``latest`` (or the start) to the last step, then save the models; returns the final
     state and each group's peak memory. Raises `Rewind` when a trainable actor is lost."""
     run, log, ppo = inputs.run, inputs.log, inputs.cfg.ppo
-    state = {"step": 0, "prompts_consumed": 0, "skipped_batches": 0, "restarts": 0}
+    state = {"step": 0, "prompts_consumed": 0, "skipped_batches": 0, "restarts": 0, "dpo_refreshes": 0}
     if latest is not None:
         state = {
             **state,
@@ -364,10 +364,17 @@ def run_steps(
         groups.policy.run_all("save_hf", str(inputs.out_dir / "policy"))
         if groups.critic is not None:
             groups.critic.run_all("save_hf", str(inputs.out_dir / "critic"))
+        if groups.dpo_trainable:  # the refreshed DPO model, reloadable like the dpo stage's
+            groups.dpo.run_all("save_hf", str(inputs.out_dir / "dpo"))
         return memory
 
     memory = supervisor.run(groups, finish, "saving the models", retry=False)
-    for folder in ("policy", "critic") if groups.critic is not None else ("policy",):
+    folders = (
+        ["policy"]
+        + (["critic"] if groups.critic is not None else [])
+        + (["dpo"] if groups.dpo_trainable else [])
+    )
+    for folder in folders:
         inputs.processing_class.save_pretrained(inputs.out_dir / folder)
     return state, memory
 
@@ -552,6 +559,34 @@ def one_step(
     t3 = time.perf_counter()
     guard(groups, groups.sync_weights, f"the weight sync of step {step}")
     times["time_sync"] = time.perf_counter() - t3
+    if groups.dpo_trainable:
+        record["dpo_refreshes"] = state.setdefault("dpo_refreshes", 0)  # that scored this step's rollouts
+        if step % ppo.dpo_refresh.every == 0:
+            t4 = time.perf_counter()
+            labels = gts if ppo.dpo_refresh.label == "ground_truth" else scores["rm_scores"].tolist()
+            pairs = refresh_batch(
+                ppo.dpo_refresh, ppo.samples_per_prompt, samples, scores, mask, labels, prompt_len
+            )
+            record["dpo_refresh_pairs"] = pairs["pair_sequences"].size(0)
+            if record["dpo_refresh_pairs"] >= groups.dpo.num_actors:  # every rank takes part in a step
+                pairs.update(
+                    prompt_len=prompt_len, beta=ppo.dpo_refresh.beta, micro_batch_size=ppo.micro_batch_size
+                )
+                record.update(
+                    guard(
+                        groups,
+                        lambda: refresh_dpo(groups, pairs, ppo.dpo_refresh.epochs),
+                        f"the DPO refresh of step {step}",
+                        retry=False,
+                    )
+                )
+                state["dpo_refreshes"] += 1
+            else:
+                inputs.log(
+                    f"[yellow]step {step}: {record['dpo_refresh_pairs']} preference pair(s) in the rollouts "
+                    f"(labels differ by more than {ppo.dpo_refresh.min_gap}); DPO refresh skipped[/yellow]"
+                )
+            times["time_dpo_refresh"] = time.perf_counter() - t4
     times["time_step"] = time.perf_counter() - t0
 
     n_tokens = float(mask.sum())
@@ -582,6 +617,57 @@ def one_step(
             sampler_mismatch(scores["sampling_logprobs"], samples["sampler_logprobs"], mask, ppo.is_cap)
         )
     return {k: v for k, v in record.items() if v is not None}
+
+
+def refresh_pairs(labels: list[float], group_size: int, min_gap: float) -> list[tuple[int, int]]:
+    """(chosen, rejected) row indices: per prompt (``group_size`` consecutive rows), its best-labelled
+    sample against its worst, when their labels differ by more than ``min_gap`` (ties make no pair)."""
+    pairs = []
+    for start in range(0, len(labels), group_size):
+        rows = range(start, min(start + group_size, len(labels)))
+        best = max(rows, key=lambda i: labels[i])
+        worst = min(rows, key=lambda i: labels[i])
+        if labels[best] - labels[worst] > min_gap:
+            pairs.append((best, worst))
+    return pairs
+
+
+def refresh_batch(refresh, group_size: int, samples: dict, scores: dict, mask, labels, prompt_len) -> dict:
+    """The DPO refresh's training batch from one step's rollouts: ``pair_* [P, 2, ...]`` (chosen,
+    rejected) and their summed reference log-probs (already scored for the KL term)."""
+    pairs = refresh_pairs(list(labels), group_size, refresh.min_gap)
+    index = torch.tensor(pairs, dtype=torch.long).view(-1, 2)
+    ref_sums = (scores["ref_logprobs"] * mask).sum(-1)
+    return {
+        "pair_sequences": samples["sequences"][index],
+        "pair_attention_mask": samples["attention_mask"][index],
+        "pair_response_mask": mask[index],
+        "ref_logprob_sums": ref_sums[index],
+    }
+
+
+def refresh_dpo(groups: Groups, pairs: dict, epochs: int) -> dict[str, float]:
+    """``epochs`` optimizer steps of the DPO loss on ``pairs`` (each rank on its share, weighted so
+    that a step follows the mean over every pair). Reports the first step's loss, accuracy and
+    margin (the DPO model before this refresh, on pairs it has not seen) and the last step's loss."""
+    n_pairs = pairs["pair_sequences"].size(0)
+    batch = {**pairs, "loss_scale": groups.dpo.num_actors / n_pairs}
+    reports = []
+    for _ in range(epochs):
+        results = ray.get(
+            groups.dpo.async_run_sharded("train_step", batch, loss_fn="rto.ppo.losses:dpo_pair_loss")
+        )
+        total = {key: sum(r[key] for r in results) for key in results[0] if key.startswith("dpo_refresh_")}
+        reports.append(
+            {name: total[f"dpo_refresh_{name}"] / n_pairs for name in ("loss_sum", "correct", "margin_sum")}
+        )
+    first = reports[0]
+    return {
+        "dpo_refresh_loss": first["loss_sum"],
+        "dpo_refresh_accuracy": first["correct"],
+        "dpo_refresh_margin": first["margin_sum"],
+        "dpo_refresh_last_loss": reports[-1]["loss_sum"],
+    }
 
 
 def _unguarded(groups: Groups, phase: Callable, what: str, retry: bool = True):
