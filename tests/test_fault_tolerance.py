@@ -84,3 +84,40 @@ def test_placement_settings_reach_the_job():
     assert cfg.resources.rollout.strategy == "SPREAD" and cfg.resources.rollout.node_resources == {
         "spot": 0.5
     }
+
+
+@pytest.mark.parametrize("refreshing", [False, True])
+def test_a_lost_dpo_actor_rewinds_only_when_the_refresh_trains_it(refreshing):
+    """A frozen DPO model is rebuilt from its folder and the phase runs again; a refreshed one
+    has optimizer state that only the last checkpoint holds, so its loss rewinds like a trainer's."""
+    from types import SimpleNamespace
+
+    from rto.ppo.faults import LostActor, Rewind
+    from rto.ppo.groups import Groups
+
+    named = {name: SimpleNamespace(name=name) for name in ("policy", "critic", "ref", "rollout", "dpo")}
+    groups = Groups(**named, dpo_trainable=refreshing)
+    assert groups.trainable_names() == {"policy", "critic"} | ({"dpo"} if refreshing else set())
+    supervisor = Supervisor(
+        FaultToleranceConfig(retries=2, backoff_s=0), None, lambda g: None, lambda line: None
+    )
+    supervisor.find_lost = lambda groups, exc: [
+        LostActor("dpo", 0, "aaaa1111 (10.0.0.1)", "died")
+    ]  # the fault
+    rebuilt = []
+    supervisor.rebuild = lambda groups, names, lost: rebuilt.append(names)
+    calls = []
+
+    def phase():
+        calls.append(1)
+        if len(calls) == 1:
+            raise ray.exceptions.ActorDiedError()
+        return "scored"
+
+    if refreshing:
+        with pytest.raises(Rewind):
+            supervisor.run(groups, phase, "the rollouts of step 3")
+        assert rebuilt == []
+    else:
+        assert supervisor.run(groups, phase, "the rollouts of step 3") == "scored"
+        assert rebuilt == [{"dpo"}]

@@ -1,7 +1,8 @@
 """Resumable PPO checkpoints.
 
     RUN_DIR/checkpoints/step-000010/policy/   DeepSpeed checkpoint (weights, optimizer, scheduler)
-                                   critic/
+                                   critic/    (none with a critic-free estimator)
+                                   dpo/       (with ppo.dpo_refresh: the refreshed DPO model)
                                    state.json  step, prompts consumed, RNG states, counters, stage hash
 
 A checkpoint is written into `.step-000010.tmp/` and renamed when complete, so the newest folder
