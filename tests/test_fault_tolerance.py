@@ -121,3 +121,35 @@ def test_a_lost_dpo_actor_rewinds_only_when_the_refresh_trains_it(refreshing):
     else:
         assert supervisor.run(groups, phase, "the rollouts of step 3") == "scored"
         assert rebuilt == [{"dpo"}]
+
+
+def test_a_rewound_run_shows_each_step_once_in_tensorboard(tmp_path):
+    """Steps 1-4 logged, then the run continues after step 2 (a rewind or --resume) and logs 3-4
+    again: TensorBoard keeps the second attempt's 3 and 4 only, like metrics.jsonl."""
+    import time
+
+    from pipeline_helpers import write_job
+    from tensorboard.backend.event_processing import event_accumulator
+
+    from rto.config import load_config
+    from rto.ppo.logging import StepLogger
+    from rto.rundir import RunDir
+
+    cfg = load_config(write_job(tmp_path))
+    run = RunDir(tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    logger = StepLogger(run, tensorboard=True, wandb=False, cfg=cfg)
+    for step in range(1, 5):
+        logger.log(step, {"kl": float(step)})
+    logger.close()
+    time.sleep(1.1)  # a new events file (named by the second) as a restarted process writes
+    logger = StepLogger(run, tensorboard=True, wandb=False, cfg=cfg)
+    logger.records = [{"step": s} for s in range(1, 5)]
+    logger.continue_after(2)
+    assert [r["step"] for r in logger.records] == [1, 2]
+    for step in (3, 4):
+        logger.log(step, {"kl": 10.0 * step})
+    logger.close()
+    events = event_accumulator.EventAccumulator(str(run.root / "tensorboard" / "ppo"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("ppo/kl")] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]

@@ -36,6 +36,17 @@ class StepLogger:
                 config=cfg.model_dump(mode="json"),
             )
 
+    def continue_after(self, step: int) -> None:
+        """The run continues after ``step`` (0: from the start): TensorBoard drops every event an
+        earlier attempt (killed, or rewound to a checkpoint) logged past it, as metrics.jsonl and
+        the traces do, so no step is shown twice."""
+        self.records = [r for r in self.records if r["step"] <= step]
+        if self.tb is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb.close()
+            self.tb = SummaryWriter(log_dir=self.tb.log_dir, purge_step=step + 1)
+
     def archive_previous(self) -> None:
         """A fresh ppo run in a directory that has older traces moves them aside instead of mixing."""
         stamp = time.strftime("%Y%m%d-%H%M%S")

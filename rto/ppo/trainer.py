@@ -315,7 +315,7 @@ def run_steps(
     supervisor.restarts = max(supervisor.restarts, int(state.get("restarts", 0)))
     checkpoint.remove_partial(ckpt_root)
     run.truncate_metrics("ppo", state["step"])
-    logger.records = [r for r in logger.records if r["step"] <= state["step"]]
+    logger.continue_after(state["step"])
     run.traces_dir.mkdir(exist_ok=True)
     remove_stale_temp_files(run.traces_dir)
     for stale in [s for s in list_trace_steps(run.traces_dir) if s > state["step"]]:
