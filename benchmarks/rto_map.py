@@ -56,7 +56,19 @@ METHODS = {
     "semi_rto": ["reward.mode=semi_rto"],
     "delayed": ["reward.mode=delayed"],
     "rs_ppo": ["reward.mode=rs_ppo"],
+    # the online DPO refresh (not in the default sweep): 32 prompts x 2 samples = the same 64
+    # rollouts a step, every 5 steps a DPO update on each prompt's best-vs-worst pair by the RM
+    "rto_g2": ["reward.mode=rto", "ppo.rollout_batch_size=32", "ppo.samples_per_prompt=2"],
+    "rto_refresh": [
+        "reward.mode=rto",
+        "ppo.rollout_batch_size=32",
+        "ppo.samples_per_prompt=2",
+        "ppo.dpo_refresh.every=5",
+        "ppo.dpo_refresh.label=rm",
+        "ppo.dpo_refresh.lr=1e-4",
+    ],
 }
+DEFAULT_METHODS = ["rto", "ppo", "semi_rto", "delayed", "rs_ppo"]
 BUDGETS = (0.125, 0.25, 0.5)
 
 
@@ -68,7 +80,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--eval-every", type=int, default=5)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=DEFAULT_METHODS,
+        choices=list(METHODS),
+        help="reward modes (and the online-refresh arms rto_g2, rto_refresh)",
+    )
     parser.add_argument("--rm-settings", nargs="+", default=list(RM_SETTINGS), choices=list(RM_SETTINGS))
     parser.add_argument("--budgets", type=float, nargs="*", default=list(BUDGETS))
     parser.add_argument("--budget-rm", default="trained", choices=list(RM_SETTINGS))
@@ -151,7 +169,9 @@ def main() -> None:
             Path(spec["run_dir"]).parent.mkdir(parents=True, exist_ok=True)
             with open(Path(spec["run_dir"]).parent / f"{Path(spec['run_dir']).name}.log", "w") as log:
                 code = subprocess.call(
-                    [sys.executable, __file__, "--one", json.dumps(spec)], stdout=log, stderr=subprocess.STDOUT
+                    [sys.executable, __file__, "--one", json.dumps(spec)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
                 )
             if code != 0:
                 raise SystemExit(f"run {spec['run_dir']} failed (exit {code}); see its .log")
@@ -168,6 +188,7 @@ def main() -> None:
         runs = list(pool.map(launch, specs))
 
     results = summarize(cells, specs, runs, args, rm_info, references, ceiling)
+    results["rollouts_per_step"] = cfg.ppo.rollout_batch_size * cfg.ppo.samples_per_prompt
     settings = {
         "config": args.config, "seeds": args.seeds, "steps": args.steps, "eval_every": args.eval_every,
         "overrides": common, "methods": args.methods, "rm_settings": args.rm_settings,
@@ -246,7 +267,9 @@ def summarize(cells, specs, runs, args, rm_info, references, ceiling) -> dict:
             for entry in row["methods"].values():
                 curve, steps = entry["curve"]["mean"], entry["curve"]["steps"]
                 reached = next((s for s, v in zip(steps, curve, strict=True) if v >= target), None)
-                entry["rollout_fraction_to_reach_ppo_final"] = None if reached is None else reached / args.steps
+                entry["rollout_fraction_to_reach_ppo_final"] = (
+                    None if reached is None else reached / args.steps
+                )
                 diffs = [a - b for a, b in zip(entry["final_heldout_gt"]["per_seed"], ppo_seeds, strict=True)]
                 entry["minus_ppo"] = mean_se(diffs)  # paired by seed: same prompts, same first rollouts
         table.append(row)
@@ -254,7 +277,6 @@ def summarize(cells, specs, runs, args, rm_info, references, ceiling) -> dict:
         "label_ceiling": ceiling,
         "rm_settings": rm_info,
         "reference_heldout_gt": references,
-        "rollouts_per_step": None,
         "cells": table,
         "goals": goals(table),
     }
@@ -290,7 +312,9 @@ def goals(table: list[dict]) -> dict:
 
 def print_table(results: dict) -> None:
     methods = list(results["cells"][0]["methods"])
-    print(f"\n{'rm (accuracy)':<24}{'budget':>7}" + "".join(f"{m:>16}" for m in methods) + f"{'rto reach':>11}")
+    print(
+        f"\n{'rm (accuracy)':<24}{'budget':>7}" + "".join(f"{m:>16}" for m in methods) + f"{'rto reach':>11}"
+    )
     for row in results["cells"]:
         cells = "".join(
             f"{row['methods'][m]['final_heldout_gt']['mean']:>9.3f}±{row['methods'][m]['final_heldout_gt']['se'] or 0:.3f}"
@@ -316,7 +340,8 @@ def plot(results: dict, path: Path) -> None:
     full = sorted((r for r in cells if r["budget"] == 1.0), key=lambda r: r["rm_pair_accuracy"])
     budget_rm = next((r["rm"] for r in cells if r["budget"] < 1), None)
     budgets = sorted(
-        (r for r in cells if r["rm"] == budget_rm and (r["budget"] < 1 or r in full)), key=lambda r: r["budget"]
+        (r for r in cells if r["rm"] == budget_rm and (r["budget"] < 1 or r in full)),
+        key=lambda r: r["budget"],
     )
     for m in methods:
         for ax, rows, key in ((axes[0], full, "rm_pair_accuracy"), (axes[1], budgets, "budget")):
