@@ -117,9 +117,18 @@ def test_rollout_workers_receive_updated_weights(reward_run, tmp_path):
         ray.shutdown()
 
 
-def test_kill_during_ppo_then_resume(reward_run, tmp_path):
+REFRESHING_COLOCATED = dict(
+    resources__colocate="all", ppo__samples_per_prompt=2, ppo__rollout_batch_size=4,
+    ppo__dpo_refresh__every=2, ppo__dpo_refresh__lr=1e-3,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("changes", [{}, REFRESHING_COLOCATED], ids=["distributed", "colocated-dpo-refresh"])
+def test_kill_during_ppo_then_resume(reward_run, tmp_path, changes):
+    """SIGKILL mid-stage, then --resume: every step once in the metrics, the traces and TensorBoard;
+    with a refreshing DPO model (colocated), its refresh count continues from the checkpoint."""
     run_dir = fresh_copy(reward_run, tmp_path)
-    job = write_job(tmp_path, stages=["ppo", "eval"], ppo__steps=8, ppo__checkpoint_every=2)
+    job = write_job(tmp_path, stages=["ppo", "eval"], ppo__steps=8, ppo__checkpoint_every=2, **changes)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     process = subprocess.Popen(
         [sys.executable, "-m", "rto.cli", "run", str(job), "--run-dir", str(run_dir)],
@@ -159,7 +168,15 @@ def test_kill_during_ppo_then_resume(reward_run, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["ppo"]["steps"] == 8
     assert "ppo" in summary["eval"]["policies"]
-    assert list((run_dir / "tensorboard" / "ppo").iterdir())
+    from tensorboard.backend.event_processing import event_accumulator
+
+    events = event_accumulator.EventAccumulator(str(run_dir / "tensorboard" / "ppo"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("ppo/kl")] == list(range(1, 9))  # the killed attempt's are purged
+    if changes:
+        rows = [r for r in metrics if r["stage"] == "ppo"]
+        assert [r["dpo_refreshes"] for r in rows] == [(s - 1) // 2 for s in range(1, 9)]
+        assert (run_dir / "stages" / "ppo" / "dpo" / "config.json").is_file()
 
     # the trace file: per-token reward is the sum of its components, read back from disk
     table = pq.read_table(run_dir / "traces" / "step-000008.parquet").to_pylist()
