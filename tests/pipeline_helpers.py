@@ -71,3 +71,60 @@ def one_line_error(code: int, err: str, words: list[str], expected: int = 2) -> 
     assert len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in err, err
     for word in words:
         assert word in errors[0], (word, errors[0])
+
+
+def run_ppo_steps(
+    reward_run: Path, tmp_path: Path, name: str, steps: int, between=None, inspect=None, **changes
+):
+    """``steps`` PPO iterations through `rto.ppo.trainer.one_step` on freshly built groups, in a copy
+    of ``reward_run`` (finished sft, dpo and rm stages) named ``name``, with the tiny job's
+    ``changes``. ``between(groups, step, state)`` runs after each step and ``inspect(groups)`` after
+    the last, before the groups are shut down. Returns (run directory, records, config, what
+    ``inspect`` returned)."""
+    import shutil
+
+    import ray
+
+    from pipelines.prepare import prepare
+    from pipelines.prompts import TextPrompts
+    from pipelines.stages.rm import load_normalization
+    from rto.config import load_config
+    from rto.distributed import init_ray
+    from rto.models import load_tokenizer
+    from rto.ppo.groups import ModelPaths, build_groups
+    from rto.ppo.trainer import PPOInputs, one_step
+    from rto.rundir import RunDir
+
+    run_dir = tmp_path / name
+    shutil.copytree(reward_run, run_dir)
+    (tmp_path / f"{name}-job").mkdir()
+    cfg = load_config(write_job(tmp_path / f"{name}-job", stages=["ppo"], **changes))
+    run = RunDir(run_dir)
+    prepared = prepare(cfg, run)
+    stages = run_dir / "stages"
+    paths = ModelPaths(
+        policy=str(stages / "sft"), critic=str(stages / "rm"), ref=str(stages / "sft"),
+        dpo=str(stages / "dpo"), rm=str(stages / "rm"),
+    )  # fmt: skip
+    init_ray(None, 2)
+    groups = build_groups(cfg, paths, optimizer_steps=steps, dtype="float32")
+    try:
+        tokenizer = load_tokenizer(paths.policy)
+        inputs = PPOInputs(
+            cfg=cfg, run=run, out_dir=tmp_path / f"{name}-out", paths=paths,
+            prompts=TextPrompts(tokenizer, prepared.records("prompts")), tokenizer=tokenizer,
+            processing_class=tokenizer, ground_truth=prepared.ground_truth(),
+            rm_normalization=load_normalization(stages / "rm"), stage_hash="test", resume=False,
+        )  # fmt: skip
+        run.traces_dir.mkdir(exist_ok=True)
+        state = {"step": 0, "prompts_consumed": 0, "skipped_batches": 0, "dpo_refreshes": 0}
+        records = []
+        for step in range(1, steps + 1):
+            records.append(one_step(inputs, groups, state, step))
+            if between is not None:
+                between(groups, step, state)
+        inspected = inspect(groups) if inspect is not None else None
+    finally:
+        groups.shutdown()
+        ray.shutdown()
+    return run_dir, records, cfg, inspected

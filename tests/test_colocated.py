@@ -9,59 +9,27 @@ import shutil
 
 import pyarrow.parquet as pq
 import pytest
-from pipeline_helpers import one_line_error, rto, write_job
+from pipeline_helpers import one_line_error, rto, run_ppo_steps, write_job
 
 COMPARED = ("token_ids", "logprob", "ref_logprob", "dpo_logprob", "reward", "value", "advantage", "return")
 
 
 def run_steps(reward_run, tmp_path, name: str, steps: int, **changes):
-    """``steps`` PPO iterations through `one_step` on freshly built groups; the run directory."""
-    import ray
+    """``steps`` PPO iterations on freshly built groups; the run directory, the records and the
+    groups' layout."""
 
-    from pipelines.prepare import prepare
-    from pipelines.prompts import TextPrompts
-    from pipelines.stages.rm import load_normalization
-    from rto.config import load_config
-    from rto.distributed import init_ray
-    from rto.models import load_tokenizer
-    from rto.ppo.groups import ModelPaths, build_groups
-    from rto.ppo.trainer import PPOInputs, one_step
-    from rto.rundir import RunDir
-
-    run_dir = tmp_path / name
-    shutil.copytree(reward_run, run_dir)
-    (tmp_path / f"{name}-job").mkdir()
-    cfg = load_config(write_job(tmp_path / f"{name}-job", stages=["ppo"], **changes))
-    run = RunDir(run_dir)
-    prepared = prepare(cfg, run)
-    stages = run_dir / "stages"
-    paths = ModelPaths(
-        policy=str(stages / "sft"), critic=str(stages / "rm"), ref=str(stages / "sft"),
-        dpo=str(stages / "dpo"), rm=str(stages / "rm"),
-    )  # fmt: skip
-    init_ray(None, 2)
-    groups = build_groups(cfg, paths, optimizer_steps=steps, dtype="float32")
-    try:
-        tokenizer = load_tokenizer(paths.policy)
-        inputs = PPOInputs(
-            cfg=cfg, run=run, out_dir=tmp_path / f"{name}-out", paths=paths,
-            prompts=TextPrompts(tokenizer, prepared.records("prompts")), tokenizer=tokenizer,
-            processing_class=tokenizer, ground_truth=prepared.ground_truth(),
-            rm_normalization=load_normalization(stages / "rm"), stage_hash="test", resume=False,
-        )  # fmt: skip
-        run.traces_dir.mkdir(exist_ok=True)
-        state = {"step": 0, "prompts_consumed": 0, "skipped_batches": 0}
-        records = [one_step(inputs, groups, state, step) for step in range(1, steps + 1)]
-        layout = {
+    def layout(groups) -> dict:
+        return {
             "colocated": groups.colocated is not None,
             "actors": len({a for g in groups.all() for a in g.actor_ids()}),
             "critic": groups.critic is not None,
             "shares_weights": groups.colocated.run_all("shares_weights") if groups.colocated else None,
         }
-    finally:
-        groups.shutdown()
-        ray.shutdown()
-    return run_dir, records, layout
+
+    run_dir, records, _, inspected = run_ppo_steps(
+        reward_run, tmp_path, name, steps, inspect=layout, **changes
+    )
+    return run_dir, records, inspected
 
 
 def traces(run_dir, step):

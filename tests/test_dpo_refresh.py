@@ -11,7 +11,7 @@ import shutil
 
 import pyarrow.parquet as pq
 import pytest
-from pipeline_helpers import one_line_error, rto, write_job
+from pipeline_helpers import one_line_error, rto, run_ppo_steps, write_job
 
 
 def test_pairs_are_each_prompts_best_against_its_worst():
@@ -22,55 +22,6 @@ def test_pairs_are_each_prompts_best_against_its_worst():
     assert refresh_pairs(labels, 3, 0.0) == [(1, 0), (3, 5), (6, 7)]
     assert refresh_pairs(labels, 3, 0.5) == [(1, 0), (6, 7)]  # gaps 0.8, 0.3, 0.7
     assert refresh_pairs([0.4, 0.4, 1.0, 0.0], 2, 0.0) == [(2, 3)]  # a tie makes no pair
-
-
-def steps_with_refresh(reward_run, tmp_path, steps: int, between=None, **changes):
-    """``steps`` PPO iterations through `one_step` on freshly built groups; ``between(groups, step)``
-    runs after each. Returns (run directory, records)."""
-    import ray
-
-    from pipelines.prepare import prepare
-    from pipelines.prompts import TextPrompts
-    from pipelines.stages.rm import load_normalization
-    from rto.config import load_config
-    from rto.distributed import init_ray
-    from rto.models import load_tokenizer
-    from rto.ppo.groups import ModelPaths, build_groups
-    from rto.ppo.trainer import PPOInputs, one_step
-    from rto.rundir import RunDir
-
-    run_dir = tmp_path / "run"
-    shutil.copytree(reward_run, run_dir)
-    cfg = load_config(write_job(tmp_path, stages=["ppo"], **changes))
-    run = RunDir(run_dir)
-    prepared = prepare(cfg, run)
-    stages = run_dir / "stages"
-    paths = ModelPaths(
-        policy=str(stages / "sft"), critic=str(stages / "rm"), ref=str(stages / "sft"),
-        dpo=str(stages / "dpo"), rm=str(stages / "rm"),
-    )  # fmt: skip
-    init_ray(None, 2)
-    groups = build_groups(cfg, paths, optimizer_steps=steps, dtype="float32")
-    try:
-        assert groups.dpo_trainable and groups.trainable_names() == {"policy", "critic", "dpo"}
-        tokenizer = load_tokenizer(paths.policy)
-        inputs = PPOInputs(
-            cfg=cfg, run=run, out_dir=tmp_path / "out", paths=paths,
-            prompts=TextPrompts(tokenizer, prepared.records("prompts")), tokenizer=tokenizer,
-            processing_class=tokenizer, ground_truth=prepared.ground_truth(),
-            rm_normalization=load_normalization(stages / "rm"), stage_hash="test", resume=False,
-        )  # fmt: skip
-        run.traces_dir.mkdir(exist_ok=True)
-        state = {"step": 0, "prompts_consumed": 0, "skipped_batches": 0, "dpo_refreshes": 0}
-        records = []
-        for step in range(1, steps + 1):
-            records.append(one_step(inputs, groups, state, step))
-            if between is not None:
-                between(groups, step, state)
-    finally:
-        groups.shutdown()
-        ray.shutdown()
-    return run_dir, records, cfg
 
 
 def test_refresh_loss_is_the_dpo_loss_of_the_logged_rollouts_and_the_state_is_checkpointed(
@@ -92,11 +43,15 @@ def test_refresh_loss_is_the_dpo_loss_of_the_logged_rollouts_and_the_state_is_ch
             checkpoint.load(tmp_path / "ckpt" / "step-000001", groups)
             sums["restored"] = groups.dpo.run_all("weights_checksum")[0]
 
-    run_dir, records, cfg = steps_with_refresh(
-        reward_run, tmp_path, 2, between, ppo__samples_per_prompt=2, ppo__rollout_batch_size=8,
+    def trainable(groups):
+        return groups.dpo_trainable, groups.trainable_names()
+
+    run_dir, records, cfg, inspected = run_ppo_steps(
+        reward_run, tmp_path, "run", 2, between, trainable, ppo__samples_per_prompt=2, ppo__rollout_batch_size=8,
         ppo__train_batch_size=16, ppo__micro_batch_size=8, ppo__dpo_refresh__every=1,
         ppo__dpo_refresh__label="ground_truth", ppo__dpo_refresh__lr=1e-3, resources__colocate="all",
     )  # fmt: skip
+    assert inspected == (True, {"policy", "critic", "dpo"})
     first, second = records
     assert first["dpo_refreshes"] == 0 and second["dpo_refreshes"] == 1
     rows = pq.read_table(run_dir / "traces" / "step-000001.parquet").to_pylist()
