@@ -311,19 +311,33 @@ def goals(table: list[dict]) -> dict:
 
 
 def print_table(results: dict) -> None:
+    """The map as a Markdown table (what benchmarks/README.md shows): final held-out ground truth,
+    mean ± SE over seeds, RTO − PPO paired by seed, and the fraction of PPO's rollouts each method
+    needs to reach PPO's final held-out figure (— where it never does)."""
     methods = list(results["cells"][0]["methods"])
-    print(
-        f"\n{'rm (accuracy)':<24}{'budget':>7}" + "".join(f"{m:>16}" for m in methods) + f"{'rto reach':>11}"
-    )
+
+    def fraction(value) -> str:
+        return "—" if value is None else f"{value:.2f}"
+
+    header = ["RM (held-out pair acc.)", "prompts", *methods, "RTO − PPO", "rollouts to reach PPO's final"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
     for row in results["cells"]:
-        cells = "".join(
-            f"{row['methods'][m]['final_heldout_gt']['mean']:>9.3f}±{row['methods'][m]['final_heldout_gt']['se'] or 0:.3f}"
-            + " " * 1
-            for m in methods
+        figures = []
+        for m in methods:
+            final = row["methods"][m]["final_heldout_gt"]
+            figures.append(f"{final['mean']:.3f} ± {final['se'] or 0:.3f}")
+        rto, reach = row["methods"].get("rto"), []
+        diff = (
+            f"{rto['minus_ppo']['mean']:+.3f} ± {rto['minus_ppo']['se'] or 0:.3f}"
+            if rto and "minus_ppo" in rto
+            else "-"
         )
-        reach = row["methods"].get("rto", {}).get("rollout_fraction_to_reach_ppo_final")
+        for m in methods:
+            if m != "ppo":
+                reach.append(f"{m} {fraction(row['methods'][m].get('rollout_fraction_to_reach_ppo_final'))}")
         label = f"{row['rm']} ({row['rm_pair_accuracy']:.3f})"
-        print(f"{label:<24}{row['budget']:>7g}{cells}{'-' if reach is None else f'{reach:.3f}':>11}")
+        print(f"| {label} | {row['prompts']} | " + " | ".join(figures) + f" | {diff} | {', '.join(reach)} |")
 
 
 def plot(results: dict, path: Path) -> None:

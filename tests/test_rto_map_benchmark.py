@@ -77,3 +77,16 @@ def test_a_method_that_never_reaches_ppo_has_no_fraction_and_a_lower_one_is_not_
     assert not verdict["level"] and not verdict["needs_ahead"]  # at the label ceiling only "level" is asked
     assert verdict["quarter_of_rollouts"] is None
     assert results["goals"]["ahead_below_ceiling"]  # no imperfect-RM cell in this map
+
+
+def test_the_markdown_table_has_one_row_per_cell(capsys):
+    curves = {("ppo", 0): [0.1, 0.2, 0.3, 0.4], ("ppo", 1): [0.1, 0.2, 0.3, 0.6]}
+    curves |= {("rto", 0): [0.2, 0.5, 0.6, 0.7], ("rto", 1): [0.2, 0.5, 0.7, 0.9]}
+    specs, runs = cells_of(curves)
+    args = Namespace(methods=["rto", "ppo"], seeds=[0, 1], steps=20)
+    results = rto_map.summarize(
+        [("weak", 1.0)], specs, runs, args, {"weak": {"heldout_pair_accuracy": 0.62}}, {}, 0.75
+    )
+    rto_map.print_table(results)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2] == "| weak (0.620) | 1024 | 0.800 ± 0.100 | 0.500 ± 0.100 | +0.300 ± 0.000 | rto 0.50 |"
