@@ -36,7 +36,11 @@ PPO_FIGURES = [
     ("Reward per step", [
         ("token reward (mean sum per sample)", {"total": "reward_total", "dpo term": "reward_dpo",
                                                 "kl term": "reward_kl", "rm score": "rm_score"}),
-        ("ground truth", {"gt reward": "gt_reward"}),
+        ("ground truth", {"gt reward": "gt_reward", "held-out": "heldout_gt"}),
+    ]),
+    ("Token reward model", [
+        ("DPO term vs ground truth (AUC)", {"auc": "dpo_gt_auc"}),
+        ("online DPO refresh", {"loss": "dpo_refresh_loss", "pair accuracy": "dpo_refresh_accuracy"}),
     ]),
     ("KL and losses", [
         ("KL to the reference", {"kl (per sample)": "kl"}),

@@ -66,6 +66,26 @@ def test_page_content(run):
     assert re.findall(r"<h3>step (\d+)", build_report(run, steps=[2])) == ["2"]
 
 
+def test_held_out_curve_and_dpo_refresh_get_their_panels(tmp_path):
+    """Runs that log a held-out curve (ppo.eval_every) and DPO refreshes (ppo.dpo_refresh) show them;
+    the others get no empty panel (test_page_content counts 4 figures)."""
+    import json
+
+    run = make_run(tmp_path / "run", cut_last_metrics_line=False)
+    extra = [
+        {"stage": "ppo", "step": 2, "heldout_gt": 0.4, "dpo_refresh_loss": 0.69, "dpo_refresh_accuracy": 0.5},
+        {"stage": "ppo", "step": 3, "heldout_gt": 0.6, "dpo_gt_auc": 0.7},
+    ]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        row.update(next((e for e in extra if e["step"] == row.get("step") and row["stage"] == "ppo"), {}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = build_report(run, samples=1)
+    assert text.count("<svg") == 5
+    for title in ("held-out", "Token reward model", "online DPO refresh", "DPO term vs ground truth"):
+        assert title in text, title
+
+
 @pytest.mark.parametrize(
     ("make", "args", "message"),
     [
