@@ -315,14 +315,13 @@ def test_a_checkpoint_that_would_run_code_is_refused(groups, tmp_path):
     (optim,) = list((tmp_path / "policy" / checkpoint.TAG).glob("zero_pp_rank_0_*optim_states.pt"))
     torch.save({"optimizer_state_dict": _Payload(marker)}, optim)
 
-    class PolicyOnly:  # checkpoint.load needs the two trainable groups; the policy's files fail first
-        pass
+    class PolicyOnly:  # checkpoint.load loads every trainable group; here the policy alone
+        def trainable(self):
+            return [policy]
 
-    both = PolicyOnly()
-    both.policy = both.critic = policy
     (tmp_path / "state.json").write_text(json.dumps({"step": 1, "rng": checkpoint.rng_state()}))
     with pytest.raises(UserError, match="refusing to load a checkpoint file") as error:
-        checkpoint.load(tmp_path, both)
+        checkpoint.load(tmp_path, PolicyOnly())
     assert "posix" in str(error.value) and "\n" not in str(error.value)  # the global it would call
     assert not marker.exists()
 
