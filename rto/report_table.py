@@ -7,13 +7,17 @@ from rich.table import Table
 from rto.progress import console
 
 
-def policy_label(name: str, ppo_mode: str | None, sentence_reward: str | None = None) -> str:
-    """The ppo stage's policy is named by the reward it was trained with; `X+method` is policy X
-    generating with vision-token pruning."""
+def policy_label(
+    name: str, ppo_mode: str | None, sentence_reward: str | None = None, base_path: str | None = None
+) -> str:
+    """The ppo stage's policy is named by the reward it was trained with, the base policy by its
+    source (`policy.path`'s last component; "random init" for a built-in architecture); `X+method`
+    is policy X generating with vision-token pruning."""
     if "+" in name:
         policy, method = name.split("+", 1)
-        return f"{policy_label(policy, ppo_mode, sentence_reward)} + {method}"
-    labels = {"base": "random init", "sft": "SFT", "dpo": "DPO"}
+        return f"{policy_label(policy, ppo_mode, sentence_reward, base_path)} + {method}"
+    base = "random init" if base_path is None else f"start ({base_path.rstrip('/').rsplit('/', 1)[-1]})"
+    labels = {"base": base, "sft": "SFT", "dpo": "DPO"}
     if name == "ppo" and sentence_reward == "ground_truth":
         return {"rto": "RTO (ground truth)", "ppo": "PPO (ground truth)"}.get(ppo_mode or "rto", "PPO")
     if name == "ppo":
@@ -42,6 +46,7 @@ def print_summary(summary: dict, stages: list[str]) -> None:
                     name,
                     summary["eval"].get("ppo_reward_mode"),
                     summary.get("ppo", {}).get("sentence_reward"),
+                    summary["eval"].get("base_policy"),
                 ),
                 *(f"{row[c]:.3f}" if isinstance(row.get(c), float | int) else "-" for c in columns),
             )

@@ -200,7 +200,7 @@ def keep_result(ctx: StageContext, name: str, result: dict) -> dict:
 def finish(ctx: StageContext, results: dict[str, dict], n_prompts: int) -> dict:
     for name, summary in results.items():
         ctx.log(f"{name}: " + ", ".join(f"{k}={v:.3f}" for k, v in summary.items()))
-    summary = {"policies": results, "prompts": n_prompts}
+    summary = {"policies": results, "prompts": n_prompts, "base_policy": ctx.cfg.policy.path}
     if ctx.has_stage("ppo"):
         summary["ppo_reward_mode"] = (
             ctx.run.read_summary().get("ppo", {}).get("reward_mode", ctx.cfg.reward.mode)

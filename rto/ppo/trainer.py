@@ -564,9 +564,7 @@ def one_step(
         if step % ppo.dpo_refresh.every == 0:
             t4 = time.perf_counter()
             labels = gts if ppo.dpo_refresh.label == "ground_truth" else scores["rm_scores"].tolist()
-            pairs = refresh_batch(
-                ppo.dpo_refresh, ppo.samples_per_prompt, samples, scores, mask, labels, prompt_len
-            )
+            pairs = refresh_batch(ppo.dpo_refresh, ppo.samples_per_prompt, samples, scores, mask, labels)
             record["dpo_refresh_pairs"] = pairs["pair_sequences"].size(0)
             if record["dpo_refresh_pairs"] >= groups.dpo.num_actors:  # every rank takes part in a step
                 pairs.update(
@@ -632,7 +630,7 @@ def refresh_pairs(labels: list[float], group_size: int, min_gap: float) -> list[
     return pairs
 
 
-def refresh_batch(refresh, group_size: int, samples: dict, scores: dict, mask, labels, prompt_len) -> dict:
+def refresh_batch(refresh, group_size: int, samples: dict, scores: dict, mask, labels) -> dict:
     """The DPO refresh's training batch from one step's rollouts: ``pair_* [P, 2, ...]`` (chosen,
     rejected) and their summed reference log-probs (already scored for the KL term)."""
     pairs = refresh_pairs(list(labels), group_size, refresh.min_gap)
