@@ -1,7 +1,8 @@
 """The same PPO job with dense rollouts and with pruned rollouts, same seeds, same steps.
 
     python benchmarks/pruned_ppo.py --task text --seeds 0 1 2 --steps 20     # FTP on long prompts
-    python benchmarks/pruned_ppo.py --task image --seeds 0 1 2                 # AdaptInfer on pictures
+    python benchmarks/pruned_ppo.py --task image --seeds 0 1 2 --jobs 2        # AdaptInfer on pictures
+    python benchmarks/pruned_ppo.py --task image_quickstart --seeds 0 1 2 --jobs 2
 
 **text**: the facts variant's 12-layer recipe (`configs/facts.yaml`: prompts of about 290 tokens:
 the attributes of 56 subjects, then a request about one of them). Arms `dense` and `ftp`
@@ -9,12 +10,18 @@ the attributes of 56 subjects, then a request about one of them). Arms `dense` a
 once and cached (`--base`, default ~/.cache/rto/facts-12l-v1). Held-out figure: ground truth at
 temperature 0.7.
 
-**image**: the image quickstart (`configs/image-quickstart.yaml`: the tiny LLaVA, RTO's token
-reward from its DPO stage). Arms `image_dense` and `image_adaptinfer` (25 % of the vision tokens),
-the job as configured, and `image_ppo`: dense rollouts with the ground truth alone as the reward
+**image**: ground-truth PPO from the benchmark VLM (`benchmarks/configs/image-ppo.yaml`; the model
+is `pipelines.tasks.image_model.sft_recipe`'s, built into ~/.cache/rto/image-vlm-v4 first when it is
+missing: about 80 minutes). Arms `image_dense` and `image_adaptinfer` (25 % of the vision tokens);
+the start policy is the `base` row of the cached eval (~/.cache/rto/image-vlm-v4-ppo).
+
+**image_quickstart**: the image quickstart (`configs/image-quickstart.yaml`: the tiny LLaVA, RTO's
+token reward from its DPO stage). Arms `quickstart_dense` and `quickstart_adaptinfer`, the job as
+configured, and `quickstart_ppo`: dense rollouts with the ground truth alone as the reward
 (`reward.mode: ppo`), to tell what RTO's DPO term adds. The SFT and DPO models are cached
-(default ~/.cache/rto/image-quickstart-v2). Held-out figure: greedy accuracy on the task's
-evaluation questions (`task.n_eval`).
+(default ~/.cache/rto/image-quickstart-v2).
+
+Image held-out figure: greedy accuracy on the task's evaluation questions (`task.n_eval`).
 
 For each seed the `ppo` stage runs once per arm, interleaved (every arm once per seed, in turn, so
 that all see the machine in the same state), from the same cached models, and the `eval` stage
@@ -54,13 +61,16 @@ from rto.config import load_config  # noqa: E402
 from rto.rundir import RunDir  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+BENCH_CONFIGS = Path(__file__).resolve().parent / "configs"
 CACHE = Path.home() / ".cache" / "rto"
 
 
 @dataclass(frozen=True)
 class Setup:
     """One task's comparison: its job file, the stages trained once into the cached base, the
-    arms (name -> config overrides), which arm is the baseline and which the pruned one."""
+    arms (name -> config overrides), which arm is the baseline and which the pruned one, the eval
+    name of the start policy, the RTO and sentence-level PPO arms (where both run), and a policy
+    folder to build first when it is missing."""
 
     config: Path
     base: Path
@@ -68,6 +78,10 @@ class Setup:
     arms: dict[str, list[str]]
     baseline: str
     pruned: str
+    start: str = "sft"
+    rto: str | None = None
+    ppo: str | None = None
+    policy: Path | None = None
 
 
 SETUPS = {
@@ -80,16 +94,31 @@ SETUPS = {
         pruned="ftp",
     ),
     "image": Setup(
+        config=BENCH_CONFIGS / "image-ppo.yaml",
+        base=CACHE / "image-vlm-v4-ppo",
+        base_stages=(),
+        arms={
+            "image_dense": ["ppo.rollout_pruner=none"],
+            "image_adaptinfer": ["ppo.rollout_pruner=adaptinfer"],
+        },
+        baseline="image_dense",
+        pruned="image_adaptinfer",
+        start="base",
+        policy=CACHE / "image-vlm-v4",
+    ),
+    "image_quickstart": Setup(
         config=CONFIGS / "image-quickstart.yaml",
         base=CACHE / "image-quickstart-v2",
         base_stages=("sft", "dpo"),
         arms={
-            "image_dense": ["ppo.rollout_pruner=none"],
-            "image_adaptinfer": ["ppo.rollout_pruner=adaptinfer"],
-            "image_ppo": ["ppo.rollout_pruner=none", "reward.mode=ppo"],
+            "quickstart_dense": ["ppo.rollout_pruner=none"],
+            "quickstart_adaptinfer": ["ppo.rollout_pruner=adaptinfer"],
+            "quickstart_ppo": ["ppo.rollout_pruner=none", "reward.mode=ppo"],
         },
-        baseline="image_dense",
-        pruned="image_adaptinfer",
+        baseline="quickstart_dense",
+        pruned="quickstart_adaptinfer",
+        rto="quickstart_dense",
+        ppo="quickstart_ppo",
     ),
 }
 PER_STEP = ("gt_reward", "time_generate", "time_score", "time_train", "time_step", "response_length",
@@ -112,8 +141,13 @@ def cumulative(values: list[float]) -> list[float]:
 
 def prepare_base(setup: Setup, base: Path, overrides: list[str]) -> dict:
     """The stages every arm starts from (cached: run_job skips the stages that are up to date)."""
+    if setup.policy is not None and not (setup.policy / "config.json").exists():
+        from pipelines.tasks import image_model
+
+        print(f"training the benchmark VLM into {setup.policy} (image_model.sft_recipe)...", flush=True)
+        image_model.sft_recipe(setup.policy)
     stages = ",".join([*setup.base_stages, "eval"])
-    cfg = load_config(setup.config, [f"stages=[{stages}]", "eval.models=[sft]", *overrides])
+    cfg = load_config(setup.config, [f"stages=[{stages}]", f"eval.models=[{setup.start}]", *overrides])
     return run_job(cfg, base)
 
 
@@ -251,10 +285,12 @@ def text_results(setup: Setup, base: Path, work: Path, arms: dict, start_gt: flo
     }
 
 
-def image_results(arms: dict, start: float, n_eval: int) -> dict:
+def image_results(arms: dict, start: float, n_eval: int, setup: Setup | None = None) -> dict:
     """Gains over the start policy and between arms, each with its standard error: over seeds for
-    a trained arm, binomial over the `n_eval` questions for the start policy (one model)."""
-    dense, pruned, ppo = arms["image_dense"], arms["image_adaptinfer"], arms["image_ppo"]
+    a trained arm, binomial over the `n_eval` questions for the start policy (one model). RTO
+    against sentence-level PPO only where the setup runs both (else None)."""
+    setup = setup or SETUPS["image_quickstart"]
+    dense, pruned = arms[setup.baseline], arms[setup.pruned]
     start_se = binomial_se(start, n_eval)
 
     def gain(arm: dict) -> dict:
@@ -268,7 +304,8 @@ def image_results(arms: dict, start: float, n_eval: int) -> dict:
         }
 
     gains = {name: gain(arm) for name, arm in arms.items()}
-    rto_vs_ppo, pruned_vs_dense = difference(dense, ppo), difference(pruned, dense)
+    rto_vs_ppo = difference(arms[setup.rto], arms[setup.ppo]) if setup.rto and setup.ppo else None
+    pruned_vs_dense = difference(pruned, dense)
     rollout_ratio = pruned["rollout_seconds_mean"] / dense["rollout_seconds_mean"]
     return {
         "start_policy_heldout_gt": start,
@@ -282,8 +319,10 @@ def image_results(arms: dict, start: float, n_eval: int) -> dict:
             "step_seconds_adaptinfer_over_dense": pruned["step_seconds_mean"] / dense["step_seconds_mean"],
         },
         "goals": {
-            "dense_ppo_beats_start_by_2se": gains["image_dense"]["gain"] > 2 * gains["image_dense"]["se"],
-            "rto_at_least_level_with_ppo": rto_vs_ppo["difference"] >= -rto_vs_ppo["se"],
+            "dense_ppo_beats_start_by_2se": gains[setup.baseline]["gain"] > 2 * gains[setup.baseline]["se"],
+            "rto_at_least_level_with_ppo": None
+            if rto_vs_ppo is None
+            else rto_vs_ppo["difference"] >= -rto_vs_ppo["se"],
             "adaptinfer_within_1se_of_dense": abs(pruned_vs_dense["difference"]) <= pruned_vs_dense["se"],
             "rollout_time_at_most_0.6x_dense": rollout_ratio <= 0.6,
         },
@@ -327,10 +366,10 @@ def main() -> None:
     work = Path(args.work_dir or ("runs/bench-pruned-ppo" + ("" if args.task == "text" else f"-{args.task}")))
     overrides = [*([f"ppo.steps={args.steps}"] if args.steps else []), *args.overrides]
     base_summary = prepare_base(setup, base, args.overrides)
-    start = base_summary["eval"]["policies"]["sft"]
-    start_by_kind = accuracy_by_kind(base / "stages" / "eval" / "samples-sft.jsonl")
+    start = base_summary["eval"]["policies"][setup.start]
+    start_by_kind = accuracy_by_kind(base / "stages" / "eval" / f"samples-{setup.start}.jsonl")
     print(
-        f"SFT policy: held-out ground truth {start['gt_reward']:.3f} ({start.get('samples')} prompts)",
+        f"start policy ({setup.start}): held-out ground truth {start['gt_reward']:.3f} ({start.get('samples')} prompts)",
         flush=True,
     )
 
@@ -355,7 +394,7 @@ def main() -> None:
     if args.task == "text":
         section = text_results(setup, base, work, arms, start["gt_reward"], args.seeds)
     else:
-        section = image_results(arms, start["gt_reward"], int(start["samples"]))
+        section = image_results(arms, start["gt_reward"], int(start["samples"]), setup)
         section["start_policy_by_kind"] = start_by_kind
     settings = {"config": str(setup.config), "seeds": args.seeds, "steps": args.steps, "overrides": overrides,
                 "base": str(base), "jobs": args.jobs}  # fmt: skip
@@ -419,10 +458,14 @@ def table(results: dict, task: str) -> str:
             f"{name} {g['gain']:+.3f} ± {g['se']:.3f}" for name, g in section["gains_over_start"].items()
         )
         lines += [
-            f"start (SFT) held-out accuracy {section['start_policy_heldout_gt']:.3f} ± "
+            f"start ({SETUPS[task].start}) held-out accuracy {section['start_policy_heldout_gt']:.3f} ± "
             f"{section['start_policy_heldout_se']:.3f} ({section['heldout_questions']} questions); gains: {gains}",
-            f"RTO − PPO {section['rto_minus_ppo']['difference']:+.3f} ± {section['rto_minus_ppo']['se']:.3f}; "
-            f"AdaptInfer − dense {section['adaptinfer_minus_dense']['difference']:+.3f} ± "
+            (
+                f"RTO − PPO {section['rto_minus_ppo']['difference']:+.3f} ± {section['rto_minus_ppo']['se']:.3f}; "
+                if section["rto_minus_ppo"]
+                else ""
+            )
+            + f"AdaptInfer − dense {section['adaptinfer_minus_dense']['difference']:+.3f} ± "
             f"{section['adaptinfer_minus_dense']['se']:.3f}; AdaptInfer / dense: rollout time "
             f"{ratios['rollout_seconds_adaptinfer_over_dense']:.2f}x, step time "
             f"{ratios['step_seconds_adaptinfer_over_dense']:.2f}x",
@@ -467,7 +510,10 @@ def plot(results: dict, task: str, path: Path) -> None:
                     label=name if i == 0 else None,
                 )  # fmt: skip
         ax.axhline(
-            results[task]["start_policy_heldout_gt"], linestyle="--", color="gray", label="SFT (held-out)"
+            results[task]["start_policy_heldout_gt"],
+            linestyle="--",
+            color="gray",
+            label=f"start policy, {SETUPS[task].start} (held-out)",
         )
         ax.set_xlabel(label + " (CPU)")
         ax.grid(alpha=0.3)
@@ -475,7 +521,9 @@ def plot(results: dict, task: str, path: Path) -> None:
     axes[0].legend(loc="lower right", fontsize=8)
     title = {
         "text": "PPO on the facts task (12-layer policy): dense vs FTP-pruned rollouts",
-        "image": "PPO on the image task (tiny LLaVA): dense vs AdaptInfer rollouts (25 %), and PPO without the DPO term",
+        "image": "PPO (ground truth) on the image task from the benchmark VLM: dense vs AdaptInfer rollouts (25 %)",
+        "image_quickstart": "PPO on the image task (quickstart's SFT LLaVA): dense vs AdaptInfer rollouts (25 %), "
+        "and PPO without the DPO term",
     }[task]
     fig.suptitle(title + ", one line per seed", fontsize=10)
     fig.tight_layout()

@@ -24,24 +24,37 @@ def arm(mean: float, se: float, rollout: float = 1.0) -> dict:
 
 
 def test_image_goals_use_the_seed_and_the_binomial_standard_errors():
+    quickstart = pruned_ppo.SETUPS["image_quickstart"]  # dense and pruned RTO, and PPO
     arms = {
-        "image_dense": arm(0.50, 0.01, rollout=1.0),
-        "image_adaptinfer": arm(0.49, 0.01, rollout=0.5),
-        "image_ppo": arm(0.52, 0.01),
+        "quickstart_dense": arm(0.50, 0.01, rollout=1.0),
+        "quickstart_adaptinfer": arm(0.49, 0.01, rollout=0.5),
+        "quickstart_ppo": arm(0.52, 0.01),
     }
-    out = pruned_ppo.image_results(arms, start=0.45, n_eval=1024)
+    out = pruned_ppo.image_results(arms, start=0.45, n_eval=1024, setup=quickstart)
     start_se = (0.45 * 0.55 / 1024) ** 0.5
-    dense = out["gains_over_start"]["image_dense"]
+    dense = out["gains_over_start"]["quickstart_dense"]
     assert dense["gain"] == pytest.approx(0.05)
     assert dense["se"] == pytest.approx((0.01**2 + start_se**2) ** 0.5)
     assert out["goals"]["dense_ppo_beats_start_by_2se"]  # 0.05 > 2 × 0.019
     assert not out["goals"]["rto_at_least_level_with_ppo"]  # −0.02 with a 0.014 standard error
     assert out["goals"]["adaptinfer_within_1se_of_dense"]  # −0.01 within 0.014
     assert out["goals"]["rollout_time_at_most_0.6x_dense"]
-    arms["image_dense"] = arm(0.47, 0.01)
-    out = pruned_ppo.image_results(arms, start=0.45, n_eval=1024)
+    arms["quickstart_dense"] = arm(0.47, 0.01)
+    out = pruned_ppo.image_results(arms, start=0.45, n_eval=1024, setup=quickstart)
     assert not out["goals"]["dense_ppo_beats_start_by_2se"]
     assert out["goals"]["rto_at_least_level_with_ppo"] is False
+
+
+def test_the_benchmark_vlm_setup_compares_rollouts_only():
+    """From the benchmark VLM both arms are ground-truth PPO: no RTO-vs-PPO figure, and its goal
+    is reported as not measured (None), not as met or failed."""
+    arms = {"image_dense": arm(0.88, 0.004, rollout=1.0), "image_adaptinfer": arm(0.87, 0.004, rollout=0.7)}
+    out = pruned_ppo.image_results(arms, start=0.835, n_eval=1024, setup=pruned_ppo.SETUPS["image"])
+    assert out["rto_minus_ppo"] is None and out["goals"]["rto_at_least_level_with_ppo"] is None
+    assert out["goals"]["dense_ppo_beats_start_by_2se"]  # +0.045 against 2 × 0.012
+    assert not out["goals"]["adaptinfer_within_1se_of_dense"]  # −0.01 against 0.0057
+    assert not out["goals"]["rollout_time_at_most_0.6x_dense"]
+    assert pruned_ppo.SETUPS["image"].config.exists() and pruned_ppo.SETUPS["image"].start == "base"
 
 
 def test_a_task_run_keeps_the_other_tasks_arms(tmp_path):
