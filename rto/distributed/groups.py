@@ -35,7 +35,8 @@ DEFAULT_WORKER_ENV = {
 
 
 def init_ray(address: str | None = None, num_cpus: float | None = None, **kwargs: Any) -> None:
-    """Start Ray in-process (``address=None``: laptop, dashboard off) or connect to a
+    """Start a new Ray instance in-process (``address=None``: laptop, dashboard off; never a cluster
+    found through ``RAY_ADDRESS`` or an earlier ``ray start``) or connect to a
     running cluster (``address="auto"`` or ``"ray://host:10001"`` / ``"host:6379"``).
 
     ``num_cpus`` only applies to an in-process start (a cluster's resources are its own); it may be a
@@ -52,7 +53,9 @@ def init_ray(address: str | None = None, num_cpus: float | None = None, **kwargs
         kwargs.setdefault("include_dashboard", False)
         if num_cpus is not None:
             kwargs["num_cpus"] = int(num_cpus) if float(num_cpus).is_integer() else num_cpus
-        ray.init(**kwargs)
+        # "local": a new instance even when RAY_ADDRESS is set or an earlier `ray start` left its
+        # address in <tmp>/ray/ray_current_cluster (a bare ray.init() would join that cluster)
+        ray.init(address="local", **kwargs)
     else:
         use_token_auth()  # a head with a token runs in token mode; its drivers must too
         ray.init(address=address, **kwargs)

@@ -1,0 +1,38 @@
+"""`init_ray(None)` starts Ray in-process: it never joins a cluster that `ray start` left behind."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+PROBE = """
+import ray
+from rto.distributed.groups import init_ray
+init_ray(None, num_cpus=1)
+print("GCS", ray.get_runtime_context().gcs_address, flush=True)
+ray.shutdown()
+"""
+
+
+def test_in_process_ray_ignores_the_address_file_of_an_earlier_ray_start():
+    """`ray.init()` without an address joins the cluster named in `<tmp>/ray/ray_current_cluster`
+    (what `ray start` writes). An in-process run must start its own: here the file names an address
+    where nothing listens, as after a crashed or finished `ray start`."""
+    tmp = Path(tempfile.mkdtemp(prefix="rto-", dir="/tmp"))  # short: Ray's socket paths live under it
+    try:
+        (tmp / "ray").mkdir()
+        (tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:9")
+        env = {**os.environ, "TMPDIR": str(tmp), "RAY_USAGE_STATS_ENABLED": "0"}
+        env.pop("RAY_ADDRESS", None)
+        result = subprocess.run(
+            [sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=180
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        (line,) = [x for x in result.stdout.splitlines() if x.startswith("GCS ")]
+        assert line.split()[1] != "127.0.0.1:9"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
