@@ -483,7 +483,11 @@ def table(results: dict, task: str) -> str:
         if auc:
             lines.append("DPO term vs ground truth, AUC over each step's rollouts: " + ", ".join(auc))
     lines.append(
-        "goals: " + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in section["goals"].items())
+        "goals: "
+        + ", ".join(
+            f"{k} {'not measured' if v is None else 'met' if v else 'NOT met'}"
+            for k, v in section["goals"].items()
+        )
     )
     return "\n".join(lines)
 
