@@ -36,3 +36,27 @@ def test_in_process_ray_ignores_the_address_file_of_an_earlier_ray_start():
         assert line.split()[1] != "127.0.0.1:9"
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+LOOPBACK_PROBE = """
+import ray
+from rto.distributed.groups import init_ray
+init_ray(None, num_cpus=1)
+print("GCS", ray.get_runtime_context().gcs_address, flush=True)
+print("NODES", " ".join(n["NodeManagerAddress"] for n in ray.nodes()), flush=True)
+ray.shutdown()
+"""
+
+
+def test_in_process_ray_listens_on_loopback_only():
+    """A laptop run's Ray (GCS, raylet, object manager) binds to 127.0.0.1, not to the machine's
+    network address: nothing outside the machine can reach the run's actors."""
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    result = subprocess.run(
+        [sys.executable, "-c", LOOPBACK_PROBE], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = dict(x.split(" ", 1) for x in result.stdout.splitlines() if x.startswith(("GCS ", "NODES ")))
+    assert lines["GCS"].rsplit(":", 1)[0] == "127.0.0.1"
+    assert lines["NODES"].split() == ["127.0.0.1"]

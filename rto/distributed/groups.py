@@ -11,7 +11,9 @@ Without a shared placement group each group creates (and owns) its own, one bund
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -55,10 +57,34 @@ def init_ray(address: str | None = None, num_cpus: float | None = None, **kwargs
             kwargs["num_cpus"] = int(num_cpus) if float(num_cpus).is_integer() else num_cpus
         # "local": a new instance even when RAY_ADDRESS is set or an earlier `ray start` left its
         # address in <tmp>/ray/ray_current_cluster (a bare ray.init() would join that cluster)
-        ray.init(address="local", **kwargs)
+        with loopback_only():
+            ray.init(address="local", **kwargs)
     else:
         use_token_auth()  # a head with a token runs in token mode; its drivers must too
         ray.init(address=address, **kwargs)
+
+
+@contextlib.contextmanager
+def loopback_only():
+    """An in-process Ray started inside binds its servers (GCS, raylet, object manager) to
+    127.0.0.1 instead of the machine's network address. Ray turns a ``_node_ip_address`` of
+    127.0.0.1 into the routable address unless its cluster mode is off (as on macOS and Windows):
+    that switch is read from RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER, by the driver at import and by the
+    processes it starts, so both are set for the start and restored after it."""
+    from ray._private import ray_constants
+
+    name, before = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, ray_constants.ENABLE_RAY_CLUSTER
+    saved = os.environ.get(name)
+    os.environ[name] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
 
 
 @dataclasses.dataclass(frozen=True)
