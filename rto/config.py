@@ -237,6 +237,14 @@ class ImageTaskConfig(BuiltinTaskConfig):
         description="Share of SFT examples that ask for a full description of the picture (dense "
         "supervision that teaches a tiny model to read the image much sooner)",
     )
+    sft_careless: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Share of the SFT set's shape and count questions that a careless annotator answers "
+        "without looking ('nothing', 'zero'): demonstrations wrong in a way the ground truth sees, "
+        "which PPO can correct (docs/vision-language.md)",
+    )
 
     def adjust_job(self, job: Config) -> None:
         """The image task's defaults and rules for the rest of the job (called by `Config`)."""

@@ -196,6 +196,8 @@ def test_policy_without_vision_tower_is_exit_2(tmp_path):
         ({"ppo": {"rollout_pruner": "ftp"}}, "ppo.rollout_pruner"),
         ({"adaptinfer": {"keep_ratio": 0.25, "preset": "llava-1.5-64"}}, "adaptinfer"),
         ({"policy": {"builtin": "tiny-llama"}}, "policy.builtin"),
+        ({"task": {"name": "image", "sft_careless": 1.0}}, "task.sft_careless"),
+        ({"task": {"name": "image", "sft_careless": -0.1}}, "task.sft_careless"),
     ],
 )
 def test_image_job_config_errors_name_the_field(tmp_path, changes, field):

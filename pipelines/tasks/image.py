@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import io
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -235,6 +235,27 @@ def make_examples(n: int, seed: int, describe_fraction: float = 0.0) -> list[Exa
         else:
             question, answer = ask(rng, items)
         out.append(Example(items, question, answer, rng.randrange(2**31)))
+    return out
+
+
+CARELESS_ANSWERS = {"shape": "nothing", "count": "zero"}
+"""What a careless annotator answers without looking at the picture: the kind's most frequent answer."""
+
+
+def careless(examples: list[Example], share: float, seed: int) -> list[Example]:
+    """`examples` as a careless annotator labels them: a `share` of the shape and count questions
+    get the answer of not looking (`CARELESS_ANSWERS`: "nothing", "zero") whatever the picture
+    shows; colour questions and descriptions keep their answers. Demonstrations that are wrong in a
+    way the ground truth sees, as real SFT data is (`task.sft_careless`)."""
+    if share <= 0:
+        return list(examples)
+    rng = random.Random(seed)
+    out = []
+    for example in examples:
+        kind = question_kind(example.question)
+        if kind in CARELESS_ANSWERS and rng.random() < share:
+            example = replace(example, answer=CARELESS_ANSWERS[kind])
+        out.append(example)
     return out
 
 

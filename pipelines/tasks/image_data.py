@@ -31,7 +31,11 @@ def build_records(settings, root: Path) -> dict[str, list[dict]]:
     records of every role (the SFT set includes the description examples)."""
     (root / "images").mkdir(parents=True, exist_ok=True)
     splits = {
-        "sft": task.make_examples(settings.n_sft, settings.seed + 1, settings.describe_fraction),
+        "sft": task.careless(
+            task.make_examples(settings.n_sft, settings.seed + 1, settings.describe_fraction),
+            settings.sft_careless,
+            settings.seed + 6,
+        ),
         "prompts": task.make_examples(settings.n_prompts, settings.seed + 2),
         "eval_prompts": task.make_examples(settings.n_eval, settings.seed + 3),
         "pairs": task.make_examples(settings.n_pairs, settings.seed + 4),

@@ -230,6 +230,7 @@ def sft(
     patch_loss_weight: float = 0.0,
     layer_drop: float = 0.0,
     early_read: float = 0.0,
+    careless: float = 0.0,
 ) -> dict:
     """Supervised fine-tuning on the task (loss on the answer and EOS); saves model + processor.
 
@@ -248,6 +249,8 @@ def sft(
     layers (`random_cuts`, objects ranked first), after the `token_drop` share.
     `early_read`: the share of batches with every image token removed after layer 0 or 1
     (`early_read_cuts`), after the `layer_drop` share.
+    `careless`: the share of shape and count answers a careless annotator gives without looking
+    (`task.careless`); the pictures, the descriptions and the auxiliary loss stay right.
     """
     processor = task.build_processor()
     if init is not None:  # continue from a saved model (same processor)
@@ -258,7 +261,9 @@ def sft(
         model = build_model(processor.tokenizer, seed=seed, **(model_shape or {}))
     fresh = not n_train  # 0 / None: new examples every step (no fixed training set to overfit)
     if not fresh:
-        train_examples = task.make_examples(n_train, seed + 1, describe_fraction)
+        train_examples = task.careless(
+            task.make_examples(n_train, seed + 1, describe_fraction), careless, seed
+        )
         data = task.encode(processor, train_examples, with_answer=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
@@ -271,7 +276,11 @@ def sft(
     start, losses = time.perf_counter(), []
     for step in range(steps):
         if fresh:
-            examples = task.make_examples(batch_size, (seed + 1) * 1_000_003 + step, describe_fraction)
+            examples = task.careless(
+                task.make_examples(batch_size, (seed + 1) * 1_000_003 + step, describe_fraction),
+                careless,
+                seed * 1_000_003 + step,
+            )
             batch = task.encode(processor, examples, with_answer=True)
         else:
             idx = torch.randint(0, n_train, (batch_size,), generator=generator)
@@ -419,9 +428,16 @@ PHASES = (
 )
 """The benchmark model's recipe, one `sft` call per phase, each from the previous one's model."""
 
+CARELESS_PHASES = (dict(RECIPE, careless=0.6), dict(RECIPE_PHASE2, careless=0.6))
+"""A model that can see but was taught by a careless annotator (`python -m pipelines.tasks.image_model
+OUT_DIR --careless`): the benchmark recipe's first two phases (what the picture shows, from
+descriptions and the auxiliary patch loss) with 60 % of the shape and count answers "nothing" and
+"zero" whatever the picture shows. What its demonstrations got wrong, the ground truth sees: the
+start policy of the image PPO benchmark (docs/vision-language.md)."""
 
-def sft_recipe(out_dir: str | Path, log_every: int = 250) -> dict:
-    """Train the benchmark model into `out_dir`: the `PHASES` in turn, phase i into
+
+def sft_recipe(out_dir: str | Path, log_every: int = 250, phases: tuple[dict, ...] | None = None) -> dict:
+    """Train the benchmark model into `out_dir`: the `phases` (default `PHASES`) in turn, phase i into
     `out_dir/phase{i}` and the last into `out_dir` itself. A phase whose folder already holds a
     model is reused, so an interrupted recipe continues where it stopped.
 
@@ -429,10 +445,11 @@ def sft_recipe(out_dir: str | Path, log_every: int = 250) -> dict:
     machine.
     """
     out_dir = Path(out_dir)
+    phases = PHASES if phases is None else phases
     summaries: dict = {}
     previous = None
-    for index, recipe in enumerate(PHASES, start=1):
-        target = out_dir if index == len(PHASES) else out_dir / f"phase{index}"
+    for index, recipe in enumerate(phases, start=1):
+        target = out_dir if index == len(phases) else out_dir / f"phase{index}"
         if (target / "config.json").exists():
             print(f"phase {index}: reusing {target}", flush=True)
             summaries[f"phase{index}"] = "reused"
@@ -443,7 +460,8 @@ def sft_recipe(out_dir: str | Path, log_every: int = 250) -> dict:
     return summaries
 
 
-if __name__ == "__main__":  # python -m pipelines.tasks.image_model OUT_DIR
+if __name__ == "__main__":  # python -m pipelines.tasks.image_model OUT_DIR [--careless]
     import sys
 
-    print(sft_recipe(sys.argv[1]))
+    careless_annotator = "--careless" in sys.argv[2:]
+    print(sft_recipe(sys.argv[1], phases=CARELESS_PHASES if careless_annotator else PHASES))
