@@ -2,18 +2,33 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
-from rto.generation import encode_completion, pack
+from rto.generation import encode_completion, encode_prompt, pack
 
 
 def encode_pairs(tokenizer, pairs: list[dict]):
+    """(prompt_ids, completion_ids) of each pair's chosen and of its rejected response
+    (`encode_completion`); a prompt that several pairs share is encoded once."""
     chosen, rejected = [], []
+    prompts: dict[str, list[int]] = {}
     for row in pairs:
         prompt = row.get("prompt", [] if isinstance(row["chosen"], list) else "")
-        chosen.append(encode_completion(tokenizer, prompt, row["chosen"]))
-        rejected.append(encode_completion(tokenizer, prompt, row["rejected"]))
+        key = _prompt_key(prompt)
+        if key not in prompts:
+            prompts[key] = encode_prompt(tokenizer, prompt)
+        for out, completion in ((chosen, row["chosen"]), (rejected, row["rejected"])):
+            out.append(encode_completion(tokenizer, prompt, completion, list(prompts[key])))
     return chosen, rejected
+
+
+def _prompt_key(prompt) -> str:
+    try:
+        return json.dumps(prompt, sort_keys=True)
+    except (TypeError, ValueError):  # not plain JSON: encoded for this pair alone
+        return f"id:{id(prompt)}"
 
 
 def _packed(encoded, pad_id):

@@ -177,13 +177,17 @@ def decode_responses(tokenizer, samples: Samples) -> list[str]:
     return texts
 
 
-def encode_completion(tokenizer, prompt, completion) -> tuple[list[int], list[int]]:
+def encode_completion(
+    tokenizer, prompt, completion, prompt_ids: list[int] | None = None
+) -> tuple[list[int], list[int]]:
     """Token ids of a prompt (ready for generation) and of its completion (ending with EOS).
 
     Conversational data goes through the chat template, and the completion is what the full
     conversation adds after the prompt; plain strings get the tokenizer's EOS appended.
+    `prompt_ids`: the prompt's `encode_prompt` ids where the caller has them already.
     """
-    prompt_ids = encode_prompt(tokenizer, prompt)
+    if prompt_ids is None:
+        prompt_ids = encode_prompt(tokenizer, prompt)
     if isinstance(completion, str):
         completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
         if tokenizer.eos_token_id is not None:

@@ -39,11 +39,12 @@ def run_rm(ctx: StageContext) -> dict:
     init = rm_init(ctx)
     tokenizer = load_tokenizer(init, field="reward_model.path")
     pairs = ctx.prepared.records("pairs")
+    encoded = encode_pairs(tokenizer, pairs)
     args = RewardConfig(**trainer_kwargs(cfg, cfg.rm, ctx.out_dir, ctx.device))
     trainer = RewardTrainer(
         model=load_model(init, "sequence_classification", field="reward_model.path"),
         args=args,
-        train_dataset=Dataset.from_list(tokenized_pairs(tokenizer, pairs)),
+        train_dataset=Dataset.from_list(tokenized_pairs(tokenizer, pairs, encoded)),
         processing_class=tokenizer,
         callbacks=[ProgressCallback("rm", ctx.metrics)],
     )
@@ -51,7 +52,7 @@ def run_rm(ctx: StageContext) -> dict:
     save_model(trainer, tokenizer, ctx.out_dir)
 
     rm = FrozenRM(str(ctx.out_dir), device=ctx.device)
-    chosen, rejected = encode_pairs(tokenizer, pairs[:2000])
+    chosen, rejected = (side[:2000] for side in encoded)  # the normalisation's responses
     train_scores = torch.cat([rm_scores(rm, tokenizer, chosen), rm_scores(rm, tokenizer, rejected)])
     mean, std = float(train_scores.mean()), float(train_scores.std().clamp_min(1e-6))
     atomic_write_json(
@@ -71,13 +72,14 @@ def run_rm(ctx: StageContext) -> dict:
     return summary
 
 
-def tokenized_pairs(tokenizer, pairs: list[dict]) -> list[dict]:
+def tokenized_pairs(tokenizer, pairs: list[dict], encoded=None) -> list[dict]:
     """TRL's pre-tokenized preference rows (`chosen_ids`, `rejected_ids`): prompt + response ids
-    exactly as a rollout lays them out, ending at EOS (`rto.generation.encode_completion`)."""
+    exactly as a rollout lays them out, ending at EOS (`rto.generation.encode_completion`).
+    `encoded`: `encode_pairs(tokenizer, pairs)` where the caller has it already."""
     # deferred: every stage module is imported to validate a job (start-up time)
     from pipelines.pairs import encode_pairs
 
-    chosen, rejected = encode_pairs(tokenizer, pairs)
+    chosen, rejected = encoded if encoded is not None else encode_pairs(tokenizer, pairs)
     return [
         {"chosen_ids": p + c, "rejected_ids": q + r} for (p, c), (q, r) in zip(chosen, rejected, strict=True)
     ]
