@@ -85,3 +85,117 @@ class ProgressCallback(TrainerCallback):
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+def spare_cores() -> bool:
+    """Whether this process has the cores for a second stream of single-threaded work beside its
+    torch threads (the quickstart: one thread on two cores). Work split over Python threads, each
+    running whole forward passes, keeps every op on one thread: the results are the same bits."""
+    import os
+
+    import torch
+
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return cpus >= 2 * torch.get_num_threads()
+
+
+def in_thread(fn: Callable, *args, **kwargs):
+    """Run `fn` on a new thread with this thread's torch thread count (OpenMP and MKL read it per
+    thread) and grad mode; returns a `concurrent.futures.Future`."""
+    import concurrent.futures
+    import threading
+
+    import torch
+
+    threads, grad = torch.get_num_threads(), torch.is_grad_enabled()
+    future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def run():
+        torch.set_num_threads(threads)
+        try:
+            with torch.set_grad_enabled(grad):
+                future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # handed to whoever waits for the result
+            future.set_exception(exc)
+
+    threading.Thread(target=run, daemon=True, name="rto-overlap").start()
+    return future
+
+
+def dpo_trainer_class():
+    """TRL's DPOTrainer, with the reference model's forward of each training batch run on a second
+    thread while the policy's forward runs (where `spare_cores()`; otherwise TRL's own order).
+
+    The reference forward is the one TRL makes (same model, inputs, labels and settings, under
+    `no_grad`), only started earlier: `_compute_loss` asks the stand-in for it and gets its result,
+    or, should TRL ask for anything else, a forward of what it asked. Same loss, same bits."""
+    import torch
+    from trl import DPOTrainer
+
+    # the keyword arguments of TRL's reference call in `DPOTrainer._compute_loss`
+    non_model_keys = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
+
+    def reference_kwargs(inputs: dict) -> dict:
+        kwargs = {k: v for k, v in inputs.items() if k not in non_model_keys}
+        kwargs["use_cache"] = False
+        kwargs["labels"] = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+        kwargs["fused_lm_head"] = True
+        return kwargs
+
+    def same(a: dict, b: dict) -> bool:
+        def equal(x, y) -> bool:
+            if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+                return (
+                    isinstance(x, torch.Tensor)
+                    and isinstance(y, torch.Tensor)
+                    and (x is y or (x.shape == y.shape and x.dtype == y.dtype and torch.equal(x, y)))
+                )
+            return x == y
+
+        return a.keys() == b.keys() and all(equal(a[k], b[k]) for k in a)
+
+    class StartedReference:
+        """The reference model for one `compute_loss`: its forward of the batch already started."""
+
+        def __init__(self, model, kwargs: dict, future):
+            self.model, self.kwargs, self.future = model, kwargs, future
+
+        def __call__(self, *args, **kwargs):
+            result = self.future.result()  # also: the helper is done with the model
+            if not args and same(kwargs, self.kwargs):
+                return result
+            return self.model(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.model, name)
+
+    class OverlappingDPOTrainer(DPOTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            ref = self.ref_model
+            if (
+                ref is None
+                or self.precompute_ref_logps
+                or self.aux_loss_enabled
+                or self.args.device.type != "cpu"
+                or not isinstance(inputs, dict)
+                or "completion_mask" not in inputs
+                or not spare_cores()
+            ):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            kwargs = reference_kwargs(inputs)
+
+            def forward():
+                with torch.no_grad(), self.compute_loss_context_manager():
+                    return ref(**kwargs)
+
+            self.ref_model = StartedReference(ref, kwargs, in_thread(forward))
+            try:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            finally:
+                self.ref_model.future.exception()  # never leave the helper running on the model
+                self.ref_model = ref
+
+    return OverlappingDPOTrainer

@@ -19,14 +19,22 @@ def preference_figures(
     import torch
 
     from pipelines.pairs import encode_pairs, logprob_sums
+    from pipelines.training import in_thread, spare_cores
     from reward.scoring import FrozenLM
 
     chosen, rejected = encode_pairs(tokenizer, pairs)
     len_c = torch.tensor([len(c) for _, c in chosen], dtype=torch.float32)
     len_r = torch.tensor([len(c) for _, c in rejected], dtype=torch.float32)
+
     policy, ref = FrozenLM(policy_path, device=device), FrozenLM(ref_path, device=device)
-    pc, pr = logprob_sums(policy, tokenizer, chosen), logprob_sums(policy, tokenizer, rejected)
-    rc, rr = logprob_sums(ref, tokenizer, chosen), logprob_sums(ref, tokenizer, rejected)
+
+    def sums(lm: FrozenLM) -> tuple[torch.Tensor, torch.Tensor]:
+        return logprob_sums(lm, tokenizer, chosen), logprob_sums(lm, tokenizer, rejected)
+
+    # the reference model's forwards on a second thread where there is a core for them (same sums)
+    ref_sums = in_thread(sums, ref) if device == "cpu" and spare_cores() else None
+    pc, pr = sums(policy)
+    rc, rr = ref_sums.result() if ref_sums is not None else sums(ref)
     margin = beta * ((pc - rc) - (pr - rr))
 
     def rate(x: torch.Tensor) -> float:
@@ -49,9 +57,9 @@ def run_dpo(ctx: StageContext) -> dict:
     loaded again as the explicit reference."""
     # deferred: every stage module is imported to validate a job (start-up time)
     from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig
 
-    from pipelines.training import ProgressCallback, quiet, save_model, trainer_kwargs
+    from pipelines.training import ProgressCallback, dpo_trainer_class, quiet, save_model, trainer_kwargs
 
     cfg = ctx.cfg
     init = ctx.policy_init()
@@ -93,7 +101,7 @@ def run_dpo(ctx: StageContext) -> dict:
                 str(ctx.out_dir), init, processing_class, held_out, cfg.dpo.beta, ctx.device
             )
 
-    trainer = DPOTrainer(
+    trainer = dpo_trainer_class()(  # TRL's DPOTrainer, the reference forward beside the policy's
         **models,
         args=args,
         train_dataset=Dataset.from_list(rows),
