@@ -5,6 +5,10 @@ each one uses (an earlier stage's output), so adding a stage touches nothing els
 A stage declares the config sections its result depends on (for the cache hash), the stages whose
 outputs it may use, and its `rank` among stages that do not depend on each other. Validating a job
 imports every stage module, so they import their libraries inside the stage function.
+
+`needs(cfg)` narrows `uses` to what a given job's settings really read (the `rm` stage reads the
+SFT model only with `rm.init: sft`): a stage whose needs are met may run beside an earlier one
+(`pipelines.runner`).
 """
 
 from __future__ import annotations
@@ -32,21 +36,32 @@ class StageSpec:
     sections: tuple[str, ...]
     uses: tuple[str, ...]
     rank: int
+    needs: Callable[[Config], tuple[str, ...]] | None = None
+
+    def needs_of(self, cfg: Config) -> tuple[str, ...]:
+        """The earlier stages whose output this job's run of the stage reads (`uses` unless narrowed)."""
+        return self.uses if self.needs is None else self.needs(cfg)
 
 
 STAGES: dict[str, StageSpec] = {}
 
 
 def register_stage(
-    name: str, *, rank: int, sections: tuple[str, ...] = (), uses: tuple[str, ...] = ()
+    name: str,
+    *,
+    rank: int,
+    sections: tuple[str, ...] = (),
+    uses: tuple[str, ...] = (),
+    needs: Callable[[Config], tuple[str, ...]] | None = None,
 ) -> Callable:
     """`sections`: dotted config paths the output depends on; `uses`: earlier stages it may read;
-    `rank`: its place among stages that do not depend on each other (lower runs first)."""
+    `rank`: its place among stages that do not depend on each other (lower runs first); `needs`:
+    the part of `uses` a job's settings really read (default: all of it)."""
 
     def decorator(fn: Callable[[StageContext], dict]) -> Callable[[StageContext], dict]:
         if name in STAGES:
             raise ValueError(f"stage {name!r} is registered twice")
-        STAGES[name] = StageSpec(name, fn, sections, uses, rank)
+        STAGES[name] = StageSpec(name, fn, sections, uses, rank, needs)
         return fn
 
     return decorator
@@ -99,6 +114,7 @@ class StageContext:
     device: str = "cpu"
     log: Callable[[str], None] = print
     extras: dict = field(default_factory=dict)
+    metrics_to: Callable[[dict], None] | None = None  # instead of the run's metrics.jsonl
 
     def has_stage(self, name: str) -> bool:
         return self.run.is_done(name)
@@ -121,4 +137,8 @@ class StageContext:
         return self.prepared.model("policy")
 
     def metrics(self, record: dict) -> None:
-        self.run.append_metrics({"stage": self.name, **record})
+        record = {"stage": self.name, **record}
+        if self.metrics_to is not None:
+            self.metrics_to(record)
+        else:
+            self.run.append_metrics(record)

@@ -24,7 +24,11 @@ def rm_init(ctx: StageContext) -> str:
     return ctx.prepared.model("reward_model")
 
 
-@register_stage("rm", rank=2, sections=("rm",), uses=("sft",))
+def _needs(cfg) -> tuple[str, ...]:
+    return ("sft",) if cfg.rm.init == "sft" else ()
+
+
+@register_stage("rm", rank=2, sections=("rm",), uses=("sft",), needs=_needs)
 def run_rm(ctx: StageContext) -> dict:
     # deferred: every stage module is imported to validate a job (start-up time)
     import torch
