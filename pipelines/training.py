@@ -87,19 +87,48 @@ class ProgressCallback(TrainerCallback):
             self.progress = None
 
 
+SPARE_CORE_ENV = "RTO_SPARE_CORE"
+"""`1`: take a spare core whatever other jobs do; `0`: never (one stream of work, as before);
+unset: where `spare_cores()` finds one idle."""
+
+
 def spare_cores() -> bool:
-    """Whether this process has the cores for a second stream of single-threaded work beside its
-    torch threads (the quickstart: one thread on two cores). Work split over Python threads, each
-    running whole forward passes, keeps every op on one thread: the results are the same bits."""
+    """Whether a second stream of single-threaded work (a thread or a child process beside this
+    one) would find an idle core: this process's torch threads leave one of its CPUs free (the
+    quickstart: one thread on two cores), and other jobs are not keeping the CPUs busy (Linux's
+    pressure stall information: tasks waited for a CPU under a quarter of the last 10 s). Work
+    split over threads or processes, each running whole forward passes, keeps every op on one
+    thread: the results are the same bits either way; only the time differs."""
     import os
 
     import torch
 
+    setting = os.environ.get(SPARE_CORE_ENV, "").strip().lower()
+    if setting in ("0", "no", "false"):
+        return False
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cpus = os.cpu_count() or 1
-    return cpus >= 2 * torch.get_num_threads()
+    if cpus < 2 * torch.get_num_threads():
+        return False
+    if setting in ("1", "yes", "true"):
+        return True
+    waiting = cpu_pressure()
+    return waiting is None or waiting < 25.0
+
+
+def cpu_pressure() -> float | None:
+    """Share (%) of the last 10 s in which some task waited for a CPU (/proc/pressure/cpu); None
+    where the kernel does not report it."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            for line in f:
+                if line.startswith("some "):
+                    return float(dict(part.split("=") for part in line.split()[1:])["avg10"])
+    except (OSError, ValueError, KeyError):
+        return None
+    return None
 
 
 def in_thread(fn: Callable, *args, **kwargs):
@@ -173,6 +202,8 @@ def dpo_trainer_class():
             return getattr(self.model, name)
 
     class OverlappingDPOTrainer(DPOTrainer):
+        overlapped = 0  # batches whose reference forward ran beside the policy's
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             ref = self.ref_model
             if (
@@ -192,6 +223,7 @@ def dpo_trainer_class():
                     return ref(**kwargs)
 
             self.ref_model = StartedReference(ref, kwargs, in_thread(forward))
+            self.overlapped += 1
             try:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             finally:
