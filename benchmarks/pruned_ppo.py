@@ -2,6 +2,7 @@
 
     python benchmarks/pruned_ppo.py --task text --seeds 0 1 2 --steps 20     # FTP on long prompts
     python benchmarks/pruned_ppo.py --task image --seeds 0 1 2 --jobs 2        # AdaptInfer on pictures
+    python benchmarks/pruned_ppo.py --task image_careless --seeds 0 1 2 --jobs 2 --steps 40
     python benchmarks/pruned_ppo.py --task image_quickstart --seeds 0 1 2 --jobs 2
 
 **text**: the facts variant's 12-layer recipe (`configs/facts.yaml`: prompts of about 290 tokens:
@@ -14,6 +15,11 @@ temperature 0.7.
 is `pipelines.tasks.image_model.sft_recipe`'s, built into ~/.cache/rto/image-vlm-v4 first when it is
 missing: about 80 minutes). Arms `image_dense` and `image_adaptinfer` (25 % of the vision tokens);
 the start policy is the `base` row of the cached eval (~/.cache/rto/image-vlm-v4-ppo).
+
+**image_careless**: the same job from a VLM that can see but was taught by a careless annotator
+(`image_model.CARELESS_PHASES`: the recipe's first two phases with 60 % of the shape and count
+answers "nothing" / "zero"; built into ~/.cache/rto/image-vlm-careless-v1 when missing, about 30
+minutes). Arms `careless_dense` and `careless_adaptinfer`.
 
 **image_quickstart**: the image quickstart (`configs/image-quickstart.yaml`: the tiny LLaVA, RTO's
 token reward from its DPO stage). Arms `quickstart_dense` and `quickstart_adaptinfer`, the job as
@@ -82,6 +88,7 @@ class Setup:
     rto: str | None = None
     ppo: str | None = None
     policy: Path | None = None
+    careless: bool = False  # build `policy` with image_model.CARELESS_PHASES instead of PHASES
 
 
 SETUPS = {
@@ -105,6 +112,20 @@ SETUPS = {
         pruned="image_adaptinfer",
         start="base",
         policy=CACHE / "image-vlm-v4",
+    ),
+    "image_careless": Setup(
+        config=BENCH_CONFIGS / "image-ppo.yaml",
+        base=CACHE / "image-vlm-careless-v1-ppo",
+        base_stages=(),
+        arms={
+            "careless_dense": ["ppo.rollout_pruner=none"],
+            "careless_adaptinfer": ["ppo.rollout_pruner=adaptinfer"],
+        },
+        baseline="careless_dense",
+        pruned="careless_adaptinfer",
+        start="base",
+        policy=CACHE / "image-vlm-careless-v1",
+        careless=True,
     ),
     "image_quickstart": Setup(
         config=CONFIGS / "image-quickstart.yaml",
@@ -145,9 +166,12 @@ def prepare_base(setup: Setup, base: Path, overrides: list[str]) -> dict:
         from pipelines.tasks import image_model
 
         print(f"training the benchmark VLM into {setup.policy} (image_model.sft_recipe)...", flush=True)
-        image_model.sft_recipe(setup.policy)
+        image_model.sft_recipe(setup.policy, phases=image_model.CARELESS_PHASES if setup.careless else None)
     stages = ",".join([*setup.base_stages, "eval"])
-    cfg = load_config(setup.config, [f"stages=[{stages}]", f"eval.models=[{setup.start}]", *overrides])
+    policy = [f"policy.path={setup.policy}"] if setup.policy is not None else []
+    cfg = load_config(
+        setup.config, [f"stages=[{stages}]", f"eval.models=[{setup.start}]", *policy, *overrides]
+    )
     return run_job(cfg, base)
 
 
@@ -159,9 +183,10 @@ def arm_run(setup: Setup, base: Path, run_dir: Path, arm: str, seed: int, overri
         for stage in setup.base_stages:
             shutil.copytree(base / "stages" / stage, run_dir / "stages" / stage)
     stages = ",".join([*setup.base_stages, "ppo", "eval"])  # the base stages are up to date: skipped
+    policy = [f"policy.path={setup.policy}"] if setup.policy is not None else []
     cfg = load_config(
         setup.config,
-        [f"stages=[{stages}]", "eval.models=[ppo]", *setup.arms[arm], f"seed={seed}", *overrides],
+        [f"stages=[{stages}]", "eval.models=[ppo]", *policy, *setup.arms[arm], f"seed={seed}", *overrides],
     )
     summary = run_job(cfg, run_dir)
     rows = RunDir(run_dir).read_metrics("ppo")
@@ -526,6 +551,8 @@ def plot(results: dict, task: str, path: Path) -> None:
     title = {
         "text": "PPO on the facts task (12-layer policy): dense vs FTP-pruned rollouts",
         "image": "PPO (ground truth) on the image task from the benchmark VLM: dense vs AdaptInfer rollouts (25 %)",
+        "image_careless": "PPO (ground truth) from a VLM taught by a careless annotator: dense vs AdaptInfer "
+        "rollouts (25 %)",
         "image_quickstart": "PPO on the image task (quickstart's SFT LLaVA): dense vs AdaptInfer rollouts (25 %), "
         "and PPO without the DPO term",
     }[task]
