@@ -88,17 +88,17 @@ class ProgressCallback(TrainerCallback):
 
 
 SPARE_CORE_ENV = "RTO_SPARE_CORE"
-"""`1`: take a spare core whatever other jobs do; `0`: never (one stream of work, as before);
+"""`1`: take a spare core whatever other processes do; `0`: never (one stream of work, as before);
 unset: where `spare_cores()` finds one idle."""
 
 
 def spare_cores() -> bool:
     """Whether a second stream of single-threaded work (a thread or a child process beside this
     one) would find an idle core: this process's torch threads leave one of its CPUs free (the
-    quickstart: one thread on two cores), and other jobs are not keeping the CPUs busy (Linux's
-    pressure stall information: tasks waited for a CPU under a quarter of the last 10 s). Work
-    split over threads or processes, each running whole forward passes, keeps every op on one
-    thread: the results are the same bits either way; only the time differs."""
+    quickstart: one thread on two cores), and other processes at normal priority do not keep it
+    busy (`others_busy`; niced work, such as Ray's workers, gives way anyway). Work split over
+    threads or processes, each running whole forward passes, keeps every op on one thread: the
+    results are the same bits either way; only the time differs."""
     import os
 
     import torch
@@ -110,25 +110,52 @@ def spare_cores() -> bool:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cpus = os.cpu_count() or 1
-    if cpus < 2 * torch.get_num_threads():
+    threads = torch.get_num_threads()
+    if cpus < 2 * threads:
         return False
     if setting in ("1", "yes", "true"):
         return True
-    waiting = cpu_pressure()
-    return waiting is None or waiting < 25.0
+    others = others_busy()
+    return others is None or others <= cpus - 2 * threads + 0.5
 
 
-def cpu_pressure() -> float | None:
-    """Share (%) of the last 10 s in which some task waited for a CPU (/proc/pressure/cpu); None
-    where the kernel does not report it."""
-    try:
-        with open("/proc/pressure/cpu") as f:
-            for line in f:
-                if line.startswith("some "):
-                    return float(dict(part.split("=") for part in line.split()[1:])["avg10"])
-    except (OSError, ValueError, KeyError):
+_last_sample: tuple[float, float, float] | None = None
+_last_others: float | None = None
+
+
+def others_busy(fresh_after: float = 5.0) -> float | None:
+    """Cores that other processes kept busy at normal priority (not niced) since the last call
+    (/proc/stat's user, system, irq and steal time less this process's CPU time); measured over
+    0.2 s instead when that was long ago (`fresh_after` seconds) or never. None where the kernel
+    does not report it."""
+    import os
+    import time
+
+    global _last_sample, _last_others
+
+    def sample() -> tuple[float, float, float] | None:
+        try:
+            with open("/proc/stat") as f:
+                user, _nice, system, _idle, _iowait, irq, softirq, steal = (
+                    int(x) for x in f.readline().split()[1:9]
+                )
+        except (OSError, ValueError):
+            return None
+        busy = (user + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+        return time.monotonic(), busy, time.process_time()
+
+    now = sample()
+    if now is None:
         return None
-    return None
+    if _last_sample is None or now[0] - _last_sample[0] > fresh_after:
+        time.sleep(0.2)
+        _last_sample, now = now, sample()
+    elapsed = now[0] - _last_sample[0]
+    if elapsed >= 0.2 or _last_others is None:
+        ours = now[2] - _last_sample[2] if os.getpriority(os.PRIO_PROCESS, 0) <= 0 else 0.0
+        _last_others = max(0.0, (now[1] - _last_sample[1] - ours) / elapsed)
+        _last_sample = now
+    return _last_others
 
 
 def in_thread(fn: Callable, *args, **kwargs):

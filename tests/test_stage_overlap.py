@@ -103,3 +103,16 @@ def test_dpo_reference_on_a_second_thread_is_bit_identical(tmp_path):
         assert same_weights(tmp_path / "trl", tmp_path / "overlap")
     finally:
         torch.set_num_threads(threads)
+
+
+def test_spare_core_setting_and_measure(monkeypatch):
+    from pipelines.training import others_busy, spare_cores
+
+    monkeypatch.setenv(SPARE_CORE_ENV, "0")
+    assert not spare_cores()
+    monkeypatch.setenv(SPARE_CORE_ENV, "1")
+    assert spare_cores()
+    monkeypatch.delenv(SPARE_CORE_ENV)
+    busy = others_busy()
+    if os.path.exists("/proc/stat"):
+        assert busy is not None and 0.0 <= busy <= len(os.sched_getaffinity(0)) + 0.5
