@@ -1,16 +1,18 @@
 """Runs a job's stages in order, skipping those whose output exists with a matching config hash.
 
-Where the process has a core to spare (one torch thread on two cores, the quickstart's setting), a
-later stage whose inputs are all ready (`StageSpec.needs_of`: the `rm` stage from its base model)
-starts beside the running one, in a child process on that core; at its turn the runner takes its
-output, figures and metrics, in the order a sequential run would have them. It runs the stage
-function it would run itself, seeded the same way: the same model and figures. Should the child
-fail, the stage runs in this process at its turn instead.
+Where the process has a core to spare (one torch thread on two cores, the quickstart's setting, and
+no other process keeping it busy: `pipelines.training.spare_cores`), a later stage whose inputs
+are all ready (`StageSpec.needs_of`: the `rm` stage from its base model) starts beside the running
+one, in a niced child process that takes the idle core; at its turn the runner takes its output,
+figures and metrics, in the order a sequential run would have them. It runs the stage function it
+would run itself, seeded the same way: the same model and figures. Should the child fail, the
+stage runs in this process at its turn instead.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,6 +212,7 @@ class Beside:
 
         if self.process.is_alive() and not self.conn.poll():
             console.log(f"stage {self.name}: waiting for it (beside {self.alongside} since {self._since()})")
+            _set_nice(self.process.pid, os.getpid(), 0)  # nothing runs here now: it is the critical path
         try:
             result = self.conn.recv()
         except (EOFError, OSError):
@@ -255,13 +258,13 @@ class Beside:
 def _child(job: dict, send) -> None:
     """The child process of `Beside`: runs one stage as `_run_stages` would (same threads, same
     seed), its library output to the run's log, its console lines and metrics sent back."""
-    import os
     import sys
     import traceback
 
+    _set_nice(os.getpid(), os.getppid(), BESIDE_NICE)  # idle CPU only: the runner's stage goes first
+    _exit_with(os.getppid())
     log: list[str] = []
     metrics: list[dict] = []
-    _exit_with(os.getppid())
     try:
         root = Path(job["run"])
         library_output(root / LOG_FILE, job["verbose"])
@@ -300,9 +303,22 @@ def _child(job: dict, send) -> None:
         send.close()
 
 
+BESIDE_NICE = 10
+"""Niceness a stage running beside another adds to the runner's: it takes what the cores leave
+idle, and gives way to the runner's stage (the critical path) and to other processes."""
+
+
+def _set_nice(pid: int, runner: int, extra: int) -> None:
+    """Make process `pid` `extra` nicer than process `runner`, where the system lets us (raising a
+    priority back needs the right to)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, pid, min(19, os.getpriority(os.PRIO_PROCESS, runner) + extra))
+    except (AttributeError, OSError):  # not Unix, or not allowed
+        pass
+
+
 def _exit_with(parent: int) -> None:
     """End this process when its parent is gone (killed before it could stop this one)."""
-    import os
     import threading
 
     def watch() -> None:
