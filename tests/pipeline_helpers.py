@@ -62,6 +62,18 @@ def rto(*args: str, timeout: float = 600, **kwargs) -> subprocess.CompletedProce
     )
 
 
+def rto_in_process(*args: str) -> subprocess.CompletedProcess:
+    """`rto ARGS` through the CLI's own `main()` in this process (`_trace_run_fixtures.run_cli`: the
+    same exit codes and messages as the console script, without a new interpreter's start-up), for
+    commands that start no Ray: a refused `rto run`, `rto score`. Ray must not be running after it."""
+    import ray
+    from _trace_run_fixtures import run_cli
+
+    code, out, err = run_cli(*args)
+    assert not ray.is_initialized(), f"rto {' '.join(args)} left Ray running in the test process"
+    return subprocess.CompletedProcess(["rto", *args], code, out, err)
+
+
 def one_line_error(code: int, err: str, words: list[str], expected: int = 2) -> None:
     """Exit `expected` with one `error: ...` line, the last thing printed (progress lines of the
     work done before may precede it), holding `words`."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,19 +13,38 @@ import time
 
 import pytest
 import torch
-from pipeline_helpers import TINY_ARCH, rto, write_job
+from pipeline_helpers import TINY_ARCH, rto, rto_in_process, write_job
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rto.rundir import MARKER
 
 
 @pytest.fixture(scope="module")
-def sft_run(tmp_path_factory):
+def sft_run(tmp_path_factory, reward_run):
+    """`rto run` of sft + eval, in a run directory that holds the shared reward run's sft stage (the
+    same job settings, trained by `rto run` once for the session) and nothing of its other stages:
+    the sft stage is taken from the stage cache and eval runs."""
     root = tmp_path_factory.mktemp("sft")
+    run_dir = root / "run"
+    shutil.copytree(
+        reward_run, run_dir, ignore=lambda d, names: ["dpo", "rm"] if d.endswith("stages") else []
+    )
+    keep_only_stage(run_dir, "sft")
     job = write_job(root, stages=["sft", "eval"])
-    result = rto("run", str(job), "--run-dir", str(root / "run"))
+    result = rto("run", str(job), "--run-dir", str(run_dir))
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "stage sft: up to date, skipped" in result.stderr  # the cached sft stage
+    assert "stage eval: done" in result.stderr
     return root, job, result
+
+
+def keep_only_stage(run_dir, stage: str) -> None:
+    """Leave the metrics and summary records of `stage` only, as a run of that stage alone has them."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    kept = [line for line in lines if json.loads(line)["stage"] == stage]
+    (run_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    (run_dir / "summary.json").write_text(json.dumps({stage: summary[stage]}))
 
 
 def test_sft_then_eval_reports_and_beats_random_init(sft_run):
@@ -136,7 +156,7 @@ def test_bad_data_files_exit_2(tmp_path, rows, words):
     path = tmp_path / "bad.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     job = write_job(tmp_path, stages=["sft"], data={"sft": {"path": str(path)}})
-    result = rto("run", str(job), "--run-dir", str(tmp_path / "run"))
+    result = rto_in_process("run", str(job), "--run-dir", str(tmp_path / "run"))
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     for word in words:
