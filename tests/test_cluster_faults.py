@@ -4,13 +4,18 @@ a head and worker nodes, each its own `ray start --block` session with its own t
 The PPO groups are pinned by custom resources: policy and critic on the "trainer" node, the
 scorers (ref, dpo, rm) and the rollout workers on the "scorer" node; the head runs no actors.
 Faults are real: SIGKILL of every process of a node, or of one worker process, found by its
-process title in the node's session. The sft/dpo/rm stages run once for the module; each test
-runs the ppo stage in a copy of that run directory."""
+process title in the node's session. The sft/dpo/rm stages are the session's shared reward run
+(`reward_run`, the tiny job's); each test runs the ppo stage in a copy of that run directory.
+
+The cluster's GCS checks its nodes every second and marks one dead after 3 missed checks (Ray's
+defaults: every 3 s, 5 missed), so that a killed node is noticed in seconds; a live node would have
+to miss 3 checks of 10 s each."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -32,9 +37,10 @@ STEPS = 12  # room after the step a fault waits for: a step takes well under a s
 
 
 def job_changes(address: str | None, **extra) -> dict:
+    """The tiny job (`pipeline_helpers.TINY_JOB`: its sft, dpo and rm stages are the shared reward
+    run's, found up to date) with its ppo stage on the cluster at `address`."""
     return {
-        "task__n_sft": 128, "task__n_pairs": 32, "task__n_eval_pairs": 16, "task__n_prompts": 32,
-        "sft__max_steps": 20, "stages": ["sft", "dpo", "rm", "ppo"],
+        "stages": ["sft", "dpo", "rm", "ppo"],
         "ppo__steps": STEPS, "ppo__checkpoint_every": 2, "ppo__tensorboard": False,
         "ppo__fault_tolerance": {"retries": 3, "backoff_s": 0, "wait_for_resources_s": 120, "probe_timeout_s": 30},
         "resources": {
@@ -48,23 +54,24 @@ def job_changes(address: str | None, **extra) -> dict:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """A run directory with sft, dpo and rm finished (in-process Ray is not needed for them)."""
-    root = tmp_path_factory.mktemp("trained")
-    changes = job_changes(None, stages=["sft", "dpo", "rm"])
-    changes.pop("resources")
-    job = write_job(root, **changes)
-    result = rto("run", str(job), "--run-dir", str(root / "run"), timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return root / "run"
+def trained(reward_run) -> Path:
+    """A run directory with sft, dpo and rm finished (the session's shared reward run)."""
+    return reward_run
+
+
+# The GCS of the test cluster: a health check every second, a node dead after 3 missed in a row.
+HEALTH_CHECKS = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    with LocalCluster(head_cpus=0) as cluster:
+    with LocalCluster(head_cpus=0, env={**os.environ, **HEALTH_CHECKS}) as cluster:
         cluster.add_node(num_cpus=2, resources=TRAINER)
         cluster.add_node(num_cpus=2, resources=SCORER)
         yield cluster
+        for node in cluster.workers:  # nothing of theirs is needed: end them at once, as lost
+            if node.alive():
+                cluster.kill(node)
 
 
 def ppo_run(trained: Path, tmp: Path, address: str) -> tuple[Path, Path]:
@@ -161,24 +168,56 @@ def test_groups_span_nodes_and_a_lost_trainer_node_is_replaced(cluster, trained,
     print(f"lost trainer node at step {reached}: {summary['steps_run_again']} steps run again")
 
 
-@pytest.mark.parametrize("title", ["ray::RolloutWorker", "ray::FrozenModelWorker"])
-def test_a_lost_worker_process_is_recreated_without_a_rewind(cluster, trained, tmp_path, title):
-    """SIGKILL of one rollout worker, or of one frozen scorer: its group is rebuilt, the step runs
-    again from its rollouts, and no step is repeated (restarts = 1, nothing run again)."""
-    run_dir, job = ppo_run(trained, tmp_path, cluster.address)
-    log = tmp_path / "run.log"
+KILLED_WORKERS = {"ray::RolloutWorker": "rollout", "ray::FrozenModelWorker": "ref|dpo|rm"}
+LOST_WORKER_STEPS = 24  # two kills, each after the recovery from the one before, and steps to spare
+
+
+@pytest.fixture(scope="module")
+def lost_workers(cluster, trained, tmp_path_factory) -> dict:
+    """One ppo run that loses one rollout worker process and, once it has recovered from that and
+    gone on, one frozen scorer process (both SIGKILLed on the scorer node): its log, run directory,
+    exit code and the step each kill landed at."""
+    tmp = tmp_path_factory.mktemp("lost-workers")
+    run_dir = tmp / "run"
+    shutil.copytree(trained, run_dir)
+    job = write_job(tmp, **job_changes(cluster.address, ppo__steps=LOST_WORKER_STEPS))
+    log = tmp / "run.log"
     process = start_rto_run(job, run_dir, log)
-    wait_for_step(process, run_dir, 2, log)
-    pids = cluster.node_with("scorer").worker_pids(title)
-    assert pids, f"no {title} process on the scorer node"
-    os.kill(pids[0], signal.SIGKILL)
-    out = finish(process, log)
-    assert process.returncode == 0, out[-3000:]
-    assert "lost " in out and "rebuilt " in out and "lost trainable actor" not in out
-    assert_every_step_once(run_dir)
+    killed_at = {}
+    try:
+        step = 2
+        for title in KILLED_WORKERS:
+            wait_for_step(process, run_dir, step, log)  # the second time: recovered, and a step after
+            pids = cluster.node_with("scorer").worker_pids(title)
+            assert pids, f"no {title} process on the scorer node"
+            os.kill(pids[0], signal.SIGKILL)
+            killed_at[title] = max(ppo_steps(run_dir))
+            assert killed_at[title] < LOST_WORKER_STEPS, "the run ended before the kill"
+            step = killed_at[title] + 2
+        out = finish(process, log)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    return {"out": out, "run_dir": run_dir, "returncode": process.returncode, "killed_at": killed_at}
+
+
+@pytest.mark.parametrize("title", list(KILLED_WORKERS))
+def test_a_lost_worker_process_is_recreated_without_a_rewind(lost_workers, title):
+    """SIGKILL of one rollout worker, or of one frozen scorer (one run loses both, one after the
+    other): its group is rebuilt, the step runs again from its rollouts, and no step is repeated
+    (one restart per loss, nothing run again)."""
+    out, run_dir = lost_workers["out"], lost_workers["run_dir"]
+    assert lost_workers["returncode"] == 0, out[-3000:]
+    group = KILLED_WORKERS[title]
+    assert re.search(rf"lost ({group})-0 on node ", out), recovery_lines(out)
+    assert re.search(rf"rebuilt ({group}) in ", out), recovery_lines(out)
+    assert "lost trainable actor" not in out
+    assert_every_step_once(run_dir, LOST_WORKER_STEPS)
     summary = ppo_summary(run_dir)
-    assert summary["restarts"] == 1 and summary["steps_run_again"] == 0
-    assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["restarts"] == 1
+    assert summary["restarts"] == len(KILLED_WORKERS) and summary["steps_run_again"] == 0
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["restarts"] == len(KILLED_WORKERS)
+    print(f"lost {title} at step {lost_workers['killed_at'][title]}")
 
 
 class SubmittedRun:
