@@ -2,7 +2,7 @@
 
     python benchmarks/pruned_ppo.py --task text --seeds 0 1 2 --steps 20     # FTP on long prompts
     python benchmarks/pruned_ppo.py --task image --seeds 0 1 2 --jobs 2        # AdaptInfer on pictures
-    python benchmarks/pruned_ppo.py --task image_careless --seeds 0 1 2 --jobs 2 --steps 40
+    python benchmarks/pruned_ppo.py --task image_careless --seeds 0 1 2 --jobs 2 --steps 30 --set ppo.actor_lr=2e-4 --set dpo.lr=5e-4
     python benchmarks/pruned_ppo.py --task image_quickstart --seeds 0 1 2 --jobs 2
 
 **text**: the facts variant's 12-layer recipe (`configs/facts.yaml`: prompts of about 290 tokens:
@@ -19,7 +19,9 @@ the start policy is the `base` row of the cached eval (~/.cache/rto/image-vlm-v4
 **image_careless**: the same job from a VLM that can see but was taught by a careless annotator
 (`image_model.CARELESS_PHASES`: the recipe's first two phases with 60 % of the shape and count
 answers "nothing" / "zero"; built into ~/.cache/rto/image-vlm-careless-v1 when missing, about 30
-minutes). Arms `careless_dense` and `careless_adaptinfer`.
+minutes), with a `dpo` stage on the task's right-vs-wrong pairs trained once into the cached base.
+Arms `careless_dense` and `careless_adaptinfer` (ground truth + KL, as `image`) and `careless_rto`
+(dense rollouts, RTO's token reward from that DPO model).
 
 **image_quickstart**: the image quickstart (`configs/image-quickstart.yaml`: the tiny LLaVA, RTO's
 token reward from its DPO stage). Arms `quickstart_dense` and `quickstart_adaptinfer`, the job as
@@ -116,14 +118,17 @@ SETUPS = {
     "image_careless": Setup(
         config=BENCH_CONFIGS / "image-ppo.yaml",
         base=CACHE / "image-vlm-careless-v1-ppo",
-        base_stages=(),
+        base_stages=("dpo",),
         arms={
             "careless_dense": ["ppo.rollout_pruner=none"],
             "careless_adaptinfer": ["ppo.rollout_pruner=adaptinfer"],
+            "careless_rto": ["ppo.rollout_pruner=none", "reward.mode=rto"],
         },
         baseline="careless_dense",
         pruned="careless_adaptinfer",
         start="base",
+        rto="careless_rto",
+        ppo="careless_dense",
         policy=CACHE / "image-vlm-careless-v1",
         careless=True,
     ),
