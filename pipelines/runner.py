@@ -221,11 +221,8 @@ class Beside:
         if key != self.key:  # an earlier stage's output changed its key after all
             result = {"error": "its inputs changed while it ran"}
         if "error" in result:
-            import logging
-
-            logging.getLogger("rto").warning(
-                "stage %s beside %s: %s", self.name, self.alongside, result["error"]
-            )
+            with open(run.root / LOG_FILE, "a", encoding="utf-8") as log:  # the whole story for the log
+                log.write(f"stage {self.name} beside {self.alongside}: {result['error']}\n")
             console.log(
                 f"[yellow]stage {self.name}: did not finish beside {self.alongside} "
                 f"({result['error'].strip().splitlines()[-1]}); running it here[/yellow]"
