@@ -152,10 +152,9 @@ def test_a_chat_template_without_eos_is_a_user_error(tmp_path):
     """A template whose assistant turn never ends with EOS: no response could end, and no RM be
     scored where it was trained; the job is refused when its data is prepared (exit 2)."""
     import json
-    import subprocess
-    import sys
 
     from model_families import write_family_data
+    from pipeline_helpers import rto_in_process
     from transformers import AutoTokenizer
 
     folder = save_family_model("mistral", tmp_path / "model")
@@ -173,10 +172,7 @@ def test_a_chat_template_without_eos_is_a_user_error(tmp_path):
             }
         )
     )  # fmt: skip
-    result = subprocess.run(
-        [sys.executable, "-m", "rto.cli", "run", str(job), "--run-dir", str(tmp_path / "run")],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    result = rto_in_process("run", str(job), "--run-dir", str(tmp_path / "run"))
     assert result.returncode == 2, result.stderr[-2000:]
     last = [line for line in result.stderr.splitlines() if line.strip()][-1]
     assert "policy.path" in last and "never emits the EOS token" in last and "Traceback" not in result.stderr
