@@ -5,7 +5,6 @@ steps' traces are the same for the same seed. Critic-free estimators build no cr
 from __future__ import annotations
 
 import json
-import shutil
 
 import pyarrow.parquet as pq
 import pytest
@@ -66,13 +65,23 @@ def test_colocated_steps_match_the_distributed_groups(reward_run, tmp_path):
         assert abs(ra["value_loss"] - rb["value_loss"]) < 1e-4
 
 
-def test_critic_free_estimator_builds_no_critic_and_its_advantages_recompute(reward_run, tmp_path):
-    """REINFORCE++ with the RTO token reward, colocated on two ranks: no critic anywhere, no value in the traces,
-    and each trace row's advantage is its reward-to-go (γ = 1) of the logged rewards."""
-    run_dir, records, layout = run_steps(
-        reward_run, tmp_path, "reinforce", 1, resources__colocate="all",
-        ppo__advantage_estimator="reinforce_pp", ppo__micro_batch_size=4,
+@pytest.fixture(scope="module")
+def semi_rto_reinforce_step(reward_run, tmp_path_factory):
+    """One colocated step on two ranks with REINFORCE++ (critic-free) and the semi-RTO reward (the
+    DPO term summed onto each sentence's full stop). The critic-free test and the semi-RTO test
+    check independent parts of it: the estimator reads the composed per-token rewards, whatever
+    the mode that composed them."""
+    return run_steps(
+        reward_run, tmp_path_factory.mktemp("semi-reinforce"), "semi-reinforce", 1,
+        resources__colocate="all", reward__mode="semi_rto", ppo__advantage_estimator="reinforce_pp",
+        ppo__micro_batch_size=4,
     )  # fmt: skip
+
+
+def test_critic_free_estimator_builds_no_critic_and_its_advantages_recompute(semi_rto_reinforce_step):
+    """REINFORCE++ with a token reward, colocated on two ranks: no critic anywhere, no value in the
+    traces, and each trace row's advantage is its reward-to-go (γ = 1) of the logged rewards."""
+    run_dir, records, layout = semi_rto_reinforce_step
     assert layout == {
         "colocated": True,
         "actors": 2,
@@ -90,17 +99,10 @@ def test_critic_free_estimator_builds_no_critic_and_its_advantages_recompute(rew
         assert max(abs(a - b) for a, b in zip(expected[::-1], row["advantage"], strict=True)) < 1e-5
 
 
-def test_colocated_critic_free_job_runs_end_to_end(reward_run, tmp_path):
-    """`rto run` with colocate: all and RLOO: a checkpoint mid-way, a policy folder and no critic."""
-    run_dir = tmp_path / "run"
-    shutil.copytree(reward_run, run_dir)
-    job = write_job(
-        tmp_path, stages=["ppo"], ppo__steps=3, ppo__checkpoint_every=2, ppo__samples_per_prompt=2,
-        ppo__rollout_batch_size=4, ppo__train_batch_size=8, ppo__micro_batch_size=4,
-        ppo__advantage_estimator="rloo", resources__colocate="all",
-    )  # fmt: skip
-    result = rto("run", str(job), "--run-dir", str(run_dir))
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_colocated_critic_free_job_runs_end_to_end(colocated_rloo_run):
+    """`rto run` with colocate: all and RLOO (3 steps, a checkpoint after step 2; the shared run of
+    conftest.py): a policy folder and no critic."""
+    _, run_dir, result = colocated_rloo_run
     assert "placement policy" in (run_dir / "rto.log").read_text() + result.stderr
     assert (run_dir / "stages" / "ppo" / "policy" / "config.json").is_file()
     assert not (run_dir / "stages" / "ppo" / "critic").exists()
@@ -126,13 +128,10 @@ def test_bad_colocated_or_estimator_settings_are_one_line_errors(tmp_path, chang
     one_line_error(result.returncode, result.stderr, [str(job), *words])
 
 
-def test_semi_rto_step_puts_each_sentence_dpo_reward_on_its_full_stop(reward_run, tmp_path):
+def test_semi_rto_step_puts_each_sentence_dpo_reward_on_its_full_stop(semi_rto_reinforce_step):
     """Mode `semi_rto` through a real step: the DPO term is nonzero only on '.' tokens and on the
     last token, and each row's reward still adds up from its components."""
-    run_dir, records, _ = run_steps(
-        reward_run, tmp_path, "semi", 1, reward__mode="semi_rto", resources__colocate="all",
-        ppo__micro_batch_size=4,
-    )  # fmt: skip
+    run_dir, records, _ = semi_rto_reinforce_step
     rows = traces(run_dir, 1)
     assert any("." in row["tokens"][:-1] for row in rows)  # some response has a sentence before its end
     for row in rows:

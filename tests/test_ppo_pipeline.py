@@ -13,7 +13,7 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-from pipeline_helpers import one_line_error, rto, write_job
+from pipeline_helpers import one_line_error, rto, rto_in_process, write_job
 
 
 def fresh_copy(reward_run, tmp_path):
@@ -146,7 +146,7 @@ def test_kill_during_ppo_then_resume(reward_run, tmp_path, changes):
     assert 3 <= killed_at < 8
     assert not (run_dir / "stages" / "ppo").exists()
 
-    refused = rto("run", str(job), "--run-dir", str(run_dir))
+    refused = rto_in_process("run", str(job), "--run-dir", str(run_dir))
     assert refused.returncode == 2 and "--resume" in refused.stderr  # no silent restart over a checkpoint
 
     result = rto("run", str(job), "--run-dir", str(run_dir), "--resume")
@@ -199,7 +199,9 @@ def test_kill_during_ppo_then_resume(reward_run, tmp_path, changes):
 
 
 def test_nan_reward_skips_the_batch(reward_run, tmp_path, monkeypatch):
-    """Fault injection: the composed reward of step 2 is NaN; the run goes on and counts it."""
+    """Fault injection: the composed reward of step 2 is NaN; the run goes on and counts it. (The
+    check is the driver's, on the gathered batch, whatever the layout: colocated, the cheapest.)"""
+    import ray
     import torch
 
     import rto.ppo.trainer as trainer
@@ -218,8 +220,13 @@ def test_nan_reward_skips_the_batch(reward_run, tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer, "batch_rewards", poisoned)
     run_dir = fresh_copy(reward_run, tmp_path)
-    cfg = load_config(write_job(tmp_path, stages=["ppo"], ppo__steps=3, ppo__checkpoint_every=10))
-    summary = run_job(cfg, run_dir)
+    cfg = load_config(
+        write_job(tmp_path, stages=["ppo"], ppo__steps=3, ppo__checkpoint_every=10, resources__colocate="all")
+    )
+    try:
+        summary = run_job(cfg, run_dir)
+    finally:
+        ray.shutdown()  # the stage leaves Ray to the process's exit, as `rto run` ends
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     ppo = [r for r in rows if r["stage"] == "ppo"]
     assert [r["step"] for r in ppo] == [1, 2, 3]
@@ -232,7 +239,7 @@ def test_score_writes_a_trace_file_whose_reward_adds_up(reward_run, tmp_path):
     run_dir = fresh_copy(reward_run, tmp_path)
     job = write_job(tmp_path, stages=["ppo"])
     out = tmp_path / "scored.parquet"
-    result = rto("score", str(job), "--run-dir", str(run_dir), "-o", str(out), "--samples", "8")
+    result = rto_in_process("score", str(job), "--run-dir", str(run_dir), "-o", str(out), "--samples", "8")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = pq.read_table(out).to_pylist()
     assert len(rows) == 8
@@ -248,14 +255,18 @@ def test_score_writes_a_trace_file_whose_reward_adds_up(reward_run, tmp_path):
         json.dumps({"prompt": [{"role": "user", "content": "describe the cat"}], "response": "the kind cat loves a happy dog ."}) + "\n"
         + json.dumps({"prompt": [{"role": "user", "content": "describe the cat"}], "response": "cat cat cat loves"}) + "\n"
     )  # fmt: skip
-    result = rto("score", str(job), "--run-dir", str(run_dir), "--responses", str(responses), "-o", str(out))
+    result = rto_in_process(
+        "score", str(job), "--run-dir", str(run_dir), "--responses", str(responses), "-o", str(out)
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = pq.read_table(out).to_pylist()
     assert rows[0]["gt_reward"] > rows[1]["gt_reward"]
     assert rows[0]["tokens"][-1] == "<eos>"
     # the ground truth as the sentence-level score, as the PPO step would use it (one shared function)
     overrides = ["--set", "reward.mode=ppo", "--set", "reward.sentence_reward=ground_truth"]
-    result = rto("score", str(job), *overrides, "--run-dir", str(run_dir), "-o", str(out), "--samples", "4")
+    result = rto_in_process(
+        "score", str(job), *overrides, "--run-dir", str(run_dir), "-o", str(out), "--samples", "4"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     for row in pq.read_table(out).to_pylist():
         assert row["rm_score"] == pytest.approx(row["gt_reward"], abs=1e-6)
@@ -267,7 +278,7 @@ def test_reward_bad_inputs_exit_2(reward_run, tmp_path):
     job = write_job(tmp_path, stages=["ppo"])
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "describe the cat"}) + "\n")
-    result = rto("score", str(job), "--run-dir", str(run_dir), "--responses", str(bad))
+    result = rto_in_process("score", str(job), "--run-dir", str(run_dir), "--responses", str(bad))
     assert result.returncode == 2 and "'response'" in result.stderr and str(bad) in result.stderr
 
     for rows, words in (
@@ -281,7 +292,7 @@ def test_reward_bad_inputs_exit_2(reward_run, tmp_path):
         pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
         (tmp_path / "bad").mkdir(exist_ok=True)
         bad_job = write_job(tmp_path / "bad", stages=["dpo"], data={"pairs": {"path": str(pairs)}})
-        result = rto("run", str(bad_job), "--run-dir", str(tmp_path / "x"))
+        result = rto_in_process("run", str(bad_job), "--run-dir", str(tmp_path / "x"))
         assert (
             result.returncode == 2 and all(w in result.stderr for w in words) and str(pairs) in result.stderr
         )
@@ -292,7 +303,7 @@ def test_reward_bad_inputs_exit_2(reward_run, tmp_path):
     other = text.build_tokenizer()
     other.add_tokens(["zebra"])
     other.save_pretrained(run_dir / "stages" / "dpo")
-    result = rto("score", str(job), "--run-dir", str(run_dir), "--samples", "2")
+    result = rto_in_process("score", str(job), "--run-dir", str(run_dir), "--samples", "2")
     assert result.returncode == 2 and "tokenizer" in result.stderr and "dpo" in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -327,23 +338,18 @@ def test_ftp_pruned_rollouts_are_importance_weighted(reward_run, tmp_path):
     ]:
         meta_file.write_text(json.dumps({**meta, key: value}))
         again = write_job(tmp_path, stages=["ppo"], ppo__steps=2, ppo__rollout_pruner="ftp")
-        result = rto("run", str(again), "--run-dir", str(run_dir))
+        result = rto_in_process("run", str(again), "--run-dir", str(run_dir))
         one_line_error(result.returncode, result.stderr, [str(meta_file), field.split(".")[-1], "another"])
         assert "placement" not in result.stdout + result.stderr
     assert ppo_steps(run_dir) == [1]  # nothing was run or lost
 
 
-def test_heldout_evaluation_during_ppo_equals_the_eval_stage(reward_run, tmp_path):
-    """`ppo.eval_every`: the held-out figure logged at the last step is the eval stage's for the
-    saved policy (greedy decoding, so both must pick the same answers); no other step has one.
-    `ppo.max_prompts`: every rollout's prompt is one of the first N."""
-    run_dir = fresh_copy(reward_run, tmp_path)
-    job = write_job(
-        tmp_path, stages=["ppo", "eval"], ppo__steps=3, ppo__eval_every=2, ppo__max_prompts=6,
-        ppo__micro_batch_size=4, eval__temperature=0, eval__models=["ppo"], resources__colocate="all",
-    )  # fmt: skip
-    result = rto("run", str(job), "--run-dir", str(run_dir))
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_heldout_evaluation_during_ppo_equals_the_eval_stage(colocated_rloo_run):
+    """`ppo.eval_every` (2, over 3 steps): the held-out figure logged at the last step is the eval
+    stage's for the saved policy (greedy decoding, so both must pick the same answers); step 1 has
+    none. `ppo.max_prompts` (6): every rollout's prompt is one of the first 6. (The shared colocated
+    RLOO run, conftest.py.)"""
+    job, run_dir, _ = colocated_rloo_run
     rows = {
         r["step"]: r
         for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
@@ -384,6 +390,6 @@ def trace_file(run_dir, step):
 def test_bad_prompt_budget_or_eval_cadence_is_a_one_line_error(reward_run, tmp_path, changes, words):
     run_dir = fresh_copy(reward_run, tmp_path)
     job = write_job(tmp_path, stages=["ppo"], ppo__steps=1, **changes)
-    result = rto("run", str(job), "--run-dir", str(run_dir))
+    result = rto_in_process("run", str(job), "--run-dir", str(run_dir))
     one_line_error(result.returncode, result.stderr, [*words])
     assert not (run_dir / "stages" / "ppo" / "policy").exists()
