@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -36,6 +37,7 @@ def cluster():
         assert rto("jobs", "list", "--address", local.dashboard).returncode == 0
         yield local.dashboard
     finally:
+        local.head.kill()  # every process of the head's session at once: nothing of it is needed
         local.shutdown()
 
 
@@ -102,12 +104,13 @@ def test_submit_follow_to_success_and_read_logs(cluster, tmp_path):
 def inspect_finished_run(run_dir: Path, tmp_path: Path) -> None:
     from tensorboard.backend.event_processing import event_accumulator
 
-    traces = rto("traces", str(run_dir), "--top", "1")
-    assert traces.returncode == 0, traces.stderr
-    assert traces.stdout.startswith("step 2 · 8 samples") and "best 1 by reward" in traces.stdout
+    # in this process, through the CLI's own main() (neither command touches Ray)
+    code, traces, err = run_cli("traces", str(run_dir), "--top", "1")
+    assert code == 0, err
+    assert traces.startswith("step 2 · 8 samples") and "best 1 by reward" in traces
     page = tmp_path / "report.html"
-    report = rto("report", str(run_dir), "-o", str(page))
-    assert report.returncode == 0, report.stderr
+    code, _, err = run_cli("report", str(run_dir), "-o", str(page))
+    assert code == 0, err
     text = page.read_text()
     assert re.findall(r"<h3>step (\d+)", text) == ["1", "2"] and text.count("<svg") >= 3
     events = event_accumulator.EventAccumulator(
@@ -123,22 +126,26 @@ def test_stop_a_running_job(cluster, tmp_path):
     job = tiny_job(tmp_path, stages=["sft"], sft__max_steps=100_000)
     job_id = "rto-test-stop-" + str(os.getpid())
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    errors = open(tmp_path / "follow.err", "w")  # noqa: SIM115 - the follower's, closed below
     follower = subprocess.Popen(
         [sys.executable, "-m", "rto.cli", "submit", str(job), "--address", cluster, "--job-id", job_id,
          "--run-dir", str(tmp_path / "run"), "--follow", *JOB_ENV],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        stdout=subprocess.PIPE, stderr=errors, text=True, env=env,
     )  # fmt: skip
+    streamed: list[str] = []  # what the follower has printed so far, read as it streams
+
+    def read() -> None:
+        for line in follower.stdout:
+            streamed.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    # stop it inside the sft stage, not while it is still preparing: the follower shows the stage
     deadline = time.monotonic() + 120
-    while follower.poll() is None and not jobs_known(cluster, job_id):
-        assert time.monotonic() < deadline
+    while "stage sft" not in "".join(streamed):
+        assert follower.poll() is None and time.monotonic() < deadline, "".join(streamed)[-2000:]
         time.sleep(0.5)
-    while (state := job_status(cluster, job_id)) != "RUNNING":
-        assert state == "PENDING" and time.monotonic() < deadline, state
-        time.sleep(1)
-    # stop it inside the sft stage, not while it is still preparing (the follower must show the stage)
-    while "stage sft" not in rto("jobs", "logs", job_id, "--address", cluster).stdout:
-        assert time.monotonic() < deadline and job_status(cluster, job_id) == "RUNNING"
-        time.sleep(1)
+    assert job_status(cluster, job_id) == "RUNNING"
     result = rto("jobs", "stop", job_id, "--address", cluster)
     assert result.returncode == 0 and f"stopping {job_id}" in result.stdout
     status = rto("jobs", "status", job_id, "--wait", "--timeout", "120", "--address", cluster)
@@ -148,14 +155,12 @@ def test_stop_a_running_job(cluster, tmp_path):
     assert re.search(r"^status:\s+STOPPED$", status.stdout, re.MULTILINE)
     again = rto("jobs", "stop", job_id, "--address", cluster)
     assert again.returncode == 0 and "is not running (STOPPED)" in again.stdout
-    out, err = follower.communicate(timeout=120)
+    follower.wait(timeout=120)
+    reader.join(timeout=30)
+    errors.close()
+    out, err = "".join(streamed), (tmp_path / "follow.err").read_text()
     assert follower.returncode == 1, out[-2000:] + err[-2000:]
     assert f"submitted {job_id}" in out and "stage sft" in out and out.rstrip().endswith("STOPPED")
-
-
-def jobs_known(address: str, job_id: str) -> bool:
-    """Through the CLI, like `job_status`."""
-    return job_id in rto("jobs", "list", "--address", address).stdout
 
 
 @pytest.mark.parametrize("command", [["status"], ["logs"], ["logs", "--follow"], ["stop"]])
