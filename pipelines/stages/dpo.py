@@ -25,7 +25,6 @@ def preference_figures(
     chosen, rejected = encode_pairs(tokenizer, pairs)
     len_c = torch.tensor([len(c) for _, c in chosen], dtype=torch.float32)
     len_r = torch.tensor([len(c) for _, c in rejected], dtype=torch.float32)
-
     policy, ref = FrozenLM(policy_path, device=device), FrozenLM(ref_path, device=device)
 
     def sums(lm: FrozenLM) -> tuple[torch.Tensor, torch.Tensor]:
