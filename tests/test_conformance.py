@@ -14,6 +14,7 @@ transformers and generates. The Llama-3 run uses ZeRO-3 on 2 ranks, the others Z
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -56,13 +57,35 @@ def family_job(family: str, root: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def family_jobs(request, tmp_path_factory):
+    """The `rto run` of every family whose tests were selected, two at a time (much of a run is one
+    process at work, such as starting the PPO actors one after another: the other core runs the
+    other job); the tests of a family wait for its own."""
+    params = [getattr(getattr(item, "callspec", None), "params", {}) for item in request.session.items]
+    selected = {p["family_run"] for p in params if "family_run" in p}
+    families = [family for family in FAMILIES if family in selected]
+    roots = {family: tmp_path_factory.mktemp(family) for family in families}
+    jobs = {family: family_job(family, root) for family, root in roots.items()}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {
+            family: pool.submit(
+                rto, "run", str(jobs[family]), "--run-dir", str(roots[family] / "run"), timeout=900
+            )
+            for family in families
+        }
+        yield {family: (futures[family], roots[family] / "run") for family in families}
+        for future in futures.values():
+            future.cancel()
+
+
 @pytest.fixture(scope="module", params=FAMILIES)
-def family_run(request, tmp_path_factory):
+def family_run(request, family_jobs):
     family = request.param
-    root = tmp_path_factory.mktemp(family)
-    result = rto("run", str(family_job(family, root)), "--run-dir", str(root / "run"), timeout=900)
+    future, run = family_jobs[family]
+    result = future.result()
     assert result.returncode == 0, result.stderr[-4000:]
-    return {"family": family, "run": root / "run"}
+    return {"family": family, "run": run}
 
 
 def ppo_metrics(run: Path) -> list[dict]:
