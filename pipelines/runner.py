@@ -136,7 +136,7 @@ def _start_beside(
 ) -> None:
     """Start the first later stage whose inputs are ready in a child process, if there is a core
     for it: a CPU job whose torch threads leave one free (`pipelines.training.spare_cores`)."""
-    from pipelines.training import spare_cores
+    from pipelines.training import spare_cores  # deferred: it imports transformers (start-up of rto validate)
 
     if device != "cpu" or not spare_cores():
         return
