@@ -4,6 +4,7 @@
     python benchmarks/pruned_ppo.py --task image --seeds 0 1 2 --jobs 2        # AdaptInfer on pictures
     python benchmarks/pruned_ppo.py --task image_careless --seeds 0 1 2 --jobs 2 --steps 30 --set ppo.actor_lr=2e-4 --set dpo.lr=5e-4
     python benchmarks/pruned_ppo.py --task image_quickstart --seeds 0 1 2 --jobs 2
+    python benchmarks/pruned_ppo.py --task image_quickstart_careless --seeds 0 1 2 --jobs 2 --steps 40
 
 **text**: the facts variant's 12-layer recipe (`configs/facts.yaml`: prompts of about 290 tokens:
 the attributes of 56 subjects, then a request about one of them). Arms `dense` and `ftp`
@@ -17,9 +18,9 @@ missing: about 80 minutes). Arms `image_dense` and `image_adaptinfer` (25 % of t
 the start policy is the `base` row of the cached eval (~/.cache/rto/image-vlm-v4-ppo).
 
 **image_careless**: the same job from a VLM that can see but was taught by a careless annotator
-(`image_model.CARELESS_PHASES`: the recipe's first two phases with 60 % of the shape and count
-answers "nothing" / "zero"; built into ~/.cache/rto/image-vlm-careless-v1 when missing, about 30
-minutes), with a `dpo` stage on the task's right-vs-wrong pairs trained once into the cached base.
+(`image_model.CARELESS_PHASES`: the recipe's first two phases with 60 % of the colour, shape and
+count answers "red" / "nothing" / "zero"; built into ~/.cache/rto/image-vlm-careless-v2 when missing,
+about 50 minutes), with a `dpo` stage on the task's right-vs-wrong pairs trained once into the cached base.
 Arms `careless_dense` and `careless_adaptinfer` (ground truth + KL, as `image`) and `careless_rto`
 (dense rollouts, RTO's token reward from that DPO model).
 
@@ -28,6 +29,12 @@ token reward from its DPO stage). Arms `quickstart_dense` and `quickstart_adapti
 configured, and `quickstart_ppo`: dense rollouts with the ground truth alone as the reward
 (`reward.mode: ppo`), to tell what RTO's DPO term adds. The SFT and DPO models are cached
 (default ~/.cache/rto/image-quickstart-v2).
+
+**image_quickstart_careless**: the same three arms (`careless_quickstart_dense`, `..._adaptinfer`,
+`..._ppo`) from the quickstart's SFT trained on a careless annotator's answers
+(`task.sft_careless=0.6`: 60 % of the colour, shape and count questions answered "red", "nothing",
+"zero" without looking), so that the start policy makes mistakes the reward can fix. SFT and DPO
+cached in ~/.cache/rto/image-quickstart-careless-v1.
 
 Image held-out figure: greedy accuracy on the task's evaluation questions (`task.n_eval`).
 
@@ -91,6 +98,7 @@ class Setup:
     ppo: str | None = None
     policy: Path | None = None
     careless: bool = False  # build `policy` with image_model.CARELESS_PHASES instead of PHASES
+    overrides: tuple[str, ...] = ()  # config overrides of this setup, for the base and every arm
 
 
 SETUPS = {
@@ -117,7 +125,7 @@ SETUPS = {
     ),
     "image_careless": Setup(
         config=BENCH_CONFIGS / "image-ppo.yaml",
-        base=CACHE / "image-vlm-careless-v1-ppo",
+        base=CACHE / "image-vlm-careless-v2-ppo",
         base_stages=("dpo",),
         arms={
             "careless_dense": ["ppo.rollout_pruner=none"],
@@ -129,7 +137,7 @@ SETUPS = {
         start="base",
         rto="careless_rto",
         ppo="careless_dense",
-        policy=CACHE / "image-vlm-careless-v1",
+        policy=CACHE / "image-vlm-careless-v2",
         careless=True,
     ),
     "image_quickstart": Setup(
@@ -145,6 +153,21 @@ SETUPS = {
         pruned="quickstart_adaptinfer",
         rto="quickstart_dense",
         ppo="quickstart_ppo",
+    ),
+    "image_quickstart_careless": Setup(
+        config=CONFIGS / "image-quickstart.yaml",
+        base=CACHE / "image-quickstart-careless-v1",
+        base_stages=("sft", "dpo"),
+        arms={
+            "careless_quickstart_dense": ["ppo.rollout_pruner=none"],
+            "careless_quickstart_adaptinfer": ["ppo.rollout_pruner=adaptinfer"],
+            "careless_quickstart_ppo": ["ppo.rollout_pruner=none", "reward.mode=ppo"],
+        },
+        baseline="careless_quickstart_dense",
+        pruned="careless_quickstart_adaptinfer",
+        rto="careless_quickstart_dense",
+        ppo="careless_quickstart_ppo",
+        overrides=("task.sft_careless=0.6",),
     ),
 }
 PER_STEP = ("gt_reward", "time_generate", "time_score", "time_train", "time_step", "response_length",
@@ -172,12 +195,35 @@ def prepare_base(setup: Setup, base: Path, overrides: list[str]) -> dict:
 
         print(f"training the benchmark VLM into {setup.policy} (image_model.sft_recipe)...", flush=True)
         image_model.sft_recipe(setup.policy, phases=image_model.CARELESS_PHASES if setup.careless else None)
+    return run_job(base_config(setup, overrides), base)
+
+
+def base_config(setup: Setup, overrides: list[str]):
+    """The job of the base stages and the start policy's evaluation."""
     stages = ",".join([*setup.base_stages, "eval"])
     policy = [f"policy.path={setup.policy}"] if setup.policy is not None else []
-    cfg = load_config(
-        setup.config, [f"stages=[{stages}]", f"eval.models=[{setup.start}]", *policy, *overrides]
+    return load_config(
+        setup.config,
+        [f"stages=[{stages}]", f"eval.models=[{setup.start}]", *policy, *setup.overrides, *overrides],
     )
-    return run_job(cfg, base)
+
+
+def arm_config(setup: Setup, arm: str, seed: int, overrides: list[str]):
+    """The job of one arm: the base stages (up to date in its run directory: skipped), ppo, eval."""
+    stages = ",".join([*setup.base_stages, "ppo", "eval"])
+    policy = [f"policy.path={setup.policy}"] if setup.policy is not None else []
+    return load_config(
+        setup.config,
+        [
+            f"stages=[{stages}]",
+            "eval.models=[ppo]",
+            *policy,
+            *setup.overrides,
+            *setup.arms[arm],
+            f"seed={seed}",
+            *overrides,
+        ],  # fmt: skip
+    )
 
 
 def arm_run(setup: Setup, base: Path, run_dir: Path, arm: str, seed: int, overrides: list[str]) -> dict:
@@ -187,12 +233,7 @@ def arm_run(setup: Setup, base: Path, run_dir: Path, arm: str, seed: int, overri
         shutil.copytree(base / "prepared", run_dir / "prepared")
         for stage in setup.base_stages:
             shutil.copytree(base / "stages" / stage, run_dir / "stages" / stage)
-    stages = ",".join([*setup.base_stages, "ppo", "eval"])  # the base stages are up to date: skipped
-    policy = [f"policy.path={setup.policy}"] if setup.policy is not None else []
-    cfg = load_config(
-        setup.config,
-        [f"stages=[{stages}]", "eval.models=[ppo]", *policy, *setup.arms[arm], f"seed={seed}", *overrides],
-    )
+    cfg = arm_config(setup, arm, seed, overrides)
     summary = run_job(cfg, run_dir)
     rows = RunDir(run_dir).read_metrics("ppo")
     return {
@@ -560,6 +601,8 @@ def plot(results: dict, task: str, path: Path) -> None:
         "rollouts (25 %)",
         "image_quickstart": "PPO on the image task (quickstart's SFT LLaVA): dense vs AdaptInfer rollouts (25 %), "
         "and PPO without the DPO term",
+        "image_quickstart_careless": "RTO and PPO from the quickstart's LLaVA taught by a careless annotator "
+        "(sft_careless 0.6): dense vs AdaptInfer rollouts (25 %)",
     }[task]
     fig.suptitle(title + ", one line per seed", fontsize=10)
     fig.tight_layout()

@@ -241,8 +241,8 @@ class ImageTaskConfig(BuiltinTaskConfig):
         0.0,
         ge=0,
         lt=1,
-        description="Share of the SFT set's shape and count questions that a careless annotator answers "
-        "without looking ('nothing', 'zero'): demonstrations wrong in a way the ground truth sees, "
+        description="Share of the SFT set's colour, shape and count questions that a careless annotator "
+        "answers without looking ('red', 'nothing', 'zero'): demonstrations wrong in a way the ground truth sees, "
         "which PPO can correct (docs/vision-language.md)",
     )
 

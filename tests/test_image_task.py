@@ -293,31 +293,37 @@ def test_confusable_negatives_are_wrong_answers_the_picture_suggests():
         assert task.confusable_answer(example) == rejected
 
 
-def test_a_careless_annotator_answers_shape_and_count_questions_without_looking():
+def test_a_careless_annotator_answers_without_looking():
     examples = task.make_examples(3000, seed=4, describe_fraction=0.2)
     assert task.careless(examples, 0.0, seed=1) == examples
     labelled = task.careless(examples, 0.6, seed=1)
     assert labelled == task.careless(examples, 0.6, seed=1)  # seeded
-    changed = {"shape": 0, "count": 0}
-    eligible = {"shape": 0, "count": 0}
+    defaults = {"color": "red", "shape": "nothing", "count": "zero"}
+    assert task.CARELESS_ANSWERS == defaults
+    changed = dict.fromkeys(defaults, 0)
+    eligible = dict.fromkeys(defaults, 0)
     for before, after in zip(examples, labelled, strict=True):
         kind = task.question_kind(before.question)
         assert (after.items, after.question, after.seed) == (before.items, before.question, before.seed)
-        if kind in ("color", "describe"):
+        if kind == "describe":
             assert after.answer == before.answer
             continue
         eligible[kind] += 1
         if after.answer != before.answer:
-            assert after.answer == {"shape": "nothing", "count": "zero"}[kind]
+            assert after.answer == defaults[kind]
             changed[kind] += 1
-    for kind in eligible:  # 60 % answered carelessly; "nothing" / "zero" were right for some of them
+    # 60 % answered carelessly; the default was right for some of them: a quarter of the colours,
+    # 37.5 % of the shapes ("nothing"), 54 % of the counts ("zero")
+    right_anyway = {"color": 0.25, "shape": 0.375, "count": 0.54}
+    for kind in eligible:
         careless_answers = sum(
             a.answer == task.CARELESS_ANSWERS[kind]
             for a in labelled
             if task.question_kind(a.question) == kind
         )
-        assert 0.6 < careless_answers / eligible[kind] < 0.85
-        assert 0.2 < changed[kind] / eligible[kind] < 0.5
+        expected = 0.6 + 0.4 * right_anyway[kind]
+        assert abs(careless_answers / eligible[kind] - expected) < 0.05, kind
+        assert abs(changed[kind] / eligible[kind] - 0.6 * (1 - right_anyway[kind])) < 0.05, kind
 
 
 def test_careless_labels_reach_the_sft_records_only(tmp_path):
@@ -331,8 +337,8 @@ def test_careless_labels_reach_the_sft_records_only(tmp_path):
     )  # fmt: skip
     records = image_data.build_records(settings, tmp_path)
     truthful = image_data.build_records(SimpleNamespace(**{**vars(settings), "sft_careless": 0.0}), tmp_path)
-    lazy = [r for r in records["sft"] if task.question_kind(r["prompt"]) in ("shape", "count")]
-    assert sum(r["completion"] in ("nothing", "zero") for r in lazy) / len(lazy) > 0.9
+    lazy = [r for r in records["sft"] if task.question_kind(r["prompt"]) in ("color", "shape", "count")]
+    assert sum(r["completion"] in ("red", "nothing", "zero") for r in lazy) / len(lazy) > 0.9
     assert records["sft"] != truthful["sft"]
     for role in ("prompts", "eval_prompts", "pairs", "eval_pairs"):  # the ground truth is untouched
         assert records[role] == truthful[role]
@@ -351,5 +357,5 @@ def test_sft_with_a_careless_annotator_trains_on_its_answers(tmp_path, monkeypat
     image_model.sft(tmp_path, steps=4, batch_size=16, n_train=0, log_every=0, n_eval=8, careless=1.0)
     lazy = [e for e in seen if task.question_kind(e.question) in task.CARELESS_ANSWERS]
     assert lazy and all(e.answer == task.CARELESS_ANSWERS[task.question_kind(e.question)] for e in lazy)
-    colour = [e for e in seen if task.question_kind(e.question) == "color"]
-    assert colour and all(e.answer in task.COLORS for e in colour)  # colour answers stay right
+    described = [e for e in seen if task.question_kind(e.question) == "describe"]
+    assert described and all(e.answer == task.describe(e.items) for e in described)  # they stay right

@@ -73,3 +73,22 @@ def test_a_task_run_keeps_the_other_tasks_arms(tmp_path):
     results, _ = pruned_ppo.merge_previous(path, "text", {"dense": {"x": 9}, "ftp": {"x": 8}}, {"t": 1}, {})
     assert results["arms"] == {"dense": {"x": 9}, "ftp": {"x": 8}, "image_dense": {"x": 3}}
     assert results["text"] == {"t": 1} and results["image"] == {"s": 1}
+
+
+def test_the_careless_quickstart_setup_teaches_every_arm_carelessly():
+    """`image_quickstart_careless`: the base (sft, dpo, the start's eval) and every arm are the image
+    quickstart with `task.sft_careless` 0.6, so the arms' copied sft/dpo stages stay up to date; a
+    user's `--set` comes last and wins."""
+    setup = pruned_ppo.SETUPS["image_quickstart_careless"]
+    base = pruned_ppo.base_config(setup, ["ppo.steps=7"])
+    assert base.task.sft_careless == 0.6 and base.stages == ["sft", "dpo", "eval"]
+    assert base.eval.models == ["sft"] and base.ppo.steps == 7
+    for name in setup.arms:
+        cfg = pruned_ppo.arm_config(setup, name, seed=3, overrides=["task.sft_careless=0.5"])
+        assert cfg.task.sft_careless == 0.5 and cfg.seed == 3 and cfg.stages == ["sft", "dpo", "ppo", "eval"]
+    arms = {name: pruned_ppo.arm_config(setup, name, 0, []) for name in setup.arms}
+    assert arms["careless_quickstart_ppo"].reward.mode == "ppo"
+    assert arms["careless_quickstart_dense"].reward.mode == "rto"
+    assert arms["careless_quickstart_adaptinfer"].ppo.rollout_pruner == "adaptinfer"
+    assert arms["careless_quickstart_dense"].task.sft_careless == 0.6
+    assert pruned_ppo.SETUPS["image_quickstart"].overrides == ()  # the truthful quickstart as configured

@@ -238,15 +238,21 @@ def make_examples(n: int, seed: int, describe_fraction: float = 0.0) -> list[Exa
     return out
 
 
-CARELESS_ANSWERS = {"shape": "nothing", "count": "zero"}
-"""What a careless annotator answers without looking at the picture: the kind's most frequent answer."""
+CARELESS_ANSWERS = {"color": "red", "shape": "nothing", "count": "zero"}
+"""What a careless annotator answers without looking at the picture: the kind's most frequent answer
+for shapes and counts ("nothing" is right 37.5 % of the time, "zero" 54 %), and the first colour that
+comes to mind for colours ("red": right a quarter of the time, as any single colour is)."""
 
 
 def careless(examples: list[Example], share: float, seed: int) -> list[Example]:
-    """`examples` as a careless annotator labels them: a `share` of the shape and count questions
-    get the answer of not looking (`CARELESS_ANSWERS`: "nothing", "zero") whatever the picture
-    shows; colour questions and descriptions keep their answers. Demonstrations that are wrong in a
-    way the ground truth sees, as real SFT data is (`task.sft_careless`)."""
+    """`examples` as a careless annotator labels them: a `share` of the colour, shape and count
+    questions get the answer of not looking (`CARELESS_ANSWERS`) whatever the picture shows;
+    descriptions keep their answers. Demonstrations that are wrong in a way the ground truth sees,
+    as real SFT data is (`task.sft_careless`).
+
+    Only the colour default is worse than a guess from what the picture shows: a policy that can
+    tell the colours apart but learned to say "red" has a mistake PPO can fix, while "nothing" and
+    "zero" are the reward-optimal answers of a policy that cannot see shapes or count."""
     if share <= 0:
         return list(examples)
     rng = random.Random(seed)

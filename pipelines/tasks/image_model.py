@@ -249,7 +249,7 @@ def sft(
     layers (`random_cuts`, objects ranked first), after the `token_drop` share.
     `early_read`: the share of batches with every image token removed after layer 0 or 1
     (`early_read_cuts`), after the `layer_drop` share.
-    `careless`: the share of shape and count answers a careless annotator gives without looking
+    `careless`: the share of colour, shape and count answers a careless annotator gives without looking
     (`task.careless`); the pictures, the descriptions and the auxiliary loss stay right.
     """
     processor = task.build_processor()
@@ -431,8 +431,8 @@ PHASES = (
 CARELESS_PHASES = (dict(RECIPE, careless=0.6), dict(RECIPE_PHASE2, careless=0.6))
 """A model that can see but was taught by a careless annotator (`python -m pipelines.tasks.image_model
 OUT_DIR --careless`): the benchmark recipe's first two phases (what the picture shows, from
-descriptions and the auxiliary patch loss) with 60 % of the shape and count answers "nothing" and
-"zero" whatever the picture shows. What its demonstrations got wrong, the ground truth sees: the
+descriptions and the auxiliary patch loss) with 60 % of the colour, shape and count answers "red",
+"nothing" and "zero" whatever the picture shows. What its demonstrations got wrong, the ground truth sees: the
 start policy of the image PPO benchmark (docs/vision-language.md)."""
 
 
