@@ -14,7 +14,7 @@ import time
 
 import pytest
 from _trace_run_fixtures import run_cli
-from pipeline_helpers import rto, write_job
+from pipeline_helpers import rto, rto_in_process, write_job
 
 from rto.config import load_config
 from rto.rundir import RunDir
@@ -38,7 +38,7 @@ def test_a_second_run_on_the_same_directory_is_refused_naming_the_holder(tmp_pat
         while not list((run_dir / "stages").glob(".sft.tmp*")):  # the first run is inside its sft stage
             assert first.poll() is None and time.monotonic() < deadline
             time.sleep(0.2)
-        second = rto("run", str(job), "--run-dir", str(run_dir), timeout=120)
+        second = rto_in_process("run", str(job), "--run-dir", str(run_dir))  # another process: refused
         assert second.returncode == 2, second.stderr
         line = second.stderr.strip().splitlines()[-1]
         assert f"PID {first.pid}" in line and str(run_dir) in line and "--run-dir" in line
@@ -84,7 +84,7 @@ def test_a_failed_run_keeps_the_record_of_the_finished_one(tmp_path):
     (tmp_path / "bad").mkdir()
     (tmp_path / "broken.jsonl").write_text("{not json\n")
     bad = write_job(tmp_path / "bad", **QUICK, data={"sft": {"path": str(tmp_path / "broken.jsonl")}})
-    result = rto("run", str(bad), "--run-dir", str(run_dir), timeout=300)
+    result = rto_in_process("run", str(bad), "--run-dir", str(run_dir))
     assert result.returncode == 2 and "broken.jsonl" in result.stderr
     assert (run_dir / "config.yaml").read_text() == record
 
