@@ -158,6 +158,29 @@ def cpu_view() -> dict:
     }
 
 
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def cpu_model() -> str | None:
+    for line in _cpuinfo().splitlines():
+        if line.startswith("model name"):
+            return line.partition(":")[2].strip()
+    return None
+
+
+def cpu_bf16() -> list[str]:
+    """The CPU's bf16 instructions (/proc/cpuinfo flags): without them bf16 autocast is emulated and
+    slower than float32; with AMX it is much faster. What a bf16 arm's time depends on."""
+    flags = next(
+        (line.split(":", 1)[1].split() for line in _cpuinfo().splitlines() if line.startswith("flags")), []
+    )
+    return [f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+
+
 def environment() -> dict:
     """The machine as this (the parent) process sees it; torch's thread defaults are those of a
     process that never set them."""
@@ -171,6 +194,8 @@ def environment() -> dict:
         physical = None
     return {
         **cpu_view(),
+        "cpu_model": cpu_model(),
+        "cpu_bf16": cpu_bf16(),
         "cgroup": cgroup_cpu_quota(),
         "physical_cores": physical,
         "torch": torch.__version__,
@@ -460,6 +485,7 @@ def build_rows(reps: list[dict], repeats: int) -> list[dict]:
                 "cpu_seconds_per_iteration": _median(s["cpu_seconds_per_iteration"] for s in ok),
                 "cpu_utilisation": _median(s["cpu_utilisation"] for s in ok),
                 "torch_threads_used": ok[0]["torch_threads_used"] if ok else None,
+                "precision": first.get("precision"),
                 "overrides": first.get("overrides", []),
                 "process_view": first.get("process_view"),
                 "failed_reps": [i for i, s in enumerate(by_rep) if s is None],
@@ -643,11 +669,27 @@ def probe_groups(groups) -> list[dict]:
     return out
 
 
+def trl_config(cfg, work: Path, spec: dict):
+    """GRPOTrainer's arguments for the TRL arm. ``bf16`` is set explicitly: GRPOConfig's default is
+    bf16 autocast even on a CPU, where rto computes in float32; float32 unless the spec asks for
+    TRL's default (``trl_precision: bf16``, `--trl-precision`)."""
+    from trl import GRPOConfig
+
+    return GRPOConfig(
+        output_dir=str(work / "trl"), per_device_train_batch_size=spec["batch"],
+        num_generations=spec["generations"], max_completion_length=cfg.ppo.max_new_tokens,
+        max_steps=spec["iterations"], learning_rate=cfg.ppo.actor_lr, beta=0.04, temperature=cfg.ppo.temperature,
+        logging_steps=1, report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True,
+        steps_per_generation=1, num_iterations=1, seed=cfg.seed,
+        bf16=spec.get("trl_precision", "fp32") == "bf16", fp16=False,
+    )  # fmt: skip
+
+
 def trl_iterations(cfg, work: Path, prepared, spec: dict) -> dict:
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     from rto.models import load_tokenizer
 
@@ -689,13 +731,7 @@ def trl_iterations(cfg, work: Path, prepared, spec: dict) -> dict:
                 lengths.append(logs["completions/mean_length"])
 
     prompts = [{"prompt": r["prompt"]} for r in prepared.records("prompts")]
-    args = GRPOConfig(
-        output_dir=str(work / "trl"), per_device_train_batch_size=spec["batch"],
-        num_generations=spec["generations"], max_completion_length=cfg.ppo.max_new_tokens,
-        max_steps=iterations, learning_rate=cfg.ppo.actor_lr, beta=0.04, temperature=cfg.ppo.temperature,
-        logging_steps=1, report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True,
-        steps_per_generation=1, num_iterations=1, seed=cfg.seed,
-    )  # fmt: skip
+    args = trl_config(cfg, work, spec)
     trainer = GRPOTrainer(
         model=policy, reward_funcs=ground_truth, args=args, train_dataset=Dataset.from_list(prompts),
         processing_class=tokenizer, callbacks=[Timer()],
@@ -799,6 +835,11 @@ def main() -> None:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="a config override for every rto arm (after the shared ones)",
     )  # fmt: skip
+    parser.add_argument(
+        "--trl-precision", choices=["fp32", "bf16"], default="fp32",
+        help="the TRL arm's precision: float32 as rto computes on a CPU (default), or bf16 autocast, "
+        "GRPOConfig's own default (emulated, about 3x slower, on a CPU without bf16 instructions)",
+    )  # fmt: skip
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2, help="iterations left out of the figures")
     parser.add_argument("--batch", type=int, default=64, help="samples per iteration")
@@ -879,12 +920,17 @@ def main() -> None:
                 "overrides": [*SIZES[size], *shared, *arm_overrides(arm, threads, field)],
                 "base": sizes[size]["base"], "work": str(unit_dir), "out": str(unit_dir / "result.json"),
                 "iterations": args.iterations, "warmup": args.warmup, "batch": args.batch,
-                "generations": args.generations,
+                "generations": args.generations, "trl_precision": args.trl_precision,
             }  # fmt: skip
             result = run_one(spec, env, work / "logs" / f"{unit_dir.name}.log", args.worker_timeout)
             record = {
                 "rep": rep, "arm": arm, "size": size, "params": sizes[size]["params"], "threads": threads,
                 "overrides": spec["overrides"] if kind == "rto" else [], **result,
+                "precision": (
+                    ("bf16 autocast" if args.trl_precision == "bf16" else "float32")
+                    if kind == "trl"
+                    else load_config(args.config, spec["overrides"]).dtype
+                ),
             }  # fmt: skip
             if "error" not in result:
                 try:

@@ -10,6 +10,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -228,3 +229,29 @@ def test_iteration_meter_measures_the_process_itself():
     assert it["step"] == 1
     assert it["cpu"] >= 0.15
     assert it["wall"] >= it["cpu"] * 0.9 - 0.02  # one thread: CPU seconds cannot outrun the wall by much
+
+
+def test_trl_runs_in_the_precision_rto_runs_in(tmp_path):
+    """TRL's GRPOConfig defaults to bf16 (autocast) even on a CPU, where rto computes in float32: on
+    a CPU without bf16 instructions that made TRL's iterations about 3× slower than in float32
+    (and faster on one with AMX), so the ratio measured the CPU's bf16 support. The TRL arm runs in
+    float32 unless `--trl-precision bf16` asks for TRL's default, and each row says its precision."""
+    spec = {"batch": 64, "generations": 8, "iterations": 6, "trl_precision": "fp32"}
+    cfg = SimpleNamespace(ppo=SimpleNamespace(max_new_tokens=48, actor_lr=1e-9, temperature=1.0), seed=0)
+    args = throughput.trl_config(cfg, tmp_path, spec)
+    assert args.bf16 is False and args.fp16 is False and args.beta == 0.04
+    assert args.per_device_train_batch_size == 64 and args.num_generations == 8 and args.max_steps == 6
+    assert throughput.trl_config(cfg, tmp_path, {**spec, "trl_precision": "bf16"}).bf16 is True
+    assert (
+        throughput.trl_config(cfg, tmp_path, {k: v for k, v in spec.items() if k != "trl_precision"}).bf16
+        is False
+    )
+    recs = [
+        {"arm": "trl_grpo", "params": 10, "threads": 1, "rep": 0, "precision": "bf16",
+         "summary": throughput.rep_summary(fake_result([1.0] * 4), 1, 64)},
+        {"arm": "rto_colocated_ppo", "params": 10, "threads": 1, "rep": 0, "precision": "float32",
+         "summary": throughput.rep_summary(fake_result([2.0] * 4), 1, 64)},
+    ]  # fmt: skip
+    rows = {r["arm"]: r for r in throughput.build_rows(recs, 1)}
+    assert rows["trl_grpo"]["precision"] == "bf16" and rows["rto_colocated_ppo"]["precision"] == "float32"
+    assert set(throughput.cpu_bf16()) <= {"avx512_bf16", "amx_bf16", "amx_tile"}
