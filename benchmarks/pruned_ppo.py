@@ -25,14 +25,14 @@ Arms `careless_dense` and `careless_adaptinfer` (ground truth + KL, as `image`) 
 (dense rollouts, RTO's token reward from that DPO model).
 
 **image_quickstart**: the image quickstart (`configs/image-quickstart.yaml`: the tiny LLaVA, RTO's
-token reward from its DPO stage). Arms `quickstart_dense` and `quickstart_adaptinfer`, the job as
+token reward from its DPO stage) with a truthful SFT set (`task.sft_careless=0`). Arms `quickstart_dense` and `quickstart_adaptinfer`, the job as
 configured, and `quickstart_ppo`: dense rollouts with the ground truth alone as the reward
 (`reward.mode: ppo`), to tell what RTO's DPO term adds. The SFT and DPO models are cached
 (default ~/.cache/rto/image-quickstart-v2).
 
 **image_quickstart_careless**: the same three arms (`careless_quickstart_dense`, `..._adaptinfer`,
-`..._ppo`) from the quickstart's SFT trained on a careless annotator's answers
-(`task.sft_careless=0.6`: 60 % of the colour, shape and count questions answered "red", "nothing",
+`..._ppo`) from the quickstart's SFT trained on a careless annotator's answers, as the quickstart
+is configured (`task.sft_careless=0.6`: 60 % of the colour, shape and count questions answered "red", "nothing",
 "zero" without looking), so that the start policy makes mistakes the reward can fix. SFT and DPO
 cached in ~/.cache/rto/image-quickstart-careless-v1.
 
@@ -153,6 +153,7 @@ SETUPS = {
         pruned="quickstart_adaptinfer",
         rto="quickstart_dense",
         ppo="quickstart_ppo",
+        overrides=("task.sft_careless=0",),  # the SFT set as the task states it
     ),
     "image_quickstart_careless": Setup(
         config=CONFIGS / "image-quickstart.yaml",
@@ -209,21 +210,13 @@ def base_config(setup: Setup, overrides: list[str]):
 
 
 def arm_config(setup: Setup, arm: str, seed: int, overrides: list[str]):
-    """The job of one arm: the base stages (up to date in its run directory: skipped), ppo, eval."""
+    """The job of one arm: the base stages (up to date in its run directory: skipped), ppo, eval.
+    The seed is the ppo stage's (`ppo.seed`): the job's `seed` is in every stage's cache key, so
+    setting it would train the base stages again, from another start, in every arm."""
     stages = ",".join([*setup.base_stages, "ppo", "eval"])
     policy = [f"policy.path={setup.policy}"] if setup.policy is not None else []
-    return load_config(
-        setup.config,
-        [
-            f"stages=[{stages}]",
-            "eval.models=[ppo]",
-            *policy,
-            *setup.overrides,
-            *setup.arms[arm],
-            f"seed={seed}",
-            *overrides,
-        ],  # fmt: skip
-    )
+    fixed = [f"stages=[{stages}]", "eval.models=[ppo]", *policy, *setup.overrides, *setup.arms[arm]]
+    return load_config(setup.config, [*fixed, f"ppo.seed={seed}", *overrides])
 
 
 def arm_run(setup: Setup, base: Path, run_dir: Path, arm: str, seed: int, overrides: list[str]) -> dict:

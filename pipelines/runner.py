@@ -97,7 +97,7 @@ def _run_stages(cfg: Config, run: RunDir, resume: bool, verbose: bool = False) -
                 continue
             if not beside:
                 _start_beside(cfg, run, prepared, name, device, resume, verbose, beside)
-            seed_everything(cfg.seed)
+            seed_everything(cfg.stage_seed(name))
             tmp = run.temp_stage_dir(name)
             started = time.time()
             ctx = StageContext(
@@ -277,7 +277,7 @@ def _child(job: dict, send) -> None:
         torch.set_num_threads(job["threads"])
         cfg = job["cfg"]
         resolve_device(job["device"])
-        seed_everything(cfg.seed)
+        seed_everything(cfg.stage_seed(job["name"]))
         started = time.time()
         ctx = StageContext(
             name=job["name"],

@@ -516,9 +516,18 @@ class Config(Section):
         if problem is not None:
             raise FieldError(*problem)
 
+    def stage_seed(self, stage: str) -> int:
+        """The seed a stage runs with: `ppo.seed` for the ppo stage where it is set, else `seed`."""
+        if stage == "ppo" and self.ppo.seed is not None:
+            return self.ppo.seed
+        return self.seed
+
     def section_hash(self, *paths: str) -> str:
-        """Hash of the named (dotted) sections, to tell whether a stage's output is still valid."""
+        """Hash of the named (dotted) sections, to tell whether a stage's output is still valid.
+        `ppo.seed` counts only where it differs from the job's `seed` (the same run otherwise)."""
         dumped = self.model_dump(mode="json")
+        if dumped["ppo"].get("seed") in (None, dumped["seed"]):
+            dumped["ppo"].pop("seed", None)
         picked = {}
         for path in paths:
             node: Any = dumped

@@ -199,3 +199,36 @@ def test_stage_inputs_may_come_from_the_run_directory(tmp_path):
         capture_output=True, text=True,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
+
+
+def test_ppo_seed_runs_ppo_again_and_keeps_the_stages_before_it(tmp_path):
+    """`ppo.seed`: PPO with another seed from the same SFT/DPO/RM stages. The job's `seed` is in
+    every stage's cache key, so `--set seed=1` trains everything again; `ppo.seed=1` changes only the
+    ppo stage's key and the seed the PPO core and the runner use for it. Set to the job's seed it is
+    the same run (the same key as unset)."""
+    from pipelines.runner import stage_hash
+    from pipelines.stages.ppo import ppo_job
+    from rto.rundir import RunDir
+
+    run = RunDir(tmp_path / "run").create()
+    base = load_config(QUICKSTART)
+    other = load_config(QUICKSTART, ["ppo.seed=1"])
+    same = load_config(QUICKSTART, ["ppo.seed=0"])
+    reseeded = load_config(QUICKSTART, ["seed=1"])
+
+    def key(cfg, stage):
+        return stage_hash(cfg, stage, run, "prepared", upstream={"sft": "s", "dpo": "d", "rm": "r"})
+
+    for stage in ("sft", "dpo", "rm", "eval"):
+        assert key(other, stage) == key(base, stage) == key(same, stage), stage
+        assert key(reseeded, stage) != key(base, stage), stage
+    assert key(other, "ppo") != key(base, "ppo") and key(same, "ppo") == key(base, "ppo")
+    assert (base.ppo.seed, base.stage_seed("ppo"), other.stage_seed("ppo"), other.stage_seed("sft")) == (
+        None,
+        0,
+        1,
+        0,
+    )
+    job = ppo_job(other)
+    assert job.seed == 1 and job.ppo == other.ppo and job.reward == other.reward and other.seed == 0
+    assert ppo_job(base) is base

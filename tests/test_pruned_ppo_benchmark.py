@@ -85,10 +85,12 @@ def test_the_careless_quickstart_setup_teaches_every_arm_carelessly():
     assert base.eval.models == ["sft"] and base.ppo.steps == 7
     for name in setup.arms:
         cfg = pruned_ppo.arm_config(setup, name, seed=3, overrides=["task.sft_careless=0.5"])
-        assert cfg.task.sft_careless == 0.5 and cfg.seed == 3 and cfg.stages == ["sft", "dpo", "ppo", "eval"]
+        assert cfg.task.sft_careless == 0.5 and cfg.stages == ["sft", "dpo", "ppo", "eval"]
+        assert cfg.ppo.seed == 3 and cfg.seed == base.seed  # the base stages stay the cached ones
     arms = {name: pruned_ppo.arm_config(setup, name, 0, []) for name in setup.arms}
     assert arms["careless_quickstart_ppo"].reward.mode == "ppo"
     assert arms["careless_quickstart_dense"].reward.mode == "rto"
     assert arms["careless_quickstart_adaptinfer"].ppo.rollout_pruner == "adaptinfer"
     assert arms["careless_quickstart_dense"].task.sft_careless == 0.6
-    assert pruned_ppo.SETUPS["image_quickstart"].overrides == ()  # the truthful quickstart as configured
+    truthful = pruned_ppo.arm_config(pruned_ppo.SETUPS["image_quickstart"], "quickstart_dense", 0, [])
+    assert truthful.task.sft_careless == 0.0  # the quickstart's job with the task's own SFT answers

@@ -11,6 +11,7 @@ from rto.errors import UserError
 from rto.models import is_vision_language, load_processor, load_tokenizer
 
 if TYPE_CHECKING:  # the PPO core (torch, ray) is imported when the stage runs
+    from rto.config import Config
     from rto.ppo.groups import ModelPaths
 
 
@@ -71,7 +72,7 @@ def run_ppo_stage(ctx: StageContext) -> dict:
     prompts, tokenizer, processing_class = prompt_set(ctx, paths.policy)
     return run_ppo(
         PPOInputs(
-            cfg=ctx.cfg,
+            cfg=ppo_job(ctx.cfg),
             run=ctx.run,
             out_dir=ctx.out_dir,
             paths=paths,
@@ -89,6 +90,12 @@ def run_ppo_stage(ctx: StageContext) -> dict:
             heldout=heldout_set(ctx, paths.policy),
         )
     )
+
+
+def ppo_job(cfg: Config) -> Config:
+    """The job as the PPO core sees it: its `seed` is the stage's (`ppo.seed` where set)."""
+    seed = cfg.stage_seed("ppo")
+    return cfg if seed == cfg.seed else cfg.model_copy(update={"seed": seed})
 
 
 def heldout_set(ctx: StageContext, policy: str):

@@ -9,7 +9,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from reward.config import RewardConfig
 from rto.errors import FieldError
-from rto.schema import Section
+from rto.schema import Section, Seed
 
 
 class FaultToleranceConfig(Section):
@@ -63,6 +63,11 @@ class DPORefreshConfig(Section):
 
 
 class PPOConfig(Section):
+    seed: Seed | None = Field(
+        None,
+        description="The ppo stage's seed (default: the job's `seed`): PPO with several seeds from the same "
+        "SFT, DPO and RM stages, which the job's seed would train again",
+    )
     steps: int = Field(30, gt=0, description="PPO iterations (rollout + update)")
     rollout_batch_size: int = Field(64, gt=0, description="Prompts sampled per iteration")
     samples_per_prompt: int = Field(1, gt=0)
