@@ -5,7 +5,7 @@ The PPO groups are pinned by custom resources: policy and critic on the "trainer
 scorers (ref, dpo, rm) and the rollout workers on the "scorer" node; the head runs no actors.
 Faults are real: SIGKILL of every process of a node, or of one worker process, found by its
 process title in the node's session. The sft/dpo/rm stages are the session's shared reward run
-(`reward_run`, the tiny job's); each scenario runs the ppo stage in a copy of that run directory.
+(`reward_run`, the tiny job's); each test runs the ppo stage in a copy of that run directory.
 
 The cluster's GCS checks its nodes every second and marks one dead after 3 missed checks (Ray's
 defaults: every 3 s, 5 missed), so that a killed node is noticed in seconds; a live node would have
@@ -69,8 +69,9 @@ def cluster():
         cluster.add_node(num_cpus=2, resources=TRAINER)
         cluster.add_node(num_cpus=2, resources=SCORER)
         yield cluster
-        for node in cluster.nodes():  # nothing of theirs is needed: end them at once, as if lost
-            cluster.kill(node)
+        for node in cluster.workers:  # nothing of theirs is needed: end them at once, as lost
+            if node.alive():
+                cluster.kill(node)
 
 
 def ppo_run(trained: Path, tmp: Path, address: str) -> tuple[Path, Path]:
@@ -254,89 +255,57 @@ class SubmittedRun:
         return rto("jobs", "list", "--address", self.address).stdout
 
 
-CHAIN_STEPS = 80  # room for a stop, then (in the next attempt) a node loss, each well before the end
-
-
-@pytest.fixture(scope="module")
-def submitted_chain(cluster, trained, tmp_path_factory) -> dict:
-    """One ppo stage submitted three times to the cluster's job API, on one run directory:
-
-    1. `chain-stopped`: the driver itself ends (`rto jobs stop`: SIGTERM, then SIGKILL) after a
-       checkpoint;
-    2. `chain-node-lost`: `rto submit --resume` continues it; a few steps on, the scorer node is
-       SIGKILLed and not replaced, and the job fails once the configured wait (15 s) is over;
-    3. `chain-completed`: after a node is added, `rto submit --resume` completes it.
-
-    What each step showed, for the two tests below. (Used last: it takes a node away.)"""
-    changes = job_changes(cluster.address, ppo__steps=CHAIN_STEPS)
-    changes["ppo__fault_tolerance"] = {**changes["ppo__fault_tolerance"], "wait_for_resources_s": 15}
-    job = SubmittedRun(cluster, trained, tmp_path_factory.mktemp("submitted"), **changes)
-    seen: dict = {"job": job}
-
-    first = job.submit("chain-stopped")
+def test_a_stopped_driver_is_continued_by_submit_resume(cluster, trained, tmp_path):
+    """The driver itself ends (`rto jobs stop`: SIGTERM, then SIGKILL) after a checkpoint;
+    `rto submit --resume` on the same run directory continues from the last checkpoint, every
+    step once, and `rto jobs list` shows the stopped attempt beside the one that finished."""
+    job = SubmittedRun(cluster, trained, tmp_path, **job_changes(cluster.address, ppo__steps=60))
+    first = job.submit("stopped-first")
     job.wait_for_step(first, 3)
-    seen["stop"] = rto("jobs", "stop", first, "--address", job.address)
-    seen["stopped"] = job.wait(first, 120)
-    seen["stopped_at"] = max(ppo_steps(job.run_dir))
-
-    second = job.submit("chain-node-lost", "--resume")
-    job.wait_for_step(second, seen["stopped_at"] + 2)  # it goes on from the stopped attempt's checkpoint
-    seen["status"] = rto("jobs", "status", second, "--address", job.address).stdout
-    cluster.kill(cluster.node_with("scorer"))
-    killed_at = time.monotonic()
-    seen["failed"] = job.wait(second, 300)
-    seen["failed_after"] = time.monotonic() - killed_at
-    seen["failed_logs"] = job.logs(second)
-    seen["failed_at"] = max(ppo_steps(job.run_dir))
-    seen["checkpoint"] = list((job.run_dir / "checkpoints").glob(f"ppo-*/step-{seen['failed_at']:06d}"))
-
-    cluster.add_node(num_cpus=2, resources=SCORER)
-    third = job.submit("chain-completed", "--resume")
-    seen["completed"] = job.wait(third)
-    seen["completed_logs"] = job.logs(third)
-    seen["listing"] = {
-        line.split()[0]: line for line in job.listing().splitlines() if line.startswith("chain-")
-    }
-    return seen
-
-
-def test_a_stopped_driver_is_continued_by_submit_resume(submitted_chain):
-    """The driver itself ends (`rto jobs stop`) after a checkpoint; `rto submit --resume` on the
-    same run directory continues from the last checkpoint; in the end every step ran once, and
-    `rto jobs list` shows the stopped attempt beside the one that continued it."""
-    chain, run_dir = submitted_chain, submitted_chain["job"].run_dir
-    assert chain["stop"].returncode == 0, chain["stop"].stderr
-    stopped = chain["stopped"]
+    assert rto("jobs", "stop", first, "--address", job.address).returncode == 0
+    stopped = job.wait(first, 120)
     assert stopped.returncode == 1 and "STOPPED" in stopped.stdout, stopped.stdout
-    assert chain["stopped_at"] < CHAIN_STEPS
-    assert "resumed from" in chain["failed_logs"]  # the attempt after the stop: from its checkpoint
-    assert chain["completed"].returncode == 0, chain["completed_logs"][-3000:]
-    assert_every_step_once(run_dir, CHAIN_STEPS)
-    listing = chain["listing"]
-    assert "STOPPED" in listing["chain-stopped"] and "chain-node-lost" in listing, listing
+    assert max(ppo_steps(job.run_dir)) < 60
+    second = job.submit("stopped-second", "--resume")
+    finished = job.wait(second)
+    assert finished.returncode == 0, job.logs(second)[-3000:]
+    assert "resumed from" in job.logs(second)
+    assert_every_step_once(job.run_dir, 60)
+    listing = job.listing()
+    assert "stopped-first" in listing and "STOPPED" in listing and "stopped-second" in listing
 
 
-def test_a_node_lost_for_good_fails_within_the_wait_and_submit_resume_completes(submitted_chain):
+def test_a_node_lost_for_good_fails_within_the_wait_and_submit_resume_completes(cluster, trained, tmp_path):
     """Submitted jobs: the scorer node SIGKILLed and not replaced; the job fails once the configured
     wait is over, saying which group could not be placed, and leaves a checkpoint of its last
     completed step; after a node is added, `rto submit --resume` on the same run directory
-    completes it, and `rto jobs list` shows both attempts."""
-    chain, run_dir = submitted_chain, submitted_chain["job"].run_dir
-    status = chain["status"]
+    completes it, and `rto jobs list` shows both attempts. (Runs last: it takes a node away.)"""
+    changes = job_changes(cluster.address, ppo__steps=40)  # the kill lands long before the end
+    changes["ppo__fault_tolerance"] = {**changes["ppo__fault_tolerance"], "wait_for_resources_s": 15}
+    job = SubmittedRun(cluster, trained, tmp_path, **changes)
+    first = job.submit("chaos-first")
+    job.wait_for_step(first, 2)
+    status = rto("jobs", "status", first, "--address", job.address).stdout
     assert (
         "groups:" in status and "  policy    2 on node " in status and "  rollout   1 on node " in status
     ), status
-    failed, logs = chain["failed"], chain["failed_logs"]
-    assert failed.returncode == 1 and "FAILED" in failed.stdout, logs[-3000:]
+    cluster.kill(cluster.node_with("scorer"))
+    killed_at = time.monotonic()
+    waited = job.wait(first, 300)
+    failed_after = time.monotonic() - killed_at
+    logs = job.logs(first)
+    assert waited.returncode == 1 and "FAILED" in waited.stdout, logs[-3000:]
     assert "could not place the '" in logs and "within 15 s" in logs, logs[-3000:]
     assert "--resume" in logs
-    # the wait (15 s), the health checks and marking the node dead (seconds here), not the default 300 s
-    assert chain["failed_after"] < 150, chain["failed_after"]
-    assert chain["failed_at"] < CHAIN_STEPS  # the node was lost mid-run
-    assert chain["checkpoint"]  # nothing is lost
-    completed = chain["completed"]
-    assert completed.returncode == 0, chain["completed_logs"][-3000:]
-    assert "resumed from" in chain["completed_logs"]
-    assert_every_step_once(run_dir, CHAIN_STEPS)
-    listing = chain["listing"]
-    assert "FAILED" in listing["chain-node-lost"] and "SUCCEEDED" in listing["chain-completed"], listing
+    # the wait (15 s), the health checks and marking the node dead (<= 60 s), not the default 300 s
+    assert failed_after < 150, failed_after
+    done_before = max(ppo_steps(job.run_dir))
+    assert list((job.run_dir / "checkpoints").glob(f"ppo-*/step-{done_before:06d}"))  # nothing is lost
+
+    cluster.add_node(num_cpus=2, resources=SCORER)
+    second = job.submit("chaos-second", "--resume")
+    assert job.wait(second).returncode == 0, job.logs(second)[-3000:]
+    assert "resumed from" in job.logs(second)
+    assert_every_step_once(job.run_dir, 40)
+    listing = job.listing()
+    assert "chaos-first" in listing and "FAILED" in listing and "chaos-second" in listing
