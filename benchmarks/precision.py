@@ -26,7 +26,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 from common import write_results  # noqa: E402
-from throughput import QUICKSTART, SIZES, cpu_bf16, cpu_model  # noqa: E402
+from throughput import QUICKSTART, SIZES, count_params, cpu_bf16, cpu_model  # noqa: E402
 
 TRL_PHASES = ("_generate_single_turn", "_get_per_token_logps_and_entropies", "_compute_loss", "training_step")
 
@@ -153,6 +153,7 @@ def main() -> None:
         cfg = load_config(QUICKSTART, list(SIZES[args.size]))
         prepared = prepare(cfg, RunDir(work / "base").create(), log=lambda m: print(m, flush=True))
         config = policy_config(prepared)
+        params = count_params(prepared.model("policy"))
         print(f"model passes ({args.repeats} each, interleaved)...", flush=True)
         passes = model_passes(config, args.repeats, batch=64, length=90)
         trl = {}
@@ -170,7 +171,7 @@ def main() -> None:
     results = {
         "cpu_model": cpu_model(),
         "cpu_bf16": cpu_bf16(),
-        "params": sum(p.numel() for p in __import__("transformers").LlamaForCausalLM(config).parameters()),
+        "params": params,
         "model_passes": passes,
         "trl": trl,
         "bf16_over_fp32": ratios,

@@ -199,24 +199,23 @@ def prepare_base(setup: Setup, base: Path, overrides: list[str]) -> dict:
     return run_job(base_config(setup, overrides), base)
 
 
+def setup_config(setup: Setup, stages: list[str], extra: list[str]):
+    """The setup's job file with `stages`, its start policy and overrides, then `extra`."""
+    policy = [f"policy.path={setup.policy}"] if setup.policy is not None else []
+    return load_config(setup.config, [f"stages=[{','.join(stages)}]", *policy, *setup.overrides, *extra])
+
+
 def base_config(setup: Setup, overrides: list[str]):
     """The job of the base stages and the start policy's evaluation."""
-    stages = ",".join([*setup.base_stages, "eval"])
-    policy = [f"policy.path={setup.policy}"] if setup.policy is not None else []
-    return load_config(
-        setup.config,
-        [f"stages=[{stages}]", f"eval.models=[{setup.start}]", *policy, *setup.overrides, *overrides],
-    )
+    return setup_config(setup, [*setup.base_stages, "eval"], [f"eval.models=[{setup.start}]", *overrides])
 
 
 def arm_config(setup: Setup, arm: str, seed: int, overrides: list[str]):
     """The job of one arm: the base stages (up to date in its run directory: skipped), ppo, eval.
     The seed is the ppo stage's (`ppo.seed`): the job's `seed` is in every stage's cache key, so
     setting it would train the base stages again, from another start, in every arm."""
-    stages = ",".join([*setup.base_stages, "ppo", "eval"])
-    policy = [f"policy.path={setup.policy}"] if setup.policy is not None else []
-    fixed = [f"stages=[{stages}]", "eval.models=[ppo]", *policy, *setup.overrides, *setup.arms[arm]]
-    return load_config(setup.config, [*fixed, f"ppo.seed={seed}", *overrides])
+    extra = ["eval.models=[ppo]", *setup.arms[arm], f"ppo.seed={seed}", *overrides]
+    return setup_config(setup, [*setup.base_stages, "ppo", "eval"], extra)
 
 
 def arm_run(setup: Setup, base: Path, run_dir: Path, arm: str, seed: int, overrides: list[str]) -> dict:
