@@ -172,7 +172,7 @@ SETUPS = {
     ),
 }
 PER_STEP = ("gt_reward", "time_generate", "time_score", "time_train", "time_step", "response_length",
-            "is_weight_mean", "is_capped_frac", "sampler_kl", "dpo_gt_auc")  # fmt: skip
+            "is_weight_mean", "is_capped_frac", "sampler_kl", "dpo_gt_auc", "dense_fallback")  # fmt: skip
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
@@ -284,7 +284,7 @@ def summarise(runs: list[dict]) -> dict:
             for r in runs
         ],
     }
-    for key in ("is_weight_mean", "is_capped_frac", "sampler_kl", "dpo_gt_auc"):
+    for key in ("is_weight_mean", "is_capped_frac", "sampler_kl", "dpo_gt_auc", "dense_fallback"):
         values = every(key)
         if values:
             arm[f"{key}_mean"] = statistics.fmean(values)
@@ -489,8 +489,8 @@ def table(results: dict, task: str) -> str:
     arms = {name: results["arms"][name] for name in SETUPS[task].arms}
     lines = [
         "| rollouts | final held-out GT (± s.e.) | per seed | rollout s / step | step s / step | rollout share "
-        "| IS weight | at cap | sampler KL |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| IS weight | at cap | sampler KL | dense-fallback steps |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, arm in arms.items():
         per_seed = ", ".join(f"{v:.3f}" for v in arm["final_gt_per_seed"])
@@ -499,6 +499,7 @@ def table(results: dict, task: str) -> str:
             if "is_weight_mean_mean" in arm
             else "– | – | –"
         )
+        extra += f" | {arm['dense_fallback_mean']:.0%}" if "dense_fallback_mean" in arm else " | –"
         lines.append(
             f"| {name} | {arm['final_gt_mean']:.3f} ± {arm['final_gt_se']:.3f} | {per_seed} | "
             f"{arm['rollout_seconds_mean']:.2f} | {arm['step_seconds_mean']:.2f} | {arm['rollout_share_of_step']:.0%} | "

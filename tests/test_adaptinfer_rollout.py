@@ -73,6 +73,18 @@ def test_pruned_rollouts_are_rescored_densely(vlm_dir):
     )[:, prompt_len - 1 :]
     torch.testing.assert_close(dense[mask], reference[mask], atol=1e-5, rtol=0)
 
+    # dense=True (the sampler-KL guard's fallback step): the same worker samples with the dense policy,
+    # whose own log-probs are then the dense re-score's
+    torch.manual_seed(0)
+    fallback = worker.generate(batch, dense=True)
+    kept = fallback["response_mask"].bool()
+    rescored = response_logprobs(
+        worker.model, fallback["sequences"], fallback["attention_mask"], prompt_len,
+        pixel_values=batch["pixel_values"],
+    )  # fmt: skip
+    assert kept.any()
+    torch.testing.assert_close(fallback["sampler_logprobs"][kept], rescored[kept], atol=1e-4, rtol=0)
+
 
 def test_rollouts_never_emit_the_image_token(vlm_dir):
     """Even a policy that prefers its image placeholder never samples it (scorers would then look

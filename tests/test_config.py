@@ -232,3 +232,30 @@ def test_ppo_seed_runs_ppo_again_and_keeps_the_stages_before_it(tmp_path):
     job = ppo_job(other)
     assert job.seed == 1 and job.ppo == other.ppo and job.reward == other.reward and other.seed == 0
     assert ppo_job(base) is base
+
+
+def test_sampler_kl_guard_is_in_the_ppo_key_only_where_it_acts(tmp_path):
+    """`ppo.sampler_kl_guard` changes what a pruned-rollout PPO run does, so it is in that run's ppo
+    key; unset, or with dense rollouts (where it does nothing), the key is the one without it, so
+    cached dense runs stay valid."""
+    from pipelines.runner import stage_hash
+    from rto.rundir import RunDir
+
+    run = RunDir(tmp_path / "run").create()
+
+    def key(*overrides):
+        cfg = load_config(QUICKSTART, list(overrides))
+        return stage_hash(cfg, "ppo", run, "prepared", upstream={"sft": "s", "dpo": "d", "rm": "r"})
+
+    pruned = "ppo.rollout_pruner=ftp"
+    assert (
+        key("ppo.sampler_kl_guard=0.25")
+        == key()
+        == key("ppo.rollout_pruner=none", "ppo.sampler_kl_guard=0.5")
+    )
+    assert key(pruned, "ppo.sampler_kl_guard=0.25") not in (
+        key(pruned),
+        key(pruned, "ppo.sampler_kl_guard=0.5"),
+    )
+    with pytest.raises(UserError, match="sampler_kl_guard"):
+        load_config(QUICKSTART, ["ppo.sampler_kl_guard=-1"])

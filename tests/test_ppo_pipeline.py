@@ -310,22 +310,29 @@ def test_reward_bad_inputs_exit_2(reward_run, tmp_path):
 
 def test_ftp_pruned_rollouts_are_importance_weighted(reward_run, tmp_path):
     """Rollouts sampled by the FTP-pruned policy; PPO recomputes dense log-probs and weights tokens
-    by the truncated ratio min(pi_dense / pi_sampler, C)."""
+    by the truncated ratio min(pi_dense / pi_sampler, C). With `sampler_kl_guard` below the step's
+    sampler KL, the next step samples with the dense policy, and the one after is pruned again."""
     run_dir = fresh_copy(reward_run, tmp_path)
     job = write_job(
-        tmp_path, stages=["ftp", "ppo"], ppo__steps=1, ppo__rollout_pruner="ftp", ppo__is_cap=2.0,
-        ppo__temperature=0.7, ppo__top_p=0.9,
+        tmp_path, stages=["ftp", "ppo"], ppo__steps=3, ppo__rollout_pruner="ftp", ppo__is_cap=2.0,
+        ppo__temperature=0.7, ppo__top_p=0.9, ppo__sampler_kl_guard=1e-12,
         ftp={"search": {"population": 4, "generations": 2, "calib_samples": 8, "elite": 1}, "train": {"steps": 5, "batch_size": 4}},
     )  # fmt: skip
     result = rto("run", str(job), "--run-dir", str(run_dir), "--verbose")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Started a local Ray instance" in result.stderr  # --verbose: the libraries' output too
-    (record,) = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"ppo"' in x]
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"ppo"' in x]
+    record, fallback, back = records
     assert 0.0 < record["is_weight_mean"] <= 2.0
-    assert record["sampler_kl"] >= 0.0 and 0.0 <= record["is_capped_frac"] <= 1.0
+    assert record["sampler_kl"] > 1e-12 and 0.0 <= record["is_capped_frac"] <= 1.0
     assert (run_dir / "stages" / "ftp" / "router.safetensors").is_file()
-    # the policy is scored at the sampling temperature: ratio 1 before any update
-    assert record["first_minibatch_ratio_error"] < 1e-4 and record["first_minibatch_value_clip_frac"] == 0.0
+    # the guard: step 2 is sampled densely (on-policy: no importance weights, no mismatch to measure)
+    assert [r["dense_fallback"] for r in records] == [0, 1, 0]
+    assert "is_weight_mean" not in fallback and "sampler_kl" not in fallback
+    assert back["sampler_kl"] > 0.0 and "is_weight_mean" in back
+    # the policy is scored at the sampling temperature: ratio 1 before any update, whoever sampled
+    for r in records:
+        assert r["first_minibatch_ratio_error"] < 1e-4 and r["first_minibatch_value_clip_frac"] == 0.0
     meta_file = run_dir / "stages" / "ftp" / "ftp.json"
     meta = json.loads(meta_file.read_text())
     assert meta["task"] == {"name": "text", "variant": "plain"} and meta["tokenizer"]["vocab_size"] > 0
@@ -337,11 +344,11 @@ def test_ftp_pruned_rollouts_are_importance_weighted(reward_run, tmp_path):
         ("task", {"name": "text", "variant": "facts"}, "task.variant"),
     ]:
         meta_file.write_text(json.dumps({**meta, key: value}))
-        again = write_job(tmp_path, stages=["ppo"], ppo__steps=2, ppo__rollout_pruner="ftp")
+        again = write_job(tmp_path, stages=["ppo"], ppo__steps=4, ppo__rollout_pruner="ftp")
         result = rto_in_process("run", str(again), "--run-dir", str(run_dir))
         one_line_error(result.returncode, result.stderr, [str(meta_file), field.split(".")[-1], "another"])
         assert "placement" not in result.stdout + result.stderr
-    assert ppo_steps(run_dir) == [1]  # nothing was run or lost
+    assert ppo_steps(run_dir) == [1, 2, 3]  # nothing was run or lost
 
 
 def test_heldout_evaluation_during_ppo_equals_the_eval_stage(colocated_rloo_run):

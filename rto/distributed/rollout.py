@@ -107,11 +107,14 @@ class RolloutWorker(Worker):
         image = getattr(self.model.config, "image_token_id", None)
         return [image] if image is not None else []
 
-    def generate(self, batch: dict[str, torch.Tensor], **sampling: Any) -> dict[str, torch.Tensor]:
+    def generate(
+        self, batch: dict[str, torch.Tensor], dense: bool = False, **sampling: Any
+    ) -> dict[str, torch.Tensor]:
         """Generate responses for ``batch = {"input_ids": [B, P], "attention_mask": [B, P]}``
         (prompts left-padded; plus ``pixel_values [B, 3, H, W]`` for a vision-language policy).
-        ``sampling`` overrides the constructor's settings for this call. Returns CPU tensors in the
-        layout of the module docstring."""
+        ``dense``: sample with the dense policy (:func:`hf_generate`) even when this worker has a pruned
+        ``generate_fn``. ``sampling`` overrides the constructor's settings for this call. Returns CPU
+        tensors in the layout of the module docstring."""
         settings = {**self.sampling, **sampling, "suppress_token_ids": self.suppress_token_ids}
         if "pixel_values" in batch:
             settings["pixel_values"] = batch["pixel_values"].to(self.device, self.model.dtype)
@@ -122,7 +125,8 @@ class RolloutWorker(Worker):
         self.model.eval()
         try:
             with torch.no_grad():
-                response_ids, logprobs = resolve_function(self.generate_fn)(
+                sampler = hf_generate if dense else resolve_function(self.generate_fn)
+                response_ids, logprobs = sampler(
                     self.model,
                     input_ids,
                     prompt_mask,

@@ -107,6 +107,12 @@ class PPOConfig(Section):
     is_cap: float = Field(
         2.0, gt=0, description="Truncation C of importance weights min(pi_dense/pi_sampler, C)"
     )
+    sampler_kl_guard: float | None = Field(
+        None, gt=0, description="With a pruned rollout sampler: when a step's sampler_kl (the sampler's KL from "
+        "the dense policy on its own samples, per token) exceeds this, the next step's rollouts are sampled by "
+        "the dense policy (on-policy: no importance weights) and pruned sampling resumes the step after; "
+        "None: never. No effect with dense rollouts",
+    )  # fmt: skip
     trace_samples: int | None = Field(
         None, gt=0, description="Rollouts per step written to traces (None: all)"
     )

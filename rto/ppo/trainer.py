@@ -448,11 +448,17 @@ def one_step(
     state["prompts_consumed"] += ppo.rollout_batch_size
     prompt_batch = prompts.batch(chosen)
     prompt_len = prompt_batch["input_ids"].size(1)
+    # a pruned sampler too far from the dense policy last step: this step samples with the dense policy
+    dense_fallback = inputs.generate_fn is not None and bool(state.get("dense_rollouts_next", False))
+    pruned = inputs.generate_fn is not None and not dense_fallback
 
     def collect() -> tuple[dict, dict]:  # run again, the same, after lost scorers or samplers
         start = time.perf_counter()
         groups.rollout.run_all("call", "rto.ppo.losses:reseed", cfg.seed * 100_003 + step)
-        samples = trim_responses(groups.rollout.run_sharded("generate", prompt_batch), prompt_len)
+        generated = groups.rollout.run_sharded(
+            "generate", prompt_batch, **({"dense": True} if dense_fallback else {})
+        )
+        samples = trim_responses(generated, prompt_len)
         if "pixel_values" in prompt_batch:  # scorers and trainers see the whole picture (dense)
             samples["pixel_values"] = prompt_batch["pixel_values"]
         times["time_generate"] = time.perf_counter() - start
@@ -500,7 +506,7 @@ def one_step(
     )
     train_advantages = masked_whiten(advantages, mask) if ppo.whiten_advantages else advantages
     is_weights = None
-    if inputs.generate_fn is not None:
+    if pruned:
         # both at the sampling temperature, before truncation (how every sampler defines its log-prob)
         is_weights = truncated_is_weights(
             scores["sampling_logprobs"], samples["sampler_logprobs"], mask, ppo.is_cap
@@ -614,6 +620,10 @@ def one_step(
         record.update(
             sampler_mismatch(scores["sampling_logprobs"], samples["sampler_logprobs"], mask, ppo.is_cap)
         )
+    if inputs.generate_fn is not None:
+        record["dense_fallback"] = int(dense_fallback)
+        guard_kl = ppo.sampler_kl_guard
+        state["dense_rollouts_next"] = pruned and guard_kl is not None and record["sampler_kl"] > guard_kl
     return {k: v for k, v in record.items() if v is not None}
 
 
