@@ -7,6 +7,9 @@ one, in a niced child process that takes the idle core; at its turn the runner t
 figures and metrics, in the order a sequential run would have them. It runs the stage function it
 would run itself, seeded the same way: the same model and figures. Should the child fail, the
 stage runs in this process at its turn instead.
+
+Likewise, while the last stage before `ppo` runs, a local Ray instance for `ppo` starts on a second
+thread (`RayWarmUp`): its processes start while that stage trains, not on the critical path.
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ def _run_stages(cfg: Config, run: RunDir, resume: bool, verbose: bool = False) -
                 field="stages",
             )
     beside: dict[str, Beside] = {}
+    warm_up: RayWarmUp | None = None
     try:
         for name in cfg.stages:
             key = stage_hash(cfg, name, run, prepared.root.name)
@@ -97,6 +101,10 @@ def _run_stages(cfg: Config, run: RunDir, resume: bool, verbose: bool = False) -
                 continue
             if not beside:
                 _start_beside(cfg, run, prepared, name, device, resume, verbose, beside)
+            if warm_up is not None and name == "ppo":
+                warm_up.join(run)
+            elif warm_up is None and ray_warm_up_due(cfg, name, _to_run(cfg, run, prepared), set(beside)):
+                warm_up = RayWarmUp.start(cfg, name)
             seed_everything(cfg.stage_seed(name))
             tmp = run.temp_stage_dir(name)
             started = time.time()
@@ -118,7 +126,78 @@ def _run_stages(cfg: Config, run: RunDir, resume: bool, verbose: bool = False) -
     finally:
         for other in beside.values():  # an error or interrupt before their turn
             other.stop()
+        if warm_up is not None:
+            warm_up.started.wait()  # never leave Ray half started (it is shut down at exit)
     return run.read_summary()
+
+
+# ---------------------------------------------------------------- Ray, started before its stage
+
+
+def _to_run(cfg: Config, run: RunDir, prepared: Prepared) -> set[str]:
+    """The job's stages that will run (not up to date at their turn)."""
+    planned = planned_hashes(cfg, run, prepared.root.name)
+    return {n for n in cfg.stages if not run.is_done(n, planned[n])}
+
+
+def ray_warm_up_due(cfg: Config, current: str, to_run: set[str], beside: set[str]) -> bool:
+    """Whether to start Ray while `current` runs: `ppo` will run and start a local Ray instance (no
+    `resources.ray_address`: a cluster is already up), and no stage runs in this process between
+    `current` and it (each stage between is up to date or running beside)."""
+    if cfg.resources.ray_address is not None or "ppo" not in to_run or current not in cfg.stages:
+        return False
+    here, ppo = cfg.stages.index(current), cfg.stages.index("ppo")
+    return here < ppo and all(n not in to_run or n in beside for n in cfg.stages[here + 1 : ppo])
+
+
+@dataclass
+class RayWarmUp:
+    """`rto.distributed.init_ray` as the ppo stage calls it, on a thread while an earlier stage
+    runs: Ray's processes (GCS, raylet, idle workers) start on the core that stage leaves; at its
+    turn the ppo stage finds Ray running. Should it fail, the ppo stage starts Ray itself (and
+    reports what fails).
+
+    The thread then waits, idle, until the process ends: Ray's GCS and raylet are started with the
+    parent-death signal (PR_SET_PDEATHSIG), which Linux sends when the *thread* that started them
+    ends, so that thread must outlive them."""
+
+    alongside: str
+    started: object  # threading.Event: set once Ray is up (or failed to start)
+    error: list
+
+    @classmethod
+    def start(cls, cfg: Config, alongside: str) -> RayWarmUp:
+        import threading
+
+        started, error = threading.Event(), []
+
+        def start_ray() -> None:
+            from rto.distributed import init_ray  # deferred: Ray and torch (start-up of rto validate)
+
+            try:
+                init_ray(None, cfg.resources.num_cpus)
+            except BaseException as exc:  # noqa: BLE001 - the ppo stage tries again and reports it
+                error.append(exc)
+            finally:
+                started.set()
+            threading.Event().wait()  # the processes Ray started die with this thread
+
+        if threading.current_thread() is threading.main_thread():
+            import signal
+            import sys
+
+            # what ray.init installs when called on the main thread: SIGTERM ends the process through
+            # its exit handlers (Ray's shutdown among them)
+            signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(signum))
+        threading.Thread(target=start_ray, daemon=True, name="rto-ray-warm-up").start()
+        console.log(f"ray: starting beside {alongside}, for the ppo stage")
+        return cls(alongside, started, error)
+
+    def join(self, run: RunDir) -> None:
+        self.started.wait()
+        if self.error:
+            with open(run.root / LOG_FILE, "a", encoding="utf-8") as log:
+                log.write(f"starting Ray beside {self.alongside} failed: {self.error[0]!r}\n")
 
 
 # ---------------------------------------------------------------- a stage beside the running one

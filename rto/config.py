@@ -531,6 +531,8 @@ class Config(Section):
             dumped["ppo"].pop("seed", None)
         if dumped["ppo"].get("sampler_kl_guard") is None or dumped["ppo"].get("rollout_pruner") == "none":
             dumped["ppo"].pop("sampler_kl_guard", None)
+        if dumped["ppo"].get("reuse_rollout_logprobs") is None:
+            dumped["ppo"].pop("reuse_rollout_logprobs", None)
         picked = {}
         for path in paths:
             node: Any = dumped

@@ -91,7 +91,8 @@ def hf_generate(
     pad_token_id: int | None = None,
     pixel_values: torch.Tensor | None = None,
     suppress_token_ids: list[int] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_policy_scores: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """The default generate function: HF ``generate`` with sampling (greedy if ``temperature == 0``)
     under exactly these settings: the model's own generation defaults (a repetition penalty, a
     minimum length, its top-p, as Qwen and Llama-3 ship) are not applied, so the rollouts are
@@ -103,6 +104,10 @@ def hf_generate(
     before top-p/top-k truncation and token suppression (greedy: T = 1). For this dense sampler
     they equal the policy's log-probs at T (``rto.forward.response_logprobs(temperature=T)``).
     Any function with this signature can replace it (pruned generators: FTP, AdaptInfer).
+
+    ``return_policy_scores``: also return what PPO's policy pass would compute from the same logits
+    (:func:`rto.ppo.losses.policy_scores`: ``logprobs`` at T = 1 and the sampling distribution's
+    ``entropy``, ``[B, R']``), so that a dense rollout need not be scored again by the policy.
     """
     from transformers import GenerationConfig
 
@@ -124,11 +129,15 @@ def hf_generate(
         **({"pixel_values": pixel_values} if pixel_values is not None else {}),
     )
     response_ids = out.sequences[:, input_ids.shape[1] :]
-    logits = torch.stack(out.logits, dim=1).float()  # [B, R', V]: the model's, before any processing
-    if do_sample and temperature != 1.0:
-        logits = logits / temperature
+    raw = torch.stack(out.logits, dim=1).float()  # [B, R', V]: the model's, before any processing
+    logits = raw / temperature if do_sample and temperature != 1.0 else raw
     logprobs = torch.log_softmax(logits, dim=-1).gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
-    return response_ids, logprobs
+    if not return_policy_scores:
+        return response_ids, logprobs
+    from rto.forward import entropy_from_logits, token_logprobs
+
+    own = token_logprobs(raw, response_ids) if logits is not raw else logprobs
+    return response_ids, logprobs, {"logprobs": own, "entropy": entropy_from_logits(logits)}
 
 
 def response_mask(response_ids: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:

@@ -321,6 +321,7 @@ def test_ftp_pruned_rollouts_are_importance_weighted(reward_run, tmp_path):
     result = rto("run", str(job), "--run-dir", str(run_dir), "--verbose")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Started a local Ray instance" in result.stderr  # --verbose: the libraries' output too
+    assert "ray: starting beside ftp, for the ppo stage" in result.stderr  # while the router trains
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"ppo"' in x]
     record, fallback, back = records
     assert 0.0 < record["is_weight_mean"] <= 2.0

@@ -60,3 +60,25 @@ def test_in_process_ray_listens_on_loopback_only():
     lines = dict(x.split(" ", 1) for x in result.stdout.splitlines() if x.startswith(("GCS ", "NODES ")))
     assert lines["GCS"].rsplit(":", 1)[0] == "127.0.0.1"
     assert lines["NODES"].split() == ["127.0.0.1"]
+
+
+def test_ray_starts_beside_the_last_stage_before_ppo_only():
+    """The runner starts the ppo stage's local Ray on a thread while the stage run last before ppo
+    in this process trains (`ray_warm_up_due`): not earlier (its processes would take the spare core
+    from a stage running beside), never for a cluster (`resources.ray_address`: it is up already),
+    and not when ppo is up to date."""
+    from pipelines.runner import ray_warm_up_due
+    from rto.config import load_config
+
+    quickstart = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+    cfg = load_config(quickstart)  # sft, dpo, rm, ppo, eval
+    every = set(cfg.stages)
+    assert not ray_warm_up_due(cfg, "sft", every, {"rm"})  # dpo runs here between sft and ppo
+    assert ray_warm_up_due(cfg, "dpo", every, {"rm"})  # rm runs beside: dpo is the last one here
+    assert not ray_warm_up_due(cfg, "dpo", every, set())  # rm still to run here after dpo
+    assert ray_warm_up_due(cfg, "rm", every, set())
+    assert ray_warm_up_due(cfg, "sft", every - {"dpo", "rm"}, set())  # up to date: nothing between
+    assert not ray_warm_up_due(cfg, "dpo", every - {"ppo"}, {"rm"})  # ppo up to date
+    assert not any(ray_warm_up_due(cfg, s, every, {"rm"}) for s in ("ppo", "eval"))
+    cluster = load_config(quickstart, ["resources.ray_address=auto"])
+    assert not ray_warm_up_due(cluster, "dpo", every, {"rm"})

@@ -74,6 +74,36 @@ def test_text_sampler_logprobs_are_the_policys_at_the_sampling_temperature(polic
     torch.testing.assert_close(out["sampler_logprobs"][mask], dense[mask], atol=1e-4, rtol=0)
 
 
+def test_dense_rollouts_bring_the_policy_pass_from_their_sampling_logits(policy):
+    """`policy_scores=True` (`ppo.reuse_rollout_logprobs`): the dense sampler returns what the policy's
+    scoring pass (`policy_scores`) would compute on its rollouts, so PPO skips that pass: log-probs at
+    T = 1 and the sampling distribution's entropy, zero past each response. A pruned sampler's
+    logits are not the policy's: it returns none, and the policy scores its rollouts."""
+    from rto.ppo.losses import policy_scores
+
+    batch = prompt_batch(policy["path"])
+    rollout = worker(policy, "dense", max_new_tokens=10, temperature=T, top_p=TOP_P)
+    favour(rollout.model, rollout.eos_token_ids, bonus=2.0)  # some responses end early: padding after them
+    torch.manual_seed(0)
+    out = rollout.generate(batch, policy_scores=True)
+    torch.manual_seed(0)
+    assert torch.equal(rollout.generate(batch)["sequences"], out["sequences"])  # the same sampling
+    mask = out["response_mask"].bool()
+    full = policy_scores(
+        rollout.model, out["sequences"], out["attention_mask"], batch["input_ids"].shape[1], temperature=T
+    )
+    assert mask.sum() > 20 and not mask.all()
+    for mine, theirs in (("policy_logprobs", "logprobs"), ("sampler_logprobs", "sampling_logprobs"),
+                         ("policy_entropy", "entropy")):  # fmt: skip
+        torch.testing.assert_close(out[mine], full[theirs], atol=1e-4, rtol=0)
+        assert bool((out[mine][~mask] == 0).all())
+    assert not torch.allclose(out["policy_logprobs"][mask], out["sampler_logprobs"][mask])  # T != 1
+    pruned = worker(policy, "ftp", max_new_tokens=10, temperature=T, top_p=TOP_P).generate(
+        batch, policy_scores=True
+    )
+    assert "policy_logprobs" not in pruned and "policy_entropy" not in pruned
+
+
 @pytest.mark.parametrize("sampler", ["dense", "ftp"])
 def test_text_samplers_never_emit_pad_or_special_tokens(policy, sampler):
     rollout = worker(policy, sampler, max_new_tokens=12, temperature=1.0)

@@ -108,13 +108,20 @@ class RolloutWorker(Worker):
         return [image] if image is not None else []
 
     def generate(
-        self, batch: dict[str, torch.Tensor], dense: bool = False, **sampling: Any
+        self,
+        batch: dict[str, torch.Tensor],
+        dense: bool = False,
+        policy_scores: bool = False,
+        **sampling: Any,
     ) -> dict[str, torch.Tensor]:
         """Generate responses for ``batch = {"input_ids": [B, P], "attention_mask": [B, P]}``
         (prompts left-padded; plus ``pixel_values [B, 3, H, W]`` for a vision-language policy).
         ``dense``: sample with the dense policy (:func:`hf_generate`) even when this worker has a pruned
-        ``generate_fn``. ``sampling`` overrides the constructor's settings for this call. Returns CPU
-        tensors in the layout of the module docstring."""
+        ``generate_fn``. ``policy_scores``: when the sampler is the dense policy, also return the
+        policy pass's ``policy_logprobs`` (T = 1) and ``policy_entropy`` ``[B, R]`` from the sampling
+        logits (``sampler_logprobs`` are its log-probs at T). ``sampling`` overrides the
+        constructor's settings for this call. Returns CPU tensors in the layout of the module
+        docstring."""
         settings = {**self.sampling, **sampling, "suppress_token_ids": self.suppress_token_ids}
         if "pixel_values" in batch:
             settings["pixel_values"] = batch["pixel_values"].to(self.device, self.model.dtype)
@@ -126,27 +133,35 @@ class RolloutWorker(Worker):
         try:
             with torch.no_grad():
                 sampler = hf_generate if dense else resolve_function(self.generate_fn)
-                response_ids, logprobs = sampler(
+                scored = policy_scores and sampler is hf_generate
+                out = sampler(
                     self.model,
                     input_ids,
                     prompt_mask,
                     eos_token_id=self.eos_token_ids or None,
                     pad_token_id=self.pad_token_id,
                     **settings,
+                    **({"return_policy_scores": True} if scored else {}),
                 )
         finally:
             self.model.train(was_training)
+        response_ids, logprobs, extra = out if scored else (*out, {})
         pad = max_new_tokens - response_ids.shape[1]
         response_ids = torch.nn.functional.pad(response_ids, (0, pad), value=self.pad_token_id)
-        logprobs = torch.nn.functional.pad(logprobs.float(), (0, pad), value=0.0)
         mask = response_mask(response_ids, self.eos_token_ids)
         mask[:, response_ids.shape[1] - pad :] = 0
         response_ids = torch.where(mask.bool(), response_ids, self.pad_token_id)
+
+        def per_token(values: torch.Tensor) -> torch.Tensor:  # [B, R'] -> [B, R], 0 past each response
+            values = torch.nn.functional.pad(values.float(), (0, pad), value=0.0)
+            return torch.where(mask.bool(), values, 0.0).cpu()
+
         return {
             "sequences": torch.cat([input_ids, response_ids], dim=1).cpu(),
             "attention_mask": torch.cat([prompt_mask.long(), mask], dim=1).cpu(),
             "response_mask": mask.cpu(),
-            "sampler_logprobs": torch.where(mask.bool(), logprobs, 0.0).cpu(),
+            "sampler_logprobs": per_token(logprobs),
+            **{f"policy_{name}": per_token(values) for name, values in extra.items()},
         }
 
     def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:

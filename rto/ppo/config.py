@@ -107,6 +107,12 @@ class PPOConfig(Section):
     is_cap: float = Field(
         2.0, gt=0, description="Truncation C of importance weights min(pi_dense/pi_sampler, C)"
     )
+    reuse_rollout_logprobs: bool | None = Field(
+        None, description="Take the policy's log-probs and entropy of a dense rollout from the sampling logits "
+        "instead of a second policy pass (one forward fewer per step; the first minibatch's ratio then checks "
+        "that sampler and trainer agree); None: when the job runs in float32, where they agree to ~1e-6 "
+        "(in bf16 the cached decoding and the training forward differ: a recomputed pass is kept)",
+    )  # fmt: skip
     sampler_kl_guard: float | None = Field(
         None, gt=0, description="With a pruned rollout sampler: when a step's sampler_kl (the sampler's KL from "
         "the dense policy on its own samples, per token) exceeds this, the next step's rollouts are sampled by "

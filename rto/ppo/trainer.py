@@ -109,15 +109,17 @@ def score_concurrently(
     groups: Groups, samples: dict, prompt_len: int, micro: int, temperature: float
 ) -> dict:
     """Every scorer sees the same sequences; their passes run at the same time on their own actors.
-    The trainable groups get equal shards (ZeRO-3 gathers parameters in every forward of every rank)."""
+    The trainable groups get equal shards (ZeRO-3 gathers parameters in every forward of every rank).
+    A dense rollout that brought the policy's scores from its sampling logits (`policy_logprobs`,
+    `policy_entropy`: ``ppo.reuse_rollout_logprobs``) is not scored by the policy again."""
     batch = {"sequences": samples["sequences"], "attention_mask": samples["attention_mask"]}
     if "pixel_values" in samples:
         batch["pixel_values"] = samples["pixel_values"]
-    pending = {
-        "policy": groups.policy.async_run_even(
+    pending = {}
+    if "policy_logprobs" not in samples:
+        pending["policy"] = groups.policy.async_run_even(
             "score", batch, fn="rto.ppo.losses:policy_scores", prompt_len=prompt_len, temperature=temperature
-        ),
-    }
+        )
     if groups.critic is not None:  # a critic-free estimator has none
         pending["values"] = groups.critic.async_run_even(
             "score", batch, fn="rto.ppo.losses:critic_values", prompt_len=prompt_len
@@ -135,7 +137,11 @@ def score_concurrently(
         refs["rm_scores"] = groups.rm.async_run_sharded("score", batch, micro_batch_size=micro)
     out = {name: concat_results(ray.get(r)) for name, r in refs.items()}
     out.update({name: p.get() for name, p in pending.items()})
-    policy = out.pop("policy")
+    policy = out.pop("policy", None) or {
+        "logprobs": samples["policy_logprobs"],
+        "sampling_logprobs": samples["sampler_logprobs"],
+        "entropy": samples["policy_entropy"],
+    }
     out["logprobs"], out["sampling_logprobs"], out["entropy"] = (
         policy["logprobs"],
         policy["sampling_logprobs"],
@@ -155,8 +161,9 @@ def trim_responses(samples: dict, prompt_len: int) -> dict:
     out = dict(samples)
     out["sequences"] = samples["sequences"][:, : prompt_len + keep]
     out["attention_mask"] = samples["attention_mask"][:, : prompt_len + keep]
-    for name in ("response_mask", "sampler_logprobs"):
-        out[name] = samples[name][:, :keep]
+    for name in ("response_mask", "sampler_logprobs", "policy_logprobs", "policy_entropy"):
+        if name in samples:
+            out[name] = samples[name][:, :keep]
     return out
 
 
@@ -451,13 +458,19 @@ def one_step(
     # a pruned sampler too far from the dense policy last step: this step samples with the dense policy
     dense_fallback = inputs.generate_fn is not None and bool(state.get("dense_rollouts_next", False))
     pruned = inputs.generate_fn is not None and not dense_fallback
+    # a dense rollout's policy log-probs from its sampling logits: no second policy pass
+    reuse = (
+        ppo.reuse_rollout_logprobs if ppo.reuse_rollout_logprobs is not None else inputs.dtype == "float32"
+    )
 
     def collect() -> tuple[dict, dict]:  # run again, the same, after lost scorers or samplers
         start = time.perf_counter()
         groups.rollout.run_all("call", "rto.ppo.losses:reseed", cfg.seed * 100_003 + step)
-        generated = groups.rollout.run_sharded(
-            "generate", prompt_batch, **({"dense": True} if dense_fallback else {})
-        )
+        options = {
+            **({"dense": True} if dense_fallback else {}),
+            **({"policy_scores": True} if reuse else {}),
+        }
+        generated = groups.rollout.run_sharded("generate", prompt_batch, **options)
         samples = trim_responses(generated, prompt_len)
         if "pixel_values" in prompt_batch:  # scorers and trainers see the whole picture (dense)
             samples["pixel_values"] = prompt_batch["pixel_values"]
