@@ -12,6 +12,8 @@ from typing import Protocol
 
 import torch
 
+from rto.forward import entropy_from_logits, token_logprobs
+
 
 class Sampler(Protocol):
     """What generates rollouts: the dense `hf_generate`, or a pruned sampler (FTP, AdaptInfer; a new
@@ -134,8 +136,6 @@ def hf_generate(
     logprobs = torch.log_softmax(logits, dim=-1).gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
     if not return_policy_scores:
         return response_ids, logprobs
-    from rto.forward import entropy_from_logits, token_logprobs
-
     own = token_logprobs(raw, response_ids) if logits is not raw else logprobs
     return response_ids, logprobs, {"logprobs": own, "entropy": entropy_from_logits(logits)}
 
