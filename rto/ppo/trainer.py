@@ -466,11 +466,9 @@ def one_step(
     def collect() -> tuple[dict, dict]:  # run again, the same, after lost scorers or samplers
         start = time.perf_counter()
         groups.rollout.run_all("call", "rto.ppo.losses:reseed", cfg.seed * 100_003 + step)
-        options = {
-            **({"dense": True} if dense_fallback else {}),
-            **({"policy_scores": True} if reuse else {}),
-        }
-        generated = groups.rollout.run_sharded("generate", prompt_batch, **options)
+        generated = groups.rollout.run_sharded(
+            "generate", prompt_batch, dense=dense_fallback, policy_scores=reuse
+        )
         samples = trim_responses(generated, prompt_len)
         if "pixel_values" in prompt_batch:  # scorers and trainers see the whole picture (dense)
             samples["pixel_values"] = prompt_batch["pixel_values"]
