@@ -525,12 +525,14 @@ class Config(Section):
     def section_hash(self, *paths: str) -> str:
         """Hash of the named (dotted) sections, to tell whether a stage's output is still valid.
         `ppo.seed` counts only where it differs from the job's `seed` (the same run otherwise), and
-        `ppo.sampler_kl_guard` only where it is set and the rollouts are pruned (no effect otherwise)."""
+        `ppo.sampler_kl_guard` only where it is set and the rollouts are pruned (no effect otherwise);
+        `ppo.generation_cache` never (the same tokens, logits within rounding)."""
         dumped = self.model_dump(mode="json")
         if dumped["ppo"].get("seed") in (None, dumped["seed"]):
             dumped["ppo"].pop("seed", None)
         if dumped["ppo"].get("sampler_kl_guard") is None or dumped["ppo"].get("rollout_pruner") == "none":
             dumped["ppo"].pop("sampler_kl_guard", None)
+        dumped["ppo"].pop("generation_cache", None)
         if dumped["ppo"].get("reuse_rollout_logprobs") is None:
             dumped["ppo"].pop("reuse_rollout_logprobs", None)
         picked = {}

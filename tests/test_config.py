@@ -259,3 +259,21 @@ def test_sampler_kl_guard_is_in_the_ppo_key_only_where_it_acts(tmp_path):
     )
     with pytest.raises(UserError, match="sampler_kl_guard"):
         load_config(QUICKSTART, ["ppo.sampler_kl_guard=-1"])
+
+
+def test_generation_cache_is_not_in_the_ppo_key_and_a_bad_name_is_a_config_error(tmp_path):
+    """`ppo.generation_cache` changes how fast the sampler decodes, not what it samples (the same
+    tokens, tests/test_sampling.py), so a cached ppo stage stays valid when it changes."""
+    from pipelines.runner import stage_hash
+    from rto.rundir import RunDir
+
+    run = RunDir(tmp_path / "run").create()
+
+    def key(*overrides):
+        cfg = load_config(QUICKSTART, list(overrides))
+        return stage_hash(cfg, "ppo", run, "prepared", upstream={"sft": "s", "dpo": "d", "rm": "r"})
+
+    assert key() == key("ppo.generation_cache=static") == key("ppo.generation_cache=dynamic")
+    assert load_config(QUICKSTART).ppo.generation_cache == "auto"
+    with pytest.raises(UserError, match="generation_cache"):
+        load_config(QUICKSTART, ["ppo.generation_cache=paged"])

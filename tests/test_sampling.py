@@ -166,3 +166,49 @@ def test_rollouts_ignore_the_models_own_generation_defaults(policy, tmp_path):
     )
     mask = out["response_mask"].bool()
     torch.testing.assert_close(out["sampler_logprobs"][mask], dense[mask], atol=1e-4, rtol=0)
+
+
+def test_kv_cache_kind_is_static_for_text_on_the_cpu_only():
+    from rto.generation import kv_cache_kind
+
+    assert kv_cache_kind("auto", "cpu") == "static"
+    assert kv_cache_kind("auto", "cpu", vision=True) == "dynamic"
+    assert kv_cache_kind("auto", "cuda") == kv_cache_kind("dynamic", "cpu") == "dynamic"
+    assert kv_cache_kind("static", "cuda", vision=True) == "static"
+    with pytest.raises(ValueError, match="'paged'"):
+        kv_cache_kind("paged", "cpu")
+    with pytest.raises(ValueError, match="'paged'"):
+        RolloutWorker(model=torch.nn.Linear(1, 1), eos_token_id=0, generation_cache="paged")
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "mistral", "gpt2"])
+def test_static_and_dynamic_kv_caches_sample_the_same_rollouts(tmp_path, family):
+    """`ppo.generation_cache`: the static cache (written in place, the default for text on the CPU)
+    and the dynamic one (grown by concatenation) decode the same tokens with the same log-probs;
+    the decoding really runs with the cache asked for."""
+    from transformers import DynamicCache, StaticCache
+
+    path = str(save_family_model(family, tmp_path / family))
+    tokenizer = load_tokenizer(path)
+    ids = [encode_prompt(tokenizer, QUESTIONS[i % 4] * (1 + i % 3)) for i in range(8)]  # GPT-2: no chat
+    input_ids, mask = left_pad(ids, tokenizer.pad_token_id)  # prompts of three lengths: left padding
+    batch = {"input_ids": input_ids, "attention_mask": mask}
+    outs, used = {}, {}
+    for cache in ("dynamic", "static", "auto"):
+        rollout = RolloutWorker(path, max_new_tokens=12, temperature=T, top_p=TOP_P, generation_cache=cache)
+        seen: set[type] = set()
+
+        def spy(_module, _args, kwargs, seen=seen):
+            seen.add(type(kwargs.get("cache", kwargs.get("past_key_values"))))
+
+        rollout.model.register_forward_pre_hook(spy, with_kwargs=True)
+        torch.manual_seed(0)
+        outs[cache] = rollout.generate(batch, policy_scores=True)
+        used[cache] = seen
+    assert used == {"dynamic": {DynamicCache}, "static": {StaticCache}, "auto": {StaticCache}}
+    dynamic, static = outs["dynamic"], outs["static"]
+    assert dynamic["response_mask"].sum() > 20
+    for name in ("sequences", "attention_mask", "response_mask"):
+        assert torch.equal(static[name], dynamic[name]), name
+    for name in ("sampler_logprobs", "policy_logprobs", "policy_entropy"):
+        torch.testing.assert_close(static[name], dynamic[name], atol=1e-5, rtol=0)

@@ -16,7 +16,7 @@ import torch
 
 from rto.distributed.workers import Worker, default_device, resolve_function, weights_checksum
 from rto.errors import UserError
-from rto.generation import Sampler, hf_generate, response_mask
+from rto.generation import Sampler, hf_generate, kv_cache_kind, response_mask
 from rto.models import load_model, model_sampling_token_ids
 
 
@@ -35,6 +35,8 @@ class RolloutWorker(Worker):
             by default taken from the tokenizer saved with the model.
         model: instead of ``model_path``, a module to sample with as it is (colocated mode: the
             policy engine's own module, so updates need no weight push).
+        generation_cache: the dense sampler's KV cache (:func:`rto.generation.kv_cache_kind`;
+            ``ppo.generation_cache``); a pruned ``generate_fn`` keeps its own.
     """
 
     def __init__(
@@ -54,8 +56,11 @@ class RolloutWorker(Worker):
         world_size: int = 1,
         num_threads: int | None = 1,
         model: torch.nn.Module | None = None,
+        generation_cache: str = "auto",
     ) -> None:
         super().__init__(rank, world_size, num_threads)
+        kv_cache_kind(generation_cache, "cpu")  # an unknown name fails here, not at the first step
+        self.generation_cache = generation_cache
         if (model is None) == (model_path is None):
             raise ValueError("give the rollout worker a model_path or a model to share, not both")
         if model is not None:  # colocated: sample with the trained module itself (its device, its dtype)
@@ -134,6 +139,8 @@ class RolloutWorker(Worker):
             with torch.no_grad():
                 sampler = hf_generate if dense else resolve_function(self.generate_fn)
                 scored = policy_scores and sampler is hf_generate
+                if sampler is hf_generate:
+                    settings["cache"] = self.generation_cache
                 out = sampler(
                     self.model,
                     input_ids,

@@ -113,6 +113,12 @@ class PPOConfig(Section):
         "that sampler and trainer agree); None: when the job runs in float32, where they agree to ~1e-6 "
         "(in bf16 the cached decoding and the training forward differ: a recomputed pass is kept)",
     )  # fmt: skip
+    generation_cache: Literal["auto", "static", "dynamic"] = Field(
+        "auto", description="The KV cache of the dense rollout sampler: static (preallocated, written in "
+        "place) or dynamic (grown by concatenation, a copy of the whole cache per token); auto: static for a "
+        "text policy on the CPU (about 10 % faster decoding at 25 M), dynamic on a GPU and for "
+        "vision-language policies. The same tokens either way; not part of the stage's cache key",
+    )  # fmt: skip
     sampler_kl_guard: float | None = Field(
         None, gt=0, description="With a pruned rollout sampler: when a step's sampler_kl (the sampler's KL from "
         "the dense policy on its own samples, per token) exceeds this, the next step's rollouts are sampled by "

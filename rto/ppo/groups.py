@@ -295,8 +295,8 @@ class GroupBuilder:
             )  # fmt: skip
         return RolloutWorker, dict(
             model_path=paths.policy, max_new_tokens=ppo.max_new_tokens, temperature=ppo.temperature,
-            top_p=ppo.top_p, seed=self.cfg.seed, dtype=dtype, **self.tokens,
-            **({"generate_fn": self.generate_fn} if self.generate_fn else {}),
+            top_p=ppo.top_p, seed=self.cfg.seed, dtype=dtype, generation_cache=ppo.generation_cache,
+            **self.tokens, **({"generate_fn": self.generate_fn} if self.generate_fn else {}),
         )  # fmt: skip
 
 
