@@ -7,6 +7,8 @@ sampler_logprobs [B, R] = log-prob of each generated token under the sampling di
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -80,6 +82,24 @@ def left_pad(prompt_ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
     return ids, mask
 
 
+@contextlib.contextmanager
+def bare_generation_config(model: torch.nn.Module) -> Iterator[None]:
+    """While the block runs, ``model.generation_config`` is a blank ``GenerationConfig``. HF generate
+    (and FTP's ``generate_pruned``) fill every setting a call leaves unset from the model's
+    generation config: a checkpoint's repetition penalty, top-k, top-p, minimum length, banned
+    tokens (Qwen2.5-Instruct ships a repetition penalty of 1.05 and top-k 20) would change what a
+    sampler draws from while its log-probs, computed from the raw logits, describe the configured
+    distribution. Samplers state every setting they use and inherit nothing."""
+    from transformers import GenerationConfig
+
+    shipped = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = shipped
+
+
 GENERATION_CACHES = ("auto", "static", "dynamic")
 
 
@@ -146,14 +166,16 @@ def hf_generate(
         output_logits=True,
         # a static cache without the CUDA auto-compile (shapes change every call: it would recompile)
         **({"cache_implementation": "static", "disable_compile": True} if static else {}),
-        **({"temperature": temperature, "top_p": top_p, "top_k": top_k or None} if do_sample else {}),
+        # top_k 0 (off) said explicitly: HF fills an unset top_k with its own default, 50
+        **({"temperature": temperature, "top_p": top_p, "top_k": top_k or 0} if do_sample else {}),
     )
-    out = model.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        generation_config=settings,
-        **({"pixel_values": pixel_values} if pixel_values is not None else {}),
-    )
+    with bare_generation_config(model):
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            generation_config=settings,
+            **({"pixel_values": pixel_values} if pixel_values is not None else {}),
+        )
     response_ids = out.sequences[:, input_ids.shape[1] :]
     raw = torch.stack(out.logits, dim=1).float()  # [B, R', V]: the model's, before any processing
     logits = raw / temperature if do_sample and temperature != 1.0 else raw

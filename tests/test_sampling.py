@@ -146,26 +146,64 @@ def test_eval_and_score_sampling_never_emit_special_tokens(policy):
     assert emitted.numel() > 100 and not torch.isin(emitted, torch.tensor(never)).any()
 
 
-def test_rollouts_ignore_the_models_own_generation_defaults(policy, tmp_path):
-    """Qwen and Llama-3 ship generation configs with a repetition penalty, top-p, a minimum
+@pytest.mark.parametrize("sampler", ["dense", "ftp"])
+def test_rollouts_ignore_the_models_own_generation_defaults(policy, tmp_path, sampler):
+    """Qwen and Llama-3 ship generation configs with a repetition penalty, top-k, top-p, a minimum
     length: rollouts must be samples of exactly the configured distribution, or the sampler
-    log-probs (and PPO's importance weights) describe another one."""
+    log-probs (computed from the raw logits, as PPO's are) describe another one. HF generate fills
+    every setting left unset from the model's generation config, so each shipped setting here
+    would show: top-k 1 makes two answers to one prompt identical, the minimum length forbids the
+    EOS the hook makes likely, the penalty forbids repeating the favoured word. FTP's sampler
+    refused such a checkpoint outright (no repetition penalty in its decoding loop)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(policy["path"])
-    model.generation_config.repetition_penalty = 50.0
-    model.generation_config.min_new_tokens = 12
+    shipped = dict(repetition_penalty=50.0, min_new_tokens=12, top_k=1, top_p=0.05, no_repeat_ngram_size=1)
+    for name, value in shipped.items():
+        setattr(model.generation_config, name, value)
     model.save_pretrained(tmp_path / "policy")
     AutoTokenizer.from_pretrained(policy["path"]).save_pretrained(tmp_path / "policy")
-    rollout = RolloutWorker(str(tmp_path / "policy"), max_new_tokens=12, temperature=1.0)
-    batch = prompt_batch(policy["path"])
+    rollout = worker(
+        {**policy, "path": str(tmp_path / "policy")}, sampler, max_new_tokens=12, temperature=1.0
+    )
+    tokenizer = load_tokenizer(policy["path"])
+    word = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(" cat")[0])
+    favour(rollout.model, [word], bonus=6.0)
+    favour(rollout.model, rollout.eos_token_ids, bonus=5.5)
+    batch = prompt_batch(policy["path"], n=16)  # rows i and i + 4 ask the same question
     torch.manual_seed(0)
     out = rollout.generate(batch)
+    mask = out["response_mask"].bool()
     dense = response_logprobs(
         rollout.model, out["sequences"], out["attention_mask"], batch["input_ids"].shape[1]
     )
-    mask = out["response_mask"].bool()
     torch.testing.assert_close(out["sampler_logprobs"][mask], dense[mask], atol=1e-4, rtol=0)
+    responses = out["sequences"][:, batch["input_ids"].shape[1] :]
+    assert (mask.sum(1) < 12).sum() >= 8  # EOS within the minimum length
+    assert ((responses == word) & mask.bool()).sum(1).max() >= 2  # the favoured word again
+    assert not torch.equal(responses[:4], responses[4:8])  # top-k 1 would answer alike
+
+
+def test_dense_rollouts_are_not_truncated_to_the_top_50_tokens(policy):
+    """`top_k: 0` means no top-k truncation. HF generate's own default is top-k 50 wherever the
+    setting is left unset, which a 128 k-token vocabulary would sample from without a word."""
+    rollout = worker(policy, "dense", max_new_tokens=12, temperature=1.0)
+    torch.nn.init.zeros_(rollout.model.lm_head.weight)  # logits 0: the ramp alone orders the tokens
+    ramp = torch.linspace(0, 0.5, rollout.model.config.vocab_size)
+
+    def hook(_module, _inputs, logits):
+        return logits + ramp  # a strict order: top-k would keep only the last k token ids
+
+    rollout.model.lm_head.register_forward_hook(hook)
+    batch = prompt_batch(policy["path"], n=16)
+    torch.manual_seed(0)
+    out = rollout.generate(batch)
+    emitted = out["sequences"][:, batch["input_ids"].shape[1] :][out["response_mask"].bool()]
+    allowed = torch.tensor(
+        [t for t in range(rollout.model.config.vocab_size) if t not in rollout.suppress_token_ids]
+    )
+    rank = (allowed.unsqueeze(0) > emitted.unsqueeze(1)).sum(1)  # among samplable tokens; 0: the likeliest
+    assert emitted.numel() > 150 and int(rank.max()) >= 80
 
 
 def test_kv_cache_kind_is_static_for_text_on_the_cpu_only():

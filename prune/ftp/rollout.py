@@ -41,6 +41,7 @@ class FTPGenerate:
         import torch  # deferred: the sampler registry loads without torch
 
         from prune.ftp.generate import generate_pruned  # deferred: torch
+        from rto.generation import bare_generation_config  # deferred: torch
 
         if pixel_values is not None:
             raise ValueError("FTP samples text policies; this batch has pictures")
@@ -49,7 +50,10 @@ class FTPGenerate:
             router.to(input_ids.device)
         logprobs: list[torch.Tensor] = []
         sampling = temperature > 0
-        with torch.no_grad():
+        with (
+            torch.no_grad(),
+            bare_generation_config(model),
+        ):  # exactly these settings, none of the checkpoint's
             sequences = generate_pruned(
                 model, router, schedule, input_ids, attention_mask, threshold=threshold, n_probes=n_probes,
                 logprobs_out=logprobs, suppress_token_ids=suppress_token_ids, max_new_tokens=max_new_tokens,
