@@ -37,6 +37,8 @@ def stage_hash(
 
     spec = stages()[name]
     parts = [name, prepared_key, cfg.section_hash(*spec.sections, "seed", "device", "dtype")]
+    if spec.revision:
+        parts.append(f"revision={spec.revision}")
     for used in spec.uses:
         if upstream is not None and used in upstream:
             parts.append(f"{used}={upstream[used]}")

@@ -277,3 +277,30 @@ def test_generation_cache_is_not_in_the_ppo_key_and_a_bad_name_is_a_config_error
     assert load_config(QUICKSTART).ppo.generation_cache == "auto"
     with pytest.raises(UserError, match="generation_cache"):
         load_config(QUICKSTART, ["ppo.generation_cache=paged"])
+
+
+def test_a_stage_revision_makes_cached_outputs_again(tmp_path):
+    """A fix that changes what a stage computes from the same settings raises its `revision`: the
+    ppo and eval stages sampled from HF's default top-k 50 before revision 1, so their outputs
+    cached before it are not reused; stages without a revision keep their keys."""
+    import dataclasses
+
+    from pipelines.runner import stage_hash
+    from pipelines.stages import STAGES, stages
+    from rto.rundir import RunDir
+
+    run = RunDir(tmp_path / "run").create()
+    cfg = load_config(QUICKSTART)
+    upstream = {"sft": "s", "dpo": "d", "rm": "r", "ppo": "p"}
+    assert stages()["ppo"].revision >= 1 and stages()["eval"].revision >= 1 and stages()["sft"].revision == 0
+    keys = {name: stage_hash(cfg, name, run, "prepared", upstream) for name in ("ppo", "sft")}
+    original = STAGES["ppo"]
+    try:
+        STAGES["ppo"] = dataclasses.replace(original, revision=original.revision + 1)
+        assert stage_hash(cfg, "ppo", run, "prepared", upstream) != keys["ppo"]
+        STAGES["ppo"] = dataclasses.replace(original, revision=0)
+        unrevised = stage_hash(cfg, "ppo", run, "prepared", upstream)
+    finally:
+        STAGES["ppo"] = original
+    assert unrevised != keys["ppo"] and stage_hash(cfg, "ppo", run, "prepared", upstream) == keys["ppo"]
+    assert stage_hash(cfg, "sft", run, "prepared", upstream) == keys["sft"]

@@ -37,6 +37,7 @@ class StageSpec:
     uses: tuple[str, ...]
     rank: int
     needs: Callable[[Config], tuple[str, ...]] | None = None
+    revision: int = 0
 
     def needs_of(self, cfg: Config) -> tuple[str, ...]:
         """The earlier stages whose output this job's run of the stage reads (`uses` unless narrowed)."""
@@ -53,15 +54,18 @@ def register_stage(
     sections: tuple[str, ...] = (),
     uses: tuple[str, ...] = (),
     needs: Callable[[Config], tuple[str, ...]] | None = None,
+    revision: int = 0,
 ) -> Callable:
     """`sections`: dotted config paths the output depends on; `uses`: earlier stages it may read;
     `rank`: its place among stages that do not depend on each other (lower runs first); `needs`:
-    the part of `uses` a job's settings really read (default: all of it)."""
+    the part of `uses` a job's settings really read (default: all of it); `revision`: raised when
+    a fix changes what the stage computes from the same settings, so that outputs cached before it
+    are made again (part of the cache key from 1)."""
 
     def decorator(fn: Callable[[StageContext], dict]) -> Callable[[StageContext], dict]:
         if name in STAGES:
             raise ValueError(f"stage {name!r} is registered twice")
-        STAGES[name] = StageSpec(name, fn, sections, uses, rank, needs)
+        STAGES[name] = StageSpec(name, fn, sections, uses, rank, needs, revision)
         return fn
 
     return decorator

@@ -162,7 +162,10 @@ def pruning_schedule(ctx: StageContext, path: str) -> dict[int, int] | None:
     return resolve_for_model(ctx.cfg.adaptinfer, path, field="adaptinfer")
 
 
-@register_stage("eval", rank=5, sections=("eval", "adaptinfer"), uses=("sft", "dpo", "rm", "ppo"))
+@register_stage(
+    "eval", rank=5, sections=("eval", "adaptinfer"), uses=("sft", "dpo", "rm", "ppo"),
+    revision=1,  # 1: answers no longer drawn from HF's default top-k 50 (docs/real-models.md)
+)  # fmt: skip
 def run_eval(ctx: StageContext) -> dict:
     # deferred: every stage module is imported to validate a job (start-up time)
     import torch

@@ -57,8 +57,9 @@ def pruned_sampler(ctx: StageContext, policy: str):
 
 
 @register_stage(
-    "ppo", rank=4, sections=("ppo", "reward", "resources", "adaptinfer"), uses=("sft", "dpo", "rm", "ftp")
-)
+    "ppo", rank=4, sections=("ppo", "reward", "resources", "adaptinfer"), uses=("sft", "dpo", "rm", "ftp"),
+    revision=1,  # 1: dense rollouts no longer drawn from HF's default top-k 50 (docs/real-models.md)
+)  # fmt: skip
 def run_ppo_stage(ctx: StageContext) -> dict:
 
     # deferred: every stage module is imported to validate a job (start-up time)
