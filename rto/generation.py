@@ -107,7 +107,8 @@ def kv_cache_kind(cache: str, device: torch.device | str, vision: bool = False) 
     """The KV cache :func:`hf_generate` decodes with: ``"static"`` (preallocated for the prompt and
     ``max_new_tokens``, written in place) or ``"dynamic"`` (grown by concatenation at every token,
     which copies the whole cache each step). ``"auto"``: static for a text policy on the CPU, where
-    the copies cost about 15 % of a 25 M policy's decoding (benchmarks/README.md, "Throughput"), and
+    the copies are about 15 % of a 25 M policy's decoding (benchmarks/README.md, "Throughput"; the
+    gain measured end to end so far is within the machine's noise), and
     dynamic elsewhere: on a GPU the copy is cheap and a static cache makes every step attend over
     the full length; vision-language policies keep the dynamic cache. Both sample the same tokens
     (logits agree to ~1e-7)."""
