@@ -50,10 +50,7 @@ class FTPGenerate:
             router.to(input_ids.device)
         logprobs: list[torch.Tensor] = []
         sampling = temperature > 0
-        with (
-            torch.no_grad(),
-            bare_generation_config(model),
-        ):  # exactly these settings, none of the checkpoint's
+        with torch.no_grad(), bare_generation_config(model):  # none of the checkpoint's settings
             sequences = generate_pruned(
                 model, router, schedule, input_ids, attention_mask, threshold=threshold, n_probes=n_probes,
                 logprobs_out=logprobs, suppress_token_ids=suppress_token_ids, max_new_tokens=max_new_tokens,

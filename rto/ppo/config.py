@@ -117,7 +117,8 @@ class PPOConfig(Section):
         "auto", description="The KV cache of the dense rollout sampler: static (preallocated, written in "
         "place) or dynamic (grown by concatenation, a copy of the whole cache per token); auto: static for a "
         "text policy on the CPU (the copies are 15 % of a 25 M policy's decoding there; the gain measured so "
-        "far is within noise), dynamic on a GPU and for vision-language policies. The same tokens either way; not part of the stage's cache key",
+        "far is within noise), dynamic on a GPU and for vision-language policies. The same tokens either "
+        "way; not part of the stage's cache key",
     )  # fmt: skip
     sampler_kl_guard: float | None = Field(
         None, gt=0, description="With a pruned rollout sampler: when a step's sampler_kl (the sampler's KL from "
